@@ -1,0 +1,313 @@
+"""A Llama-style decoder in MLX: RMSNorm, RoPE, grouped-query attention, SwiGLU, no biases.
+
+Parameter names follow the Llama checkpoint layout (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`,
+`mlp.gate_proj`, `input_layernorm`, `model.norm`, `lm_head`), so weights map one-to-one onto it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxllm.errors import MlxllmError
+
+ATTENTION_IMPLS = ("auto", "fast", "flash", "tiled", "reference")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 0  # 0: taken from the tokenizer when training starts
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (plain multi-head attention)
+    ffn_dim: int | None = None  # None: derived from mlp_ratio, rounded up to a multiple of 32
+    mlp_ratio: float = 8 / 3
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("n_layers", "d_model", "n_heads", "max_seq_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"{name} must be a positive integer (got {getattr(self, name)!r})")
+        if not isinstance(self.vocab_size, int) or self.vocab_size < 0:
+            problems.append(f"vocab_size must be a non-negative integer (got {self.vocab_size!r})")
+        if problems:
+            raise MlxllmError("Invalid model config: " + "; ".join(problems) + ".")
+        kv = self.kv_heads
+        if self.d_model % self.n_heads:
+            problems.append(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}); "
+                f"try d_model = {self.n_heads * max(1, round(self.d_model / self.n_heads / 2) * 2)}"
+            )
+        elif self.head_dim % 2:
+            problems.append(
+                f"head_dim = d_model / n_heads = {self.head_dim} must be even for rotary embeddings; "
+                "change d_model or n_heads"
+            )
+        if kv < 1 or self.n_heads % kv:
+            problems.append(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({kv}); "
+                "use a divisor of n_heads such as 1 or n_heads itself"
+            )
+        if self.ffn_dim is not None and self.ffn_dim < 1:
+            problems.append(f"ffn_dim must be positive (got {self.ffn_dim})")
+        if self.mlp_ratio <= 0:
+            problems.append(f"mlp_ratio must be positive (got {self.mlp_ratio})")
+        if self.attention not in ATTENTION_IMPLS:
+            problems.append(f"attention must be one of {', '.join(ATTENTION_IMPLS)} (got {self.attention!r})")
+        if problems:
+            raise MlxllmError("Invalid model config: " + "; ".join(problems) + ".")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        return 32 * math.ceil(self.mlp_ratio * self.d_model / 32)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise MlxllmError(
+                f"Unknown model config key(s) {', '.join(unknown)}. Valid keys: {', '.join(sorted(names))}."
+            )
+        return cls(**d)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        d, h, kv, f = self.d_model, self.head_dim, self.kv_heads, self.hidden_dim
+        per_layer = d * self.n_heads * h * 2 + d * kv * h * 2 + 3 * d * f + 2 * d
+        n = self.n_layers * per_layer + d
+        if embeddings:
+            n += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        elif not self.tie_embeddings:
+            n += self.vocab_size * d  # the output projection is real compute
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM paper's estimate."""
+        n = self.num_params(embeddings=False)
+        if self.tie_embeddings:
+            n += self.vocab_size * self.d_model  # the tied output projection is still a matmul
+        return 6 * n + 6 * self.n_layers * self.d_model * seq_len  # causal: half of 12*L*d*T
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention: every implementation goes through this one function.
+
+
+def reference_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, causal: bool) -> mx.array:
+    """Plain MLX ops. q: (B, H, L, D); k, v: (B, Hkv, S, D); queries aligned to the end of keys."""
+    B, H, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if Hkv != H:  # group the query heads instead of repeating K/V in memory
+        q = q.reshape(B, Hkv, H // Hkv, L, D)
+        k, v = k[:, :, None], v[:, :, None]
+    scores = (q * scale) @ k.swapaxes(-1, -2)
+    if causal:
+        mask = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
+        scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
+    out = mx.softmax(scores.astype(mx.float32), axis=-1).astype(v.dtype) @ v
+    return out.reshape(B, H, L, D)
+
+
+def resolve_attention(impl: str) -> str:
+    """Turn 'auto' into a concrete implementation for this device."""
+    if impl != "auto":
+        return impl
+    try:
+        from mlxllm.kernels import resolve_auto
+    except ImportError:
+        return "fast" if mx.default_device() == mx.gpu else "reference"
+    return resolve_auto()
+
+
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, *, scale: float, causal: bool = True, impl: str = "auto"
+) -> mx.array:
+    """Scaled dot-product attention. q: (B, H, L, D); k, v: (B, Hkv, S, D) with H % Hkv == 0."""
+    impl = resolve_attention(impl)
+    if impl == "fast":
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
+    if impl == "reference" or q.shape[2] != k.shape[2]:
+        # Decoding with a KV cache (L != S) is a tiny matmul: the plain path is the right one.
+        return reference_attention(q, k, v, scale=scale, causal=causal)
+    from mlxllm import kernels
+
+    if impl == "flash":
+        return kernels.flash_attention(q, k, v, scale=scale, causal=causal)
+    if impl == "tiled":
+        return kernels.tiled_attention(q, k, v, scale=scale, causal=causal)
+    raise MlxllmError(f"Unknown attention implementation {impl!r}; choose one of {', '.join(ATTENTION_IMPLS)}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model.
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for one layer."""
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+
+    @property
+    def offset(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        if self.keys is None:
+            self.keys, self.values = k, v
+        else:
+            self.keys = mx.concatenate([self.keys, k], axis=2)
+            self.values = mx.concatenate([self.values, v], axis=2)
+        return self.keys, self.values
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.scale = self.head_dim**-0.5
+        self.impl = cfg.attention
+        self.rope_theta = cfg.rope_theta
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = 0 if cache is None else cache.offset
+        # Llama's rotate-half layout (traditional=False) keeps q_proj/k_proj in checkpoint order.
+        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
+        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        out = attention(q, k, v, scale=self.scale, causal=True, impl=self.impl)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = [TransformerBlock(cfg) for _ in range(cfg.n_layers)]
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        h = self.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, None if cache is None else cache[i])
+        return self.norm(h)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise MlxllmError("ModelConfig.vocab_size must be set (it comes from the tokenizer).")
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        h = self.model(tokens, cache)
+        if self.config.tie_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.model.layers]
+
+
+def init_weights(model: Transformer, seed: int) -> None:
+    """GPT-2 style init: N(0, 0.02), output projections scaled by 1/sqrt(2 * n_layers)."""
+    cfg = model.config
+    keys = iter(mx.random.split(mx.random.key(seed), len(_flatten(model.parameters()))))
+    std = 0.02
+    out_std = std / math.sqrt(2 * cfg.n_layers)
+    flat = dict(_flatten(model.parameters()))
+    new = {}
+    for name, p in sorted(flat.items()):
+        key = next(keys)
+        if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            new[name] = mx.ones_like(p)
+            continue
+        s = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+        new[name] = mx.random.normal(p.shape, dtype=p.dtype, key=key) * s
+    from mlx.utils import tree_unflatten
+
+    model.update(tree_unflatten(list(new.items())))
+
+
+def _flatten(tree: Any) -> list[tuple[str, mx.array]]:
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree)
+
+
+def build_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    model = Transformer(cfg)
+    init_weights(model, seed)
+    mx.eval(model.parameters())
+    return model
