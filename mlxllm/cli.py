@@ -1,0 +1,145 @@
+"""The `mlxllm` command: a thin layer that parses arguments and calls the Python API."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from mlxllm.errors import MlxllmError
+
+app = typer.Typer(help="Train small GPT-style language models on your own text with MLX.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+tokenizer_app = typer.Typer(help="Tokenizer tools.", no_args_is_help=True)
+bench_app = typer.Typer(help="Measure this machine.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(bench_app, name="bench")
+err = Console(stderr=True)
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user errors into one paragraph on stderr and exit code 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MlxllmError as e:
+            err.print(f"[bold red]Error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("Interrupted. Checkpoints already written are kept; continue with --resume.")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command()
+@friendly
+def train(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config (see configs/).")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Text file, folder of .txt/.md files, or glob.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: the config's train.out_dir).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
+    seconds: Annotated[Optional[float], typer.Option(help="Stop after this much training time.")] = None,
+    tokens: Annotated[Optional[int], typer.Option(help="Stop after this many training tokens.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key: section.key=value.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+) -> None:
+    """Train a tokenizer and a model on text, evaluate, checkpoint and print a sample."""
+    from mlxllm.config import load_config
+    from mlxllm.generate import generate, load
+    from mlxllm.train import train as run_training
+
+    overrides = list(set_ or [])
+    for key, value in (("train.data", data), ("train.out_dir", out), ("train.max_steps", steps),
+                       ("train.max_seconds", seconds), ("train.max_tokens", tokens)):
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(str(value)) if isinstance(value, (str, Path)) else value}")
+    run = load_config(config, overrides)
+    result = run_training(run.model, run.train, run.tokenizer, resume=resume, overwrite=overwrite, show_progress=not quiet)
+    if run.train.sample_tokens > 0:
+        model, tok = load(result.run_dir)
+        text = generate(model, tok, run.train.sample_prompt, run.train.sample_tokens, temperature=0.8, top_k=50, seed=run.train.seed)
+        Console().print("[bold]Sample:[/]")
+        print(run.train.sample_prompt + text)
+
+
+@app.command("generate")
+@friendly
+def generate_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (or one checkpoint directory).")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")] = "",
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 200,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample from the k most likely tokens.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    checkpoint: Annotated[str, typer.Option(help="best or latest.")] = "best",
+) -> None:
+    """Sample text from a trained run."""
+    from mlxllm.generate import generate, load
+
+    if checkpoint not in ("best", "latest"):
+        raise MlxllmError(f"--checkpoint must be best or latest (got {checkpoint!r}).")
+    model, tok = load(run_dir, checkpoint)
+    print(prompt + generate(model, tok, prompt, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+
+
+@tokenizer_app.command("train")
+@friendly
+def tokenizer_train(
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Text file, folder or glob.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the tokenizer to.")] = Path("tokenizer"),
+    kind: Annotated[str, typer.Option(help="bpe or byte.")] = "bpe",
+    vocab_size: Annotated[int, typer.Option(help="Number of BPE pieces.")] = 2048,
+) -> None:
+    """Train a tokenizer on its own and save it."""
+    from mlxllm.data import read_blocks, resolve_corpus
+    from mlxllm.tokenizer import TokenizerConfig, train_tokenizer
+
+    files = resolve_corpus(data)
+    lines = (line for f in files for block in read_blocks(f) for line in block.split("\n"))
+    tok = train_tokenizer(lines, TokenizerConfig(kind=kind, vocab_size=vocab_size))
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out)
+    print(f"Saved a {kind} tokenizer with {tok.vocab_size} tokens to {out}")
+
+
+@app.command()
+@friendly
+def info() -> None:
+    """Show the MLX device, the BLAS in use and the measured matmul peak."""
+    import mlx.core as mx
+
+    from mlxllm import _blas
+    from mlxllm.device import backend, device_name, peak_flops
+
+    peak, source = peak_flops()
+    print(f"mlx {mx.__version__}, device {device_name()} ({backend()})")
+    print(f"BLAS: {_blas.describe()}")
+    print(f"peak fp32 matmul: {peak / 1e9:,.0f} GFLOP/s ({source})")
+    if sys.platform.startswith("linux") and not _blas.loaded:
+        print(_blas.HINT)
+
+
+def _load_plugins() -> None:
+    """Plugins register commands through the `mlxllm.plugins` entry-point group."""
+    for ep in entry_points(group="mlxllm.plugins"):
+        try:
+            ep.load()(app)
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not break the core CLI
+            err.print(f"[yellow]Plugin {ep.name!r} could not be loaded: {e}[/]")
+
+
+def main() -> None:
+    _load_plugins()
+    app()

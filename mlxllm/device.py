@@ -1,0 +1,102 @@
+"""What this device can do: its name and its peak matmul FLOP/s, for model FLOPs utilisation."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+
+import mlx.core as mx
+
+from mlxllm import _blas
+from mlxllm.data import cache_dir
+
+# Apple GPU peak FP32 TFLOP/s by chip (Apple's figures for the largest GPU of each chip; bf16/fp16 run
+# at the same rate on these GPUs). Looked up by the chip name the system reports.
+APPLE_FP32_TFLOPS = {
+    "M1": 2.6, "M1 Pro": 5.3, "M1 Max": 10.6, "M1 Ultra": 21.2,
+    "M2": 3.6, "M2 Pro": 6.8, "M2 Max": 13.6, "M2 Ultra": 27.2,
+    "M3": 4.1, "M3 Pro": 7.4, "M3 Max": 16.4, "M3 Ultra": 28.2,
+    "M4": 4.3, "M4 Pro": 9.2, "M4 Max": 18.4,
+}
+# NVIDIA dense peak TFLOP/s: (fp32, bf16).
+CUDA_TFLOPS = {"H200": (67.0, 989.0), "H100": (67.0, 989.0), "A100": (19.5, 312.0), "L40S": (91.6, 362.0),
+               "RTX 4090": (82.6, 165.2), "A10": (31.2, 125.0)}
+
+
+def backend() -> str:
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    if mx.metal.is_available():
+        return "metal"
+    return "cuda"
+
+
+def device_name() -> str:
+    kind = backend()
+    if kind == "cpu":
+        return f"cpu:{platform.machine()}:{platform.processor() or _cpu_model()}"
+    try:
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        return f"{kind}:{info.get('device_name', 'gpu')}"
+    except Exception:  # noqa: BLE001 - older MLX: the name is only cosmetic
+        return f"{kind}:gpu"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _apple_chip() -> str | None:
+    try:
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5)
+        return out.stdout.replace("Apple", "").strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def measure_matmul_flops(n: int = 1024, dtype: mx.Dtype = mx.float32, seconds: float = 0.5) -> float:
+    a = mx.random.normal((n, n)).astype(dtype)
+    b = mx.random.normal((n, n)).astype(dtype)
+    mx.eval(a, b)
+    for _ in range(3):
+        mx.eval(a @ b)
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or reps < 5:
+        mx.eval(a @ b)
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def peak_flops(dtype: str = "float32") -> tuple[float, str]:
+    """(peak FLOP/s, where the figure comes from). Measured once per device and cached on CPU."""
+    kind = backend()
+    if kind == "metal":
+        chip = _apple_chip() or ""
+        # Longest name first so "M3 Max" is not read as "M3".
+        for name in sorted(APPLE_FP32_TFLOPS, key=len, reverse=True):
+            if chip.startswith(name):
+                return APPLE_FP32_TFLOPS[name] * 1e12, f"Apple {name} GPU spec"
+    if kind == "cuda":
+        name = device_name()
+        for key, (fp32, half) in CUDA_TFLOPS.items():
+            if key in name:
+                return (fp32 if dtype == "float32" else half) * 1e12, f"NVIDIA {key} spec"
+    path = cache_dir() / "peak_flops.json"
+    key = f"{device_name()}|{_blas.describe()}|{dtype}"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key not in cached:
+        cached[key] = measure_matmul_flops(dtype=getattr(mx, dtype))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cached, indent=1))
+    return cached[key], "measured 1024x1024 matmul"

@@ -1,0 +1,384 @@
+"""Training: AdamW with warmup and cosine decay, the whole step compiled with its state, exact resume."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from mlxllm import checkpoint as ckpt
+from mlxllm import data as data_mod
+from mlxllm.config import RunConfig, dump_toml
+from mlxllm.device import peak_flops
+from mlxllm.errors import MlxllmError
+from mlxllm.model import ModelConfig, Transformer, build_model
+from mlxllm.progress import Reporter
+from mlxllm.tokenizer import TokenizerConfig
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str | None = None  # a file, a folder or a glob; None: the built-in corpus
+    out_dir: str = "runs/default"
+    batch_size: int = 16
+    seq_len: int | None = None  # None: the model's max_seq_len
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "float32"
+    max_steps: int = 1000
+    max_tokens: int | None = None
+    max_seconds: float | None = None
+    eval_interval: int = 100  # evaluate, then checkpoint, every N steps
+    eval_batches: int = 20
+    log_interval: int = 10
+    keep_last: int = 2
+    seed: int = 0
+    val_fraction: float = 0.1
+    compile: bool = True
+    sample_tokens: int = 200
+    sample_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval", "keep_last"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                problems.append(f"{name} must be a positive integer (got {v!r})")
+        if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 1):
+            problems.append(f"seq_len must be a positive integer (got {self.seq_len!r})")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if not self.learning_rate > 0:
+            problems.append(f"learning_rate must be positive (got {self.learning_rate})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"min_lr_ratio must be between 0 and 1 (got {self.min_lr_ratio})")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            problems.append(f"max_tokens must be positive (got {self.max_tokens})")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            problems.append(f"max_seconds must be positive (got {self.max_seconds})")
+        if problems:
+            raise MlxllmError("Invalid training config: " + "; ".join(problems) + ".")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise MlxllmError(
+                f"Unknown train config key(s) {', '.join(unknown)}. Valid keys: {', '.join(sorted(names))}."
+            )
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    elapsed: float
+    val_loss: float | None
+    val_bpb: float | None
+    best_val_loss: float | None
+    tokens_per_sec: float | None
+    stopped_by: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# A callback sees each evaluation's metrics; returning True stops training (a search prunes this way).
+Callback = Callable[[dict[str, Any]], "bool | None"]
+
+
+def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Linear warmup over warmup_steps, then cosine from learning_rate down to the floor."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    floor = cfg.learning_rate * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.learning_rate - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def loss_fn(model: Transformer, batch: mx.array) -> mx.array:
+    logits = model(batch[:, :-1])
+    return nn.losses.cross_entropy(logits.astype(mx.float32), batch[:, 1:], reduction="mean")
+
+
+def make_step(model: Transformer, optimizer: optim.Optimizer, cfg: TrainConfig) -> Callable:
+    """One optimizer step over `grad_accum` micro-batches; compiled with model and optimizer state."""
+    compute = getattr(mx, cfg.dtype)
+
+    def cast(params: Any) -> Any:
+        return params if compute == mx.float32 else tree_map(lambda p: p.astype(compute), params)
+
+    def loss_of(params: Any, batch: mx.array) -> mx.array:
+        model.update(cast(params))  # bf16 compute on fp32 master weights
+        return loss_fn(model, batch)
+
+    grad_fn = mx.value_and_grad(loss_of)
+
+    def step(batches: mx.array) -> tuple[mx.array, mx.array]:
+        params = model.trainable_parameters()
+        total, grads = mx.array(0.0), None
+        for i in range(cfg.grad_accum):
+            loss, g = grad_fn(params, batches[i])
+            total = total + loss
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+        model.update(params)
+        if cfg.grad_accum > 1:
+            grads = tree_map(lambda g: g / cfg.grad_accum, grads)
+        grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
+        optimizer.update(model, grads)
+        return total / cfg.grad_accum, norm
+
+    if not cfg.compile:
+        return step
+    state = [model.state, optimizer.state, mx.random.state]
+    return mx.compile(step, inputs=state, outputs=state)
+
+
+def make_eval(model: Transformer, cfg: TrainConfig) -> Callable:
+    compute = getattr(mx, cfg.dtype)
+
+    def evaluate(batch: mx.array) -> mx.array:
+        if compute == mx.float32:
+            return loss_fn(model, batch)
+        params = model.trainable_parameters()
+        model.update(tree_map(lambda p: p.astype(compute), params))
+        loss = loss_fn(model, batch)
+        model.update(params)
+        return loss
+
+    return mx.compile(evaluate, inputs=model.state) if cfg.compile else evaluate
+
+
+def evaluate(eval_fn: Callable, batches: list[np.ndarray], bytes_per_token: float) -> dict[str, float]:
+    losses = [eval_fn(mx.array(b)) for b in batches]
+    loss = mx.mean(mx.stack(losses)).item()
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": loss / math.log(2) / bytes_per_token}
+
+
+def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
+    return optim.AdamW(
+        learning_rate=cfg.learning_rate, betas=[cfg.beta1, cfg.beta2], weight_decay=cfg.weight_decay
+    )
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    holds_run = run_dir.exists() and any((run_dir / n).exists() for n in ("config.toml", "checkpoints", "metrics.jsonl"))
+    if holds_run and overwrite:
+        shutil.rmtree(run_dir)
+    elif holds_run and not resume:
+        raise MlxllmError(
+            f"{run_dir} already holds a training run. Pass --resume to continue it, --overwrite to replace it, "
+            "or choose another directory with --out."
+        )
+    elif run_dir.exists() and not run_dir.is_dir():
+        raise MlxllmError(f"{run_dir} is a file, not a directory. Choose another --out.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _check_resume(run_dir: Path, saved: RunConfig, run: RunConfig) -> None:
+    if saved.model != run.model:
+        diff = [
+            f"{f.name}: checkpoint {getattr(saved.model, f.name)!r}, now {getattr(run.model, f.name)!r}"
+            for f in fields(ModelConfig)
+            if getattr(saved.model, f.name) != getattr(run.model, f.name)
+        ]
+        raise MlxllmError(
+            f"Cannot resume {run_dir}: the model shape does not match the checkpoint ({'; '.join(diff)}). "
+            "Resume with the run's own config (it is saved as config.toml in the run directory), "
+            "or start a new run with --out or --overwrite."
+        )
+    if saved.tokenizer != run.tokenizer or saved.train.data != run.train.data:
+        raise MlxllmError(
+            f"Cannot resume {run_dir}: its tokenizer or corpus differs from this one "
+            f"(checkpoint: {saved.tokenizer}, data={saved.train.data!r}; now: {run.tokenizer}, data={run.train.data!r}). "
+            "Resume with the same --data and tokenizer settings, or start a new run with --out or --overwrite."
+        )
+
+
+def train(
+    model_config: ModelConfig | None = None,
+    train_config: TrainConfig | None = None,
+    tokenizer_config: TokenizerConfig | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    callback: Callback | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train a model from text, as `mlxllm train` does. Returns where it went and how it ended."""
+    run = RunConfig(
+        model=model_config or ModelConfig(), train=train_config or TrainConfig(), tokenizer=tokenizer_config or TokenizerConfig()
+    )
+    cfg = run.train
+    seq_len = cfg.seq_len or run.model.max_seq_len
+    if seq_len > run.model.max_seq_len:
+        raise MlxllmError(f"train.seq_len ({seq_len}) exceeds model.max_seq_len ({run.model.max_seq_len}); raise max_seq_len or shorten seq_len.")
+    run_dir = Path(cfg.out_dir)
+    _prepare_run_dir(run_dir, resume, overwrite)
+
+    data = data_mod.prepare(cfg.data, run.tokenizer, val_fraction=cfg.val_fraction, quiet=not show_progress)
+    data_mod.check_length(data, seq_len)
+    tok = data.tokenizer
+    run = replace(run, model=replace(run.model, vocab_size=tok.vocab_size))
+
+    latest = ckpt.latest_checkpoint(run_dir) if resume else None
+    if latest is not None:
+        from mlxllm.config import load_config
+
+        _check_resume(run_dir, load_config(latest / "config.toml"), run)
+    tok.save(run_dir)
+    (run_dir / "config.toml").write_text(dump_toml(run))
+
+    mx.random.seed(cfg.seed)
+    model = build_model(run.model, seed=cfg.seed)
+    optimizer = make_optimizer(cfg)
+    optimizer.init(model.trainable_parameters())
+    step, tokens_seen, elapsed_before = 0, 0, 0.0
+    best_val: float | None = None
+    if latest is not None:
+        state = ckpt.read_state(latest)
+        model.load_weights(str(latest / "model.safetensors"))
+        optimizer.state = tree_unflatten(list(mx.load(str(latest / "optimizer.safetensors")).items()))
+        mx.random.state[0] = mx.array(np.array(state["rng"], dtype=np.uint32))
+        step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed"]
+        best_val = state.get("best_val_loss")
+        mx.eval(model.parameters(), optimizer.state)
+
+    tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum
+    total_steps = cfg.max_steps
+    if cfg.max_tokens is not None:
+        total_steps = min(total_steps, math.ceil(cfg.max_tokens / tokens_per_step))
+    flops_per_step = run.model.flops_per_token(seq_len) * tokens_per_step
+    peak, _ = peak_flops(cfg.dtype)
+
+    step_fn = make_step(model, optimizer, cfg)
+    eval_fn = make_eval(model, cfg)
+    val_batches = data_mod.eval_batches(data, cfg.batch_size, seq_len, cfg.eval_batches)
+    extra_files = [run_dir / "config.toml", *sorted(run_dir.glob("tokenizer.*"))]
+
+    reporter = Reporter(run_dir, total_steps, start_step=step, show=show_progress)
+    if show_progress:
+        n_params = run.model.num_params()
+        reporter.message(
+            f"Model: {run.model.n_layers} layers x {run.model.d_model}, {run.model.n_heads} heads "
+            f"({run.model.kv_heads} KV), {n_params / 1e6:.2f}M parameters; vocab {tok.vocab_size}; "
+            f"{len(data.train):,} training tokens; {total_steps} steps of {tokens_per_step:,} tokens"
+            + (f"; resuming at step {step}" if latest is not None else "")
+        )
+
+    history: list[dict[str, Any]] = []
+    last_val: dict[str, float] = {}
+    last_good = latest
+    start = time.perf_counter()
+    window_start, window_tokens, window_losses = start, 0, []
+    tps: float | None = None
+    stopped_by = "max_steps"
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - start
+
+    def progress() -> float:
+        p = step / total_steps
+        return max(p, elapsed() / cfg.max_seconds) if cfg.max_seconds else p
+
+    def save(val: dict[str, float]) -> None:
+        nonlocal last_good, best_val
+        if val and (best_val is None or val["val_loss"] < best_val):
+            best_val = val["val_loss"]
+        weights = dict(tree_flatten(model.parameters()))
+        opt_state = dict(tree_flatten(optimizer.state))
+        state = {"step": step, "tokens": tokens_seen, "elapsed": elapsed(), "rng": np.array(mx.random.state[0]).tolist(),
+                 "val_loss": val.get("val_loss"), "val_bpb": val.get("val_bpb"), "best_val_loss": best_val}
+        last_good = ckpt.save_checkpoint(run_dir, step, weights, opt_state, state, extra_files)
+        ckpt.prune(run_dir, cfg.keep_last)
+
+    batch = mx.array(data_mod.train_batch(data, cfg.seed, step, cfg.batch_size, seq_len, cfg.grad_accum))
+    try:
+        while True:
+            if step >= total_steps:
+                break
+            if cfg.max_seconds is not None and elapsed() >= cfg.max_seconds:
+                stopped_by = "max_seconds"
+                break
+            optimizer.learning_rate = lr_at(cfg, step, progress())
+            loss, _ = step_fn(batch)
+            mx.async_eval(loss, model.parameters(), optimizer.state)
+            step += 1
+            tokens_seen += tokens_per_step
+            window_losses.append(loss)
+            window_tokens += tokens_per_step
+            # Next batch is gathered on the host while the step runs.
+            batch = mx.array(data_mod.train_batch(data, cfg.seed, step, cfg.batch_size, seq_len, cfg.grad_accum))
+
+            at_eval = step % cfg.eval_interval == 0 or step >= total_steps
+            if step % cfg.log_interval == 0 or at_eval:
+                train_loss = mx.mean(mx.stack(window_losses)).item()
+                now = time.perf_counter()
+                tps = window_tokens / (now - window_start)
+                window_start, window_tokens, window_losses = now, 0, []
+                if not math.isfinite(train_loss):
+                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
+                    raise MlxllmError(
+                        f"The training loss became {train_loss} by step {step}; training stopped and {where}. "
+                        "Lower train.learning_rate, raise train.warmup_steps or use dtype=float32, then resume "
+                        "with --resume (it continues from the last good checkpoint)."
+                    )
+                metrics: dict[str, Any] = {
+                    "step": step, "loss": train_loss, "lr": lr_at(cfg, step - 1, progress()), "tokens": tokens_seen,
+                    "tokens_per_sec": tps, "mfu": flops_per_step / tokens_per_step * tps / peak,
+                    "peak_memory_gb": mx.get_peak_memory() / 1e9, "elapsed": elapsed(),
+                }
+                if at_eval:
+                    last_val = evaluate(eval_fn, val_batches, data.bytes_per_token)
+                    metrics.update(last_val)
+                    history.append(metrics)
+                    save(last_val)
+                    window_start = time.perf_counter()  # evaluation and saving are not training time
+                reporter.log(metrics)
+                if at_eval and callback is not None and callback(metrics):
+                    stopped_by = "callback"
+                    break
+            if cfg.max_tokens is not None and tokens_seen >= cfg.max_tokens:
+                stopped_by = "max_tokens"
+                break
+        if not history or history[-1]["step"] != step:
+            last_val = evaluate(eval_fn, val_batches, data.bytes_per_token) if step else {}
+            if step:
+                save(last_val)
+                reporter.log({"step": step, "elapsed": elapsed(), **last_val})
+    finally:
+        reporter.close()
+
+    result = TrainResult(
+        run_dir=run_dir, step=step, tokens=tokens_seen, elapsed=elapsed(), val_loss=last_val.get("val_loss"),
+        val_bpb=last_val.get("val_bpb"), best_val_loss=best_val, tokens_per_sec=tps, stopped_by=stopped_by,
+        history=history,
+    )
+    if show_progress:
+        reporter.summary({
+            "run directory": str(run_dir), "steps": str(step), "tokens": f"{tokens_seen:,}",
+            "time": f"{result.elapsed:.1f} s", "stopped by": stopped_by,
+            "validation loss": f"{result.val_loss:.4f}" if result.val_loss is not None else "-",
+            "validation bits/byte": f"{result.val_bpb:.3f}" if result.val_bpb is not None else "-",
+            "tokens/s (last window)": f"{tps:,.0f}" if tps else "-",
+        })
+    return result
+
