@@ -42,6 +42,8 @@ METAL_BIND = """
 
 # CUDA: MLX's cuda_kernel puts template arguments in the body as constexpr/using declarations.
 CUDA_PRELUDE = """
+#ifndef MLXLLM_FA_CUDA_PRELUDE
+#define MLXLLM_FA_CUDA_PRELUDE
 #define FA_SHARED __shared__
 #define FA_BARRIER() __syncthreads()
 #define FA_EXP(x) expf(x)
@@ -61,6 +63,7 @@ __device__ __forceinline__ float fa_warp_max(float x) {
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
 }
+#endif
 """
 
 CUDA_BIND = """
