@@ -1,0 +1,118 @@
+"""Time and peak memory of attention forward+backward for each implementation on this device.
+
+`mlxllm bench attention [--record]`; or `python -m mlxllm.kernels.bench`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import mlx.core as mx
+
+from mlxllm.kernels import gpu_backend
+from mlxllm.kernels.select import device_key, record_choice
+
+
+def available_impls() -> list[str]:
+    impls = ["reference", "fast", "tiled"]
+    if gpu_backend() is not None:
+        impls.append("flash")  # on the CPU, flash is the tiled path again
+    return impls
+
+
+def _attention_fn(impl: str) -> Callable[..., mx.array]:
+    from mlxllm.model import attention
+
+    return lambda q, k, v, scale: attention(q, k, v, scale=scale, causal=True, impl=impl)
+
+
+def _measure(impl: str, L: int, batch: int, heads: int, head_dim: int, dtype: mx.Dtype,
+             repeats: int) -> dict[str, Any]:
+    mx.random.seed(0)
+    q, k, v, cot = (mx.random.normal((batch, heads, L, head_dim)).astype(dtype) for _ in range(4))
+    mx.eval(q, k, v, cot)
+    fn = _attention_fn(impl)
+    scale = head_dim**-0.5
+    step = mx.grad(lambda q, k, v: (fn(q, k, v, scale) * cot).astype(mx.float32).sum(), argnums=(0, 1, 2))
+    mx.eval(step(q, k, v))  # warm-up: kernel JIT, allocator
+    mx.synchronize()
+    mx.reset_peak_memory()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mx.eval(step(q, k, v))
+        mx.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"impl": impl, "L": L, "ms": 1000 * min(times), "peak_mb": mx.get_peak_memory() / 2**20}
+
+
+def bench_attention(
+    lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096),
+    batch: int = 1,
+    heads: int = 8,
+    head_dim: int = 64,
+    dtype: str = "float32",
+    impls: list[str] | None = None,
+    record: bool = False,
+) -> list[dict[str, Any]]:
+    """One row per (L, impl): {'impl', 'L', 'ms', 'peak_mb'} for forward+backward (grad wrt q, k, v of
+    sum(out * cotangent)), causal. With record=True the implementation with the lowest total time over
+    all lengths becomes this device's 'auto' choice."""
+    impls = list(impls) if impls else available_impls()
+    dt = getattr(mx, dtype)
+    rows = []
+    for L in lengths:
+        repeats = 3 if L <= 1024 else 2
+        for impl in impls:
+            rows.append(_measure(impl, L, batch, heads, head_dim, dt, repeats))
+    if record:
+        totals = {impl: sum(r["ms"] for r in rows if r["impl"] == impl) for impl in impls}
+        best = min(totals, key=totals.__getitem__)
+        path = record_choice(best)
+        for r in rows:
+            r["recorded"] = r["impl"] == best
+        rows[0]["record_path"] = str(path)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """Implementations side by side per sequence length: time (ms) and peak memory (MiB)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    by = {(r["L"], r["impl"]): r for r in rows}
+    table = Table(title=f"attention forward+backward on {device_key()} (causal)")
+    table.add_column("L", justify="right")
+    for impl in impls:
+        table.add_column(f"{impl} ms", justify="right")
+        table.add_column(f"{impl} MiB", justify="right")
+    for L in dict.fromkeys(r["L"] for r in rows):
+        cells = [str(L)]
+        for impl in impls:
+            r = by.get((L, impl))
+            cells += [f"{r['ms']:.1f}", f"{r['peak_mb']:.0f}"] if r else ["-", "-"]
+        table.add_row(*cells)
+    console = Console()
+    console.print(table)
+    recorded = [r["impl"] for r in rows if r.get("recorded")]
+    if recorded:
+        console.print(f"recorded '{recorded[0]}' as auto attention for {device_key()} in {rows[0]['record_path']}")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    import mlxllm  # noqa: F401  (BLAS preload; mlx.core is already imported when run with -m)
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--impls", nargs="+", default=None)
+    p.add_argument("--record", action="store_true")
+    a = p.parse_args()
+    print_table(bench_attention(tuple(a.lengths), heads=a.heads, head_dim=a.head_dim, dtype=a.dtype,
+                                impls=a.impls, record=a.record))
