@@ -177,7 +177,8 @@ def shim_run(tmp_path_factory):
         runs = [(name, srcs)]
         if c == 0:  # the broken variants use the first config's data
             runs.append((f"{name}_nobarrier", {"forward": remove_second_barrier(srcs["forward"])}))
-            runs.append((f"{name}_badmask", {"forward": break_source(srcs["forward"], "j <= row", "j < row", "_badmask")}))
+            bad_mask = break_source(srcs["forward"], "j <= row", "j < row", "_badmask")
+            runs.append((f"{name}_badmask", {"forward": bad_mask}))
             runs.append((f"{name}_dkv_nobarrier", {"dkv": break_source(
                 srcs["dkv"], "      FA_BARRIER();\n\n      const int i", "\n      const int i", "_nobarrier")}))
         for tag, kernels in runs:

@@ -190,4 +190,6 @@ def _check(q: mx.array, k: mx.array, v: mx.array) -> None:
         raise ValueError(f"need H % Hkv == 0, L == S and equal head dims; got {q.shape} and {k.shape}")
 
 
-__all__ = ["TILE_K", "TILE_Q", "attention_delta", "tiled_attention", "tiled_backward", "tiled_forward", "tiled_function"]
+__all__ = [
+    "TILE_K", "TILE_Q", "attention_delta", "tiled_attention", "tiled_backward", "tiled_forward", "tiled_function",
+]
