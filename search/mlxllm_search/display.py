@@ -1,0 +1,117 @@
+"""Trials as a table: live while the search runs (plain lines when not a terminal), a leaderboard at the end."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from mlxllm_search.space import OBJECTIVES
+
+LIVE_ROWS = 20
+
+
+def _num(v: Any, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def describe(t: FrozenTrial) -> dict[str, str]:
+    """One trial as table cells."""
+    m = t.user_attrs.get("model") or {}
+    d_model, heads = m.get("d_model"), m.get("n_heads")
+    last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+    loss = t.values[0] if t.values else t.user_attrs.get("val_loss", last)
+    note = t.user_attrs.get("rejected") or t.user_attrs.get("lost") or ""
+    if t.state == TrialState.PRUNED and not note:
+        note = f"pruned at step {max(t.intermediate_values)}" if t.intermediate_values else "pruned"
+    if t.state == TrialState.RUNNING and t.intermediate_values:
+        note = f"step {max(t.intermediate_values)}"
+    return {
+        "#": str(t.number),
+        "state": t.state.name.lower(),
+        "layers": _num(m.get("n_layers"), "d"),
+        "d_model": _num(d_model, "d"),
+        "heads/kv": f"{heads}/{m.get('n_kv_heads')}" if heads else "-",
+        "mlp": _num(m.get("mlp_ratio"), ".2f"),
+        "lr": _num(t.user_attrs.get("learning_rate"), ".2e"),
+        "params": _num(t.user_attrs.get("params"), ","),
+        "val_loss": _num(loss, ".4f"),
+        "step ms": _num(t.user_attrs.get("step_ms"), ".1f"),
+        "mem GB": _num(t.user_attrs.get("memory_gb"), ".3f"),
+        "gen tok/s": _num(t.user_attrs.get("gen_tokens_per_sec"), ",.0f"),
+        "note": str(note),
+    }
+
+
+def table(trials: list[FrozenTrial], title: str, objectives: tuple[str, ...], marks: dict[int, str] | None = None) -> Table:
+    cols = ["#", "state", "layers", "d_model", "heads/kv", "mlp", "lr", "params", "val_loss", "step ms", "mem GB", "note"]
+    if "gen_tokens_per_sec" in objectives:
+        cols.insert(-1, "gen tok/s")
+    out = Table(title=title)
+    for c in cols:
+        out.add_column(c, justify="left" if c in ("state", "note") else "right")
+    for t in trials:
+        cells = describe(t)
+        if marks and t.number in marks:
+            cells["note"] = marks[t.number]
+        out.add_row(*(cells[c] for c in cols))
+    return out
+
+
+def leaderboard(study: optuna.Study, objectives: tuple[str, ...], top: int = 10) -> Table:
+    """Completed trials, feasible ones first, by validation loss (the Pareto front is starred)."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    front = {t.number for t in study.best_trials} if len(objectives) > 1 else set()
+    infeasible = {t.number for t in done if any(v > 0 for v in t.constraints.values())}
+    done.sort(key=lambda t: (t.number in infeasible, t.values[0]))
+    title = "Leaderboard (validation loss" + (", * = Pareto front over " + ", ".join(objectives) if front else "") + ")"
+    marks = {t.number: "*" for t in done if t.number in front}
+    marks.update({n: "over a cap" for n in infeasible})
+    return table(done[:top], title, objectives, marks)
+
+
+class LiveTrials:
+    """Refresh with the study's trials; prints one plain line per finished trial when stdout is not a terminal."""
+
+    def __init__(self, objectives: tuple[str, ...], show: bool = True):
+        self.objectives, self.show = objectives, show
+        self.console = Console()
+        self.tty = self.console.is_terminal and sys.stdout.isatty()
+        if not self.tty:
+            self.console = Console(width=160)  # logs and pipes: no terminal width to fit
+        self._live: Live | None = None
+        self._printed: set[int] = set()
+
+    def __enter__(self) -> LiveTrials:
+        if self.show and self.tty:
+            self._live = Live(console=self.console, auto_refresh=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
+
+    def update(self, study: optuna.Study) -> None:
+        if not self.show:
+            return
+        trials = study.get_trials(deepcopy=False)
+        if self._live is not None:
+            self._live.update(table(trials[-LIVE_ROWS:], f"Trials ({len(trials)})", self.objectives), refresh=True)
+            return
+        for t in trials:
+            if t.state.is_finished() and t.number not in self._printed:
+                self._printed.add(t.number)
+                c = describe(t)
+                print(f"trial {c['#']:>3} {c['state']:<8} layers={c['layers']} d_model={c['d_model']} heads/kv={c['heads/kv']} "
+                      f"mlp={c['mlp']} lr={c['lr']} params={c['params']} val_loss={c['val_loss']} step_ms={c['step ms']}"
+                      + (f"  ({c['note']})" if c["note"] else ""), flush=True)
+
+
+def objective_names(objectives: tuple[str, ...]) -> str:
+    return ", ".join(f"{o} ({OBJECTIVES[o][0]})" for o in objectives)

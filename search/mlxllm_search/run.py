@@ -1,0 +1,266 @@
+"""Run a search: open (or resume) the study, seed it, run workers until it holds the requested trials, write the best config."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from mlxllm import data as data_mod
+from mlxllm.config import dump_toml, load_config
+from mlxllm.errors import MlxllmError
+from mlxllm.model import ModelConfig
+from mlxllm_search.display import LiveTrials, leaderboard, objective_names
+from mlxllm_search.objective import Objective
+from mlxllm_search.space import SearchSpec, load_spec, run_config
+from mlxllm_search.storage import Gate, counts, default_url, open_storage, sweep
+
+META_NAME = "search.json"
+BEST_NAME = "best.toml"
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    study: optuna.Study
+    search_dir: Path
+    best_config: Path | None  # best.toml, ready for `mlxllm train --config`
+    best_trials: list[FrozenTrial]  # the Pareto front (the one best trial for a single objective)
+    requeued: list[int] = field(default_factory=list)  # trials of dead workers that were queued again
+
+
+def make_sampler(spec: SearchSpec, seed: int | None) -> optuna.samplers.BaseSampler:
+    if spec.settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(spec: SearchSpec) -> optuna.pruners.BasePruner:
+    """Pruners compare trials at the same step; resources are optimizer steps, first rung at the first evaluation."""
+    name = spec.settings.pruner
+    if name == "none" or spec.settings.multi:  # Optuna cannot prune on several objectives
+        return optuna.pruners.NopPruner()
+    first = spec.budget.eval_interval
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if name == "successive-halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
+    steps = spec.budget.steps(spec.tokens_per_step)
+    return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=steps if steps is not None else "auto", reduction_factor=3)
+
+
+def open_study(spec: SearchSpec, search_dir: Path, storage: str | None, study_name: str, seed: int | None,
+               create: bool = True) -> optuna.Study:
+    """Create the study or load it; a study of the same name over another space is refused."""
+    store = open_storage(storage, search_dir)
+    kwargs: dict[str, Any] = dict(study_name=study_name, storage=store, sampler=make_sampler(spec, seed), pruner=make_pruner(spec))
+    if create:
+        study = optuna.create_study(directions=spec.settings.directions, load_if_exists=True, **kwargs)
+    else:
+        study = optuna.load_study(**kwargs)
+    want = spec.space_hash()
+    have = study.user_attrs.get("space_hash")
+    if have is None and create:
+        if study.get_trials(deepcopy=False):
+            raise MlxllmError(
+                f"The storage already holds a study named {study_name!r} that was not made by `mlxllm search`. "
+                "Choose another --study-name or --storage."
+            )
+        study.set_user_attr("space_hash", want)
+        study.set_user_attr("spec", spec.source)
+        study.set_user_attr("objectives", list(spec.settings.objectives))
+    elif have != want:
+        raise MlxllmError(
+            f"The study {study_name!r} in {storage or default_url(search_dir)} was made with a different search space, "
+            f"budget or objectives (from {study.user_attrs.get('spec') or 'another spec'}), so its trials cannot be compared "
+            "with this one's. Resume it with its own spec unchanged, or start a new study with --study-name or --out."
+        )
+    return study
+
+
+def _work(spec: SearchSpec, search_dir: Path, storage: str | None, study_name: str, target: int, seed: int | None,
+          vocab_size: int, live: LiveTrials | None = None) -> None:
+    """One worker: take trials until the study holds `target` of them (finished or running)."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    study = open_study(spec, search_dir, storage, study_name, seed, create=False)
+    sweep(study)
+    gate = Gate(search_dir / ".trial.lock")
+    refresh = (lambda: live.update(study)) if live else None
+    objective = Objective(spec, search_dir, vocab_size, on_trial_start=gate.release, on_eval=refresh)
+    while True:
+        gate.acquire()
+        try:
+            finished, running = counts(study)
+            if finished + running >= target:
+                return
+            # A diverged trial (MlxllmError from the trainer) is recorded as FAIL and the search goes on.
+            study.optimize(objective, n_trials=1, catch=(MlxllmError,), gc_after_trial=True)
+        finally:
+            gate.release()
+        if refresh:
+            refresh()
+
+
+def _worker_main(*args: Any) -> None:
+    """Entry point of a spawned worker process."""
+    try:
+        _work(*args)
+    except MlxllmError as e:
+        print(f"Error in search worker: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _seed_params(spec: SearchSpec, seed_configs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Trial parameters for the base config (when the space holds it) and each named config (which it must)."""
+    base = spec.space.params_of(spec.base)
+    out = [base] if base is not None else []
+    for path in seed_configs:
+        p = spec.space.params_of(load_config(path))
+        if p is None:
+            raise MlxllmError(
+                f"The seed config {path} is not in the search space (its layers, head_dim, heads, KV heads, mlp_ratio or "
+                "learning rate is not among the space's values), so it cannot start the study. Widen [space] or leave it out."
+            )
+        out.append(p)
+    return out
+
+
+def best_trial(study: optuna.Study, spec: SearchSpec) -> FrozenTrial | None:
+    """The feasible completed trial with the lowest validation loss (on the Pareto front when multi-objective)."""
+    front = study.best_trials
+    return min(front, key=lambda t: t.values[0]) if front else None
+
+
+def write_best(study: optuna.Study, spec: SearchSpec, search_dir: Path) -> Path | None:
+    t = best_trial(study, spec)
+    if t is None:
+        return None
+    model = ModelConfig.from_dict(t.user_attrs["model"])
+    run = run_config(spec, model, t.user_attrs["learning_rate"], search_dir / "best")
+    path = search_dir / BEST_NAME
+    path.write_text(
+        f"# Best configuration of search {study.study_name!r}: trial {t.number}, validation loss {t.values[0]:.4f} "
+        f"after the search budget ({spec.budget.amount:g} {spec.budget.kind}).\n"
+        f"# Train it: mlxllm train --config {path}   (raise train.max_steps for a longer run)\n\n" + dump_toml(run)
+    )
+    return path
+
+
+def search(
+    spec: str | Path | SearchSpec,
+    *,
+    out: str | Path | None = None,
+    trials: int | None = None,
+    workers: int = 1,
+    storage: str | None = None,
+    study_name: str | None = None,
+    seed: int | None = None,
+    seed_configs: Sequence[str | Path] = (),
+    data: str | None = None,
+    show: bool = True,
+) -> SearchResult:
+    """Search architectures as `mlxllm search run` does; a second call with the same arguments resumes the study.
+
+    `trials` is the total the study should hold when this returns (finished trials, not counting ones cut off by
+    a dead worker, which are retried), so re-running with a larger number adds the difference.
+    """
+    if not isinstance(spec, SearchSpec):
+        spec = load_spec(spec, data=data)
+    elif data is not None:
+        spec = replace(spec, base=replace(spec.base, train=replace(spec.base.train, data=str(Path(data).resolve()))))
+    target = trials if trials is not None else spec.settings.trials
+    seed = seed if seed is not None else spec.settings.seed
+    if target < 1 or workers < 1:
+        raise MlxllmError(f"--trials and --workers must be at least 1 (got {target} and {workers}).")
+    search_dir = Path(out) if out is not None else Path("searches") / spec.name
+    search_dir.mkdir(parents=True, exist_ok=True)
+    name = study_name or spec.name
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+    # The corpus is tokenized once here; every trial (and worker) reuses the cached tokens.
+    train = spec.base.train
+    data_obj = data_mod.prepare(train.data, spec.base.tokenizer, val_fraction=train.val_fraction, quiet=not show)
+    data_mod.check_length(data_obj, train.seq_len or spec.base.model.max_seq_len)
+    vocab = data_obj.tokenizer.vocab_size
+    fits = spec.check(vocab)  # caps no architecture can meet fail here, before any training
+    seeds = _seed_params(spec, seed_configs)
+
+    study = open_study(spec, search_dir, storage, name, seed)
+    requeued = sweep(study)
+    for params in seeds:
+        study.enqueue_trial(params, skip_if_exists=True)
+    (search_dir / META_NAME).write_text(json.dumps(
+        {"study_name": name, "storage": storage, "spec": spec.source, "objectives": list(spec.settings.objectives)}, indent=2))
+
+    console = LiveTrials(spec.settings.objectives, show)
+    finished, running = counts(study)
+    if show:
+        console.console.print(
+            f"Study [bold]{name}[/] in {storage or default_url(search_dir)}: {finished} trials done"
+            + (f", {len(requeued)} lost trial(s) of dead workers queued again" if requeued else "")
+            + f"; running until it holds {target} ({max(0, target - finished - running)} more) with {workers} worker(s). "
+            f"Objectives: {objective_names(spec.settings.objectives)}; budget {spec.budget.amount:g} {spec.budget.kind} "
+            f"per trial; {len(fits)} architectures within the caps.",
+            highlight=False,
+        )
+        if spec.space.params_of(spec.base) is None:
+            console.console.print("The [base] config's architecture is not in the search space, so it does not seed the study.",
+                                  highlight=False)
+    with console:
+        if workers == 1:
+            _work(spec, search_dir, storage, name, target, seed, vocab, console)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            procs = [
+                ctx.Process(target=_worker_main, args=(spec, search_dir, storage, name, target,
+                                                       None if seed is None else seed + i, vocab))
+                for i in range(workers)
+            ]
+            for p in procs:
+                p.start()
+            while any(p.is_alive() for p in procs):
+                console.update(study)
+                time.sleep(1.0)
+            for p in procs:
+                p.join()
+            console.update(study)
+            bad = [p.exitcode for p in procs if p.exitcode]
+            if bad:
+                raise MlxllmError(
+                    f"{len(bad)} search worker(s) exited with an error (exit codes {bad}); their message is above. "
+                    "Finished trials are kept in the study: fix the cause and run the same command again to resume."
+                )
+
+    best = write_best(study, spec, search_dir)
+    front = study.best_trials
+    if show:
+        console.console.print(leaderboard(study, spec.settings.objectives))
+        if spec.settings.multi:
+            console.console.print(f"Pareto front: trials {', '.join(str(t.number) for t in sorted(front, key=lambda t: t.number))}")
+        console.console.print(
+            f"Best config: {best} (mlxllm train --config {best})" if best else
+            "No trial finished within the caps, so there is no best config yet. Add trials or relax [search.caps].",
+            highlight=False,
+        )
+    return SearchResult(study, search_dir, best, front, requeued)
+
+
+def states(study: optuna.Study) -> dict[str, int]:
+    """How many trials are in each state (for messages and tests)."""
+    out: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
+
