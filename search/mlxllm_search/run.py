@@ -218,6 +218,9 @@ def search(
         if spec.space.params_of(spec.base) is None:
             console.console.print("The [base] config's architecture is not in the search space, so it does not seed the study.",
                                   highlight=False)
+    if seed is not None:
+        # A resumed study must not replay the samples it already has: offset the seed by its length (still reproducible).
+        seed += len(study.get_trials(deepcopy=False))
     with console:
         if workers == 1:
             _work(spec, search_dir, storage, name, target, seed, vocab, console)
@@ -225,7 +228,7 @@ def search(
             ctx = multiprocessing.get_context("spawn")
             procs = [
                 ctx.Process(target=_worker_main, args=(spec, search_dir, storage, name, target,
-                                                       None if seed is None else seed + i, vocab))
+                                                       None if seed is None else seed + 1000 * i, vocab))
                 for i in range(workers)
             ]
             for p in procs:

@@ -42,7 +42,7 @@ def open_storage(url: str | None, search_dir: Path) -> optuna.storages.BaseStora
             return optuna.storages.get_storage(url)
         return optuna.storages.RDBStorage(
             url, heartbeat_interval=HEARTBEAT_S, grace_period=4 * HEARTBEAT_S,
-            failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
         )
     except Exception as e:  # noqa: BLE001 - drivers raise their own types; all mean "cannot open"
         raise MlxllmError(
