@@ -3,7 +3,7 @@
 step_00000100/
   model.safetensors      weights (fp32 master copy)
   optimizer.safetensors  optimizer state (moments, step count, learning rate)
-  state.json             step, tokens seen, elapsed time, RNG key, validation loss
+  state.json             step, tokens seen, elapsed time, data seed, validation loss
   config.toml            the resolved run config
   tokenizer.*            the tokenizer the model was trained with
 """

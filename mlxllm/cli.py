@@ -131,6 +131,26 @@ def info() -> None:
         print(_blas.HINT)
 
 
+@bench_app.command("attention")
+@friendly
+def bench_attention_cmd(
+    lengths: Annotated[str, typer.Option(help="Comma-separated sequence lengths.")] = "256,512,1024,2048,4096",
+    batch: Annotated[int, typer.Option()] = 1,
+    heads: Annotated[int, typer.Option()] = 8,
+    head_dim: Annotated[int, typer.Option()] = 64,
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
+    record: Annotated[bool, typer.Option(help="Save the fastest implementation as this device's 'auto' choice.")] = False,
+) -> None:
+    """Time and peak memory of attention forward+backward, per implementation, side by side."""
+    from mlxllm.kernels.bench import bench_attention, print_table
+
+    try:
+        ls = tuple(int(x) for x in lengths.split(","))
+    except ValueError:
+        raise MlxllmError(f"--lengths must be comma-separated integers such as 256,1024 (got {lengths!r}).") from None
+    print_table(bench_attention(ls, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, record=record))
+
+
 def _load_plugins() -> None:
     """Plugins register commands through the `mlxllm.plugins` entry-point group."""
     for ep in entry_points(group="mlxllm.plugins"):

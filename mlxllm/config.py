@@ -63,7 +63,9 @@ def apply_overrides(d: dict[str, dict[str, Any]], overrides: list[str]) -> dict[
     for section, cls in (("model", ModelConfig), ("tokenizer", TokenizerConfig), ("train", _train_cls())):
         for f in fields(cls):
             owners.setdefault(f.name, []).append(section)
-    out = {s: dict(d.get(s, {})) for s in SECTIONS}
+    out = {s: dict(v) for s, v in d.items()}
+    for s in SECTIONS:
+        out.setdefault(s, {})
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:

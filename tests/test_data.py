@@ -1,0 +1,98 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlxllm import MlxllmError
+from mlxllm import data as data_mod
+from mlxllm.tokenizer import TokenizerConfig
+
+BYTE = TokenizerConfig(kind="byte")
+
+
+def test_file_folder_and_glob(tmp_path: Path):
+    (tmp_path / "a.txt").write_text("alpha\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("beta\n")
+    (tmp_path / "sub" / "c.bin").write_bytes(b"\0\1")
+    assert data_mod.resolve_corpus(tmp_path / "a.txt") == [tmp_path / "a.txt"]
+    assert data_mod.resolve_corpus(tmp_path) == [tmp_path / "a.txt", tmp_path / "sub" / "b.md"]
+    assert data_mod.resolve_corpus(str(tmp_path / "**" / "*.md")) == [tmp_path / "sub" / "b.md"]
+
+
+def test_default_corpus_is_offline_and_sizeable():
+    files = data_mod.default_corpus()
+    assert files and all(f.exists() for f in files)
+    assert sum(f.stat().st_size for f in files) >= 1_000_000
+
+
+def test_tokens_cached_by_content_and_split_deterministic(corpus: Path, tmp_path: Path):
+    d1 = data_mod.prepare(corpus, BYTE)
+    assert d1.train.dtype == np.uint16 and isinstance(d1.train, np.memmap)
+    assert abs(len(d1.val) / (len(d1.train) + len(d1.val)) - 0.1) < 0.01
+    stamp = (d1.directory / "train.bin").stat().st_mtime_ns
+    d2 = data_mod.prepare(corpus, BYTE)
+    assert d2.directory == d1.directory and (d2.directory / "train.bin").stat().st_mtime_ns == stamp
+    copy = tmp_path / "copy.txt"
+    copy.write_text(corpus.read_text())
+    d3 = data_mod.prepare(copy, BYTE)  # same content, another path: same cache
+    assert d3.directory == d1.directory
+    copy.write_text(corpus.read_text() + "More.\n")
+    assert data_mod.prepare(copy, BYTE).directory != d1.directory
+    text = corpus.read_text().encode()
+    assert np.asarray(d1.train[:200]).astype(np.uint8).tobytes() == text[:200]  # bytes in order, no padding
+
+
+def test_streams_corpus_larger_than_a_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(data_mod, "BLOCK_BYTES", 1000)  # many blocks, as with a corpus larger than RAM
+    path = tmp_path / "big.txt"
+    lines = [f"line {i} of the corpus" for i in range(2000)]
+    path.write_text("\n".join(lines) + "\n")
+    blocks = list(data_mod.read_blocks(path))
+    assert len(blocks) > 40 and "".join(blocks) == path.read_text()
+    d = data_mod.prepare(path, BYTE)
+    total = len(d.train) + len(d.val)
+    assert total == len(path.read_bytes()) + 1  # + end of document
+    # the validation split is spread over the corpus, not just its end
+    val_text = np.asarray(d.val[d.val < 256]).astype(np.uint8).tobytes().decode()
+    assert "line 10" in val_text or "line 2" in val_text
+    assert "line 1999" in val_text
+
+
+def test_batches_are_fixed_shape_and_a_pure_function_of_seed_and_step(corpus: Path):
+    d = data_mod.prepare(corpus, BYTE)
+    a = data_mod.train_batch(d, seed=3, step=7, batch_size=4, seq_len=32, accum=2)
+    b = data_mod.train_batch(d, seed=3, step=7, batch_size=4, seq_len=32, accum=2)
+    c = data_mod.train_batch(d, seed=3, step=8, batch_size=4, seq_len=32, accum=2)
+    assert a.shape == (2, 4, 33) and a.dtype == np.int32
+    assert (a == b).all() and not (a == c).all()
+    start = data_mod.batch_offsets(3, 7, len(d.train), 8, 32)[0]
+    assert (a[0, 0] == np.asarray(d.train[start : start + 33])).all()
+    evals = data_mod.eval_batches(d, batch_size=4, seq_len=32, max_batches=3)
+    assert len(evals) == 3 and all(e.shape == (4, 33) for e in evals)
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [(b"", "is empty"), (b"ok\n\0\0binary", "binary"), (b"caf\xe9 au lait\n", "not valid UTF-8")],
+)
+def test_bad_corpora_are_explained(tmp_path: Path, content: bytes, needle: str):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(MlxllmError, match=needle):
+        data_mod.prepare(path, BYTE)
+
+
+def test_missing_corpus(tmp_path: Path):
+    with pytest.raises(MlxllmError, match="does not exist"):
+        data_mod.resolve_corpus(tmp_path / "nope.txt")
+    with pytest.raises(MlxllmError, match="no text files"):
+        data_mod.resolve_corpus(tmp_path)
+
+
+def test_corpus_shorter_than_a_context_window(tmp_path: Path):
+    path = tmp_path / "short.txt"
+    path.write_text("A short text.\n" * 3)
+    d = data_mod.prepare(path, BYTE)
+    with pytest.raises(MlxllmError, match="too short"):
+        data_mod.check_length(d, 64)

@@ -1,0 +1,89 @@
+import math
+
+import mlxllm  # noqa: F401
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+
+from mlxllm import MlxllmError, ModelConfig
+from mlxllm.model import attention, build_model, reference_attention
+
+
+def test_parameter_names_follow_llama_layout():
+    cfg = ModelConfig(vocab_size=50, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, tie_embeddings=False)
+    names = {k: v.shape for k, v in tree_flatten(build_model(cfg).parameters())}
+    assert names["model.embed_tokens.weight"] == (50, 64)
+    assert names["lm_head.weight"] == (50, 64)
+    assert names["model.norm.weight"] == (64,)
+    layer = "model.layers.1."
+    assert names[layer + "self_attn.q_proj.weight"] == (64, 64)
+    assert names[layer + "self_attn.k_proj.weight"] == (32, 64)  # 2 KV heads of 16
+    assert names[layer + "self_attn.v_proj.weight"] == (32, 64)
+    assert names[layer + "self_attn.o_proj.weight"] == (64, 64)
+    assert names[layer + "mlp.gate_proj.weight"] == (cfg.hidden_dim, 64)
+    assert names[layer + "mlp.up_proj.weight"] == (cfg.hidden_dim, 64)
+    assert names[layer + "mlp.down_proj.weight"] == (64, cfg.hidden_dim)
+    assert names[layer + "input_layernorm.weight"] == (64,)
+    assert names[layer + "post_attention_layernorm.weight"] == (64,)
+    assert not any("bias" in k for k in names)
+    assert sum(math.prod(s) for s in names.values()) == cfg.num_params()
+
+
+def test_tied_embeddings_share_weights_and_count():
+    cfg = ModelConfig(vocab_size=50, n_layers=1, d_model=32, n_heads=2)
+    names = dict(tree_flatten(build_model(cfg).parameters()))
+    assert "lm_head.weight" not in names
+    assert sum(v.size for v in names.values()) == cfg.num_params()
+
+
+def test_scaled_residual_init():
+    cfg = ModelConfig(vocab_size=64, n_layers=8, d_model=128, n_heads=4)
+    p = dict(tree_flatten(build_model(cfg, seed=1).parameters()))
+    q_std = mx.std(p["model.layers.0.self_attn.q_proj.weight"]).item()
+    o_std = mx.std(p["model.layers.0.self_attn.o_proj.weight"]).item()
+    assert abs(q_std - 0.02) < 0.002
+    assert abs(o_std - 0.02 / math.sqrt(16)) < 0.001
+    assert mx.all(p["model.layers.0.input_layernorm.weight"] == 1).item()
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(d_model=100, n_heads=3), "divisible by n_heads"),
+        (dict(d_model=96, n_heads=32), "must be even"),
+        (dict(n_heads=4, n_kv_heads=3), "multiple of n_kv_heads"),
+        (dict(n_layers=0), "n_layers must be a positive integer"),
+        (dict(attention="magic"), "attention must be one of"),
+    ],
+)
+def test_invalid_shapes_are_explained(kwargs, needle):
+    with pytest.raises(MlxllmError, match=needle):
+        ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("n_kv", [1, 2, 4])
+@pytest.mark.parametrize("q_len", [12, 5, 1])
+def test_reference_attention_matches_fast(n_kv, q_len):
+    q = mx.random.normal((2, 4, q_len, 16), key=mx.random.key(0))
+    k = mx.random.normal((2, n_kv, 12, 16), key=mx.random.key(1))
+    v = mx.random.normal((2, n_kv, 12, 16), key=mx.random.key(2))
+    for causal in (True, False):
+        ref = reference_attention(q, k, v, scale=0.25, causal=causal)
+        fast = attention(q, k, v, scale=0.25, causal=causal, impl="fast")
+        assert mx.allclose(ref, fast, atol=1e-5).item()
+
+
+def test_model_forward_same_for_fast_and_reference_attention():
+    base = dict(vocab_size=40, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2)
+    ref = build_model(ModelConfig(**base, attention="reference"), seed=3)
+    fast = build_model(ModelConfig(**base, attention="fast"), seed=3)
+    x = mx.array([[1, 5, 7, 2, 9, 3]])
+    assert mx.allclose(ref(x), fast(x), atol=1e-5).item()
+
+
+def test_causality():
+    model = build_model(ModelConfig(vocab_size=40, n_layers=2, d_model=32, n_heads=2), seed=0)
+    a = model(mx.array([[1, 2, 3, 4, 5]]))
+    b = model(mx.array([[1, 2, 3, 9, 9]]))
+    assert mx.allclose(a[:, :3], b[:, :3], atol=1e-6).item()
+    assert not mx.allclose(a[:, 3:], b[:, 3:], atol=1e-3).item()
