@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial
 
@@ -40,7 +41,7 @@ class SearchResult:
 def make_sampler(spec: SearchSpec, seed: int | None) -> optuna.samplers.BaseSampler:
     if spec.settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.settings.startup_trials)
 
 
 def make_pruner(spec: SearchSpec) -> optuna.pruners.BasePruner:
@@ -119,6 +120,13 @@ def _worker_main(*args: Any) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _sampler_seed(seed: int | None, n_trials: int, worker: int) -> int | None:
+    """A seed per (user seed, study length, worker): a resumed study does not replay the samples it already has."""
+    if seed is None:
+        return None
+    return int(np.random.SeedSequence([seed, n_trials, worker]).generate_state(1)[0])
 
 
 def _seed_params(spec: SearchSpec, seed_configs: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -218,17 +226,15 @@ def search(
         if spec.space.params_of(spec.base) is None:
             console.console.print("The [base] config's architecture is not in the search space, so it does not seed the study.",
                                   highlight=False)
-    if seed is not None:
-        # A resumed study must not replay the samples it already has: offset the seed by its length (still reproducible).
-        seed += len(study.get_trials(deepcopy=False))
+    n_before = len(study.get_trials(deepcopy=False))
     with console:
         if workers == 1:
-            _work(spec, search_dir, storage, name, target, seed, vocab, console)
+            _work(spec, search_dir, storage, name, target, _sampler_seed(seed, n_before, 0), vocab, console)
         else:
             ctx = multiprocessing.get_context("spawn")
             procs = [
                 ctx.Process(target=_worker_main, args=(spec, search_dir, storage, name, target,
-                                                       None if seed is None else seed + 1000 * i, vocab))
+                                                       _sampler_seed(seed, n_before, i), vocab))
                 for i in range(workers)
             ]
             for p in procs:

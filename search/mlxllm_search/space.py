@@ -191,6 +191,7 @@ class Settings:
     trials: int = 20
     seed: int | None = None
     caps: Caps = field(default_factory=Caps)
+    startup_trials: int = 10  # TPE samples at random until this many trials have finished (Optuna's default)
 
     @property
     def directions(self) -> list[str]:
@@ -354,7 +355,7 @@ def parse_spec(d: dict[str, Any], path: Path | None = None, *, data: str | None 
     base = replace(base, train=budget.apply(base.train))
     spec_name = d.get("name") or (path.stem if path else "search")
 
-    t = _table(d, "search", ("objectives", "pruner", "sampler", "trials", "seed", "caps"), where)
+    t = _table(d, "search", ("objectives", "pruner", "sampler", "trials", "seed", "caps", "startup_trials"), where)
     objectives = t.get("objectives", ["val_loss"])
     objectives = [objectives] if isinstance(objectives, str) else list(objectives)
     bad = [o for o in objectives if o not in OBJECTIVES]
@@ -377,7 +378,11 @@ def parse_spec(d: dict[str, Any], path: Path | None = None, *, data: str | None 
     trials = t.get("trials", 20)
     if not isinstance(trials, int) or trials < 1:
         raise MlxllmError(f"[search] trials in {where} must be a positive integer (got {trials!r}).")
-    settings = Settings(tuple(objectives), t.get("pruner", "hyperband"), t.get("sampler", "tpe"), trials, t.get("seed"), Caps(**caps_d))
+    startup = t.get("startup_trials", 10)
+    if not isinstance(startup, int) or startup < 0:
+        raise MlxllmError(f"[search] startup_trials in {where} must be a non-negative integer (got {startup!r}).")
+    settings = Settings(tuple(objectives), t.get("pruner", "hyperband"), t.get("sampler", "tpe"), trials, t.get("seed"),
+                        Caps(**caps_d), startup)
 
     spec = SearchSpec(spec_name, base, space, budget, settings, str(path or ""))
     steps = budget.steps(spec.tokens_per_step)

@@ -1,0 +1,139 @@
+"""Search quality: TPE + Hyperband vs random search vs the seeded default config, at a fixed total compute budget.
+
+    python benchmarks/search_quality.py [CORPUS] [--quick] [--seeds 3]
+
+Every strategy gets the same total number of optimizer steps (summed over its trials; a pruned trial counts the
+steps it ran). Both searches start from the default config (trial 0), so they can only improve on it. Printed per
+strategy and seed: the best validation loss, the steps spent, and the steps spent until a trial first beat the
+default's loss. The full version takes about 20-30 minutes on a 2-core CPU; --quick about two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from mlxllm_search import search
+from mlxllm_search.space import parse_spec
+
+DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
+
+FULL = dict(steps=300, eval_interval=50, total=3600, startup=4, seq_len=64, batch=8,
+            space={"n_layers": {"min": 1, "max": 4}, "head_dim": [16, 32], "n_heads": [1, 2, 4], "kv_group": [1, 2],
+                   "mlp_ratio": {"min": 2.0, "max": 4.0}, "learning_rate": {"min": 1e-3, "max": 2e-2, "log": True}})
+QUICK = dict(steps=60, eval_interval=20, total=480, startup=3, seq_len=32, batch=4,
+             space={"n_layers": [1, 2], "head_dim": [16], "n_heads": [1, 2], "kv_group": [1],
+                    "mlp_ratio": [2.0], "learning_rate": {"min": 1e-3, "max": 2e-2, "log": True}})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    strategy: str
+    seed: int
+    best_loss: float
+    steps: int
+    steps_to_beat_default: int | None
+    trials: int
+    seconds: float
+
+
+def spec_for(corpus: Path, size: dict, sampler: str, pruner: str) -> dict:
+    return {
+        "name": f"{sampler}-{pruner}",
+        "base": {
+            # The default: a small model with the trainer's default learning rate.
+            "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "mlp_ratio": 2.0, "max_seq_len": size["seq_len"]},
+            "tokenizer": {"kind": "byte"},
+            "train": {"data": str(corpus), "batch_size": size["batch"], "learning_rate": 3e-3, "warmup_steps": 10,
+                      "eval_batches": 4, "keep_last": 1, "sample_tokens": 0},
+        },
+        "space": size["space"],
+        "budget": {"kind": "steps", "amount": size["steps"], "eval_interval": size["eval_interval"]},
+        "search": {"objectives": ["val_loss"], "sampler": sampler, "pruner": pruner, "startup_trials": size["startup"]},
+    }
+
+
+def steps_of(t: optuna.trial.FrozenTrial) -> int:
+    return t.user_attrs.get("steps") or max(t.intermediate_values, default=0)
+
+
+def run_strategy(name: str, sampler: str, pruner: str, corpus: Path, size: dict, seed: int, root: Path,
+                 default_loss: float) -> Outcome:
+    """Add trials (resuming the same study) until the strategy has spent the total step budget."""
+    spec = parse_spec(spec_for(corpus, size, sampler, pruner))
+    out = root / f"{name}-{seed}"
+    start, n = time.perf_counter(), 0
+    while True:
+        n += 1
+        study = search(spec, out=out, trials=n, seed=seed, show=False).study
+        trials = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        if sum(steps_of(t) for t in trials) >= size["total"]:
+            break
+    spent, beat, best = 0, None, float("inf")
+    for t in trials:
+        spent += steps_of(t)
+        if t.state == TrialState.COMPLETE:
+            best = min(best, t.value)
+            if beat is None and t.value < default_loss:
+                beat = spent
+    return Outcome(name, seed, best, spent, beat, len(trials), time.perf_counter() - start)
+
+
+def run_default(corpus: Path, size: dict, seed: int, root: Path) -> Outcome:
+    """The default config alone, one trial of the per-trial budget: the loss the searches must beat."""
+    spec = parse_spec(spec_for(corpus, size, "random", "none"))
+    start = time.perf_counter()
+    study = search(spec, out=root / f"default-{seed}", trials=1, seed=seed, show=False).study
+    t = study.trials[0]
+    return Outcome("default", seed, t.value, steps_of(t), None, 1, time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("corpus", nargs="?", type=Path, default=DEFAULT_CORPUS, help="text corpus (default: Tiny Shakespeare)")
+    parser.add_argument("--quick", action="store_true", help="a small version: tiny space and budget, 2 seeds")
+    parser.add_argument("--seeds", type=int, default=None, help="sampler seeds per strategy (default 3, quick 2)")
+    args = parser.parse_args()
+    if not args.corpus.is_file():
+        parser.error(f"corpus {args.corpus} not found; pass a text file")
+    size = QUICK if args.quick else FULL
+    seeds = range(args.seeds or (2 if args.quick else 3))
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+    outcomes: list[Outcome] = []
+    with tempfile.TemporaryDirectory(prefix="search_quality_") as tmp:
+        root = Path(tmp)
+        print(f"corpus {args.corpus}; {size['steps']} steps per trial, {size['total']} steps per strategy and seed", flush=True)
+        for seed in seeds:
+            outcomes.append(run_default(args.corpus, size, seed, root))
+            default_loss = outcomes[-1].best_loss
+            print(f"  seed {seed} default        loss {default_loss:.4f}", flush=True)
+            for name, sampler, pruner in (("tpe+hyperband", "tpe", "hyperband"), ("random", "random", "none")):
+                outcomes.append(run_strategy(name, sampler, pruner, args.corpus, size, seed, root, default_loss))
+                o = outcomes[-1]
+                print(f"  seed {seed} {name:<14} best {o.best_loss:.4f} in {o.trials} trials ({o.seconds:.0f} s)", flush=True)
+
+    print()
+    print(f"{'strategy':<14} {'seed':>4} {'best val_loss':>13} {'steps':>6} {'steps to beat default':>22} {'trials':>6} {'time s':>7}")
+    for o in outcomes:
+        beat = "-" if o.steps_to_beat_default is None else str(o.steps_to_beat_default)
+        print(f"{o.strategy:<14} {o.seed:>4} {o.best_loss:>13.4f} {o.steps:>6} {beat:>22} {o.trials:>6} {o.seconds:>7.0f}")
+    print()
+    print(f"{'strategy':<14} {'mean best':>10} {'beat default':>13} {'mean steps to beat':>19}")
+    for name in ("default", "tpe+hyperband", "random"):
+        group = [o for o in outcomes if o.strategy == name]
+        beats = [o.steps_to_beat_default for o in group if o.steps_to_beat_default is not None]
+        print(f"{name:<14} {statistics.mean(o.best_loss for o in group):>10.4f} "
+              f"{(f'{len(beats)}/{len(group)}' if name != 'default' else '-'):>13} "
+              f"{(f'{statistics.mean(beats):.0f}' if beats else '-'):>19}")
+
+
+if __name__ == "__main__":
+    main()
