@@ -259,3 +259,26 @@ def test_without_optuna_the_command_says_what_to_install(monkeypatch: pytest.Mon
     monkeypatch.setitem(sys.modules, "optuna", None)
     result = cli("search", "run", str(tmp_path / "x.toml"))
     assert result.exit_code == 1 and "mlxllm[search]" in result.output
+
+
+def test_measured_latency_cap_stops_trials_and_leaves_no_best(tmp_path: Path, text: Path) -> None:
+    spec = write_spec(tmp_path, text, caps="step_ms = 0.001", search='pruner = "none"')
+    result = search(spec, out=tmp_path / "s", trials=2, show=False)
+    for t in result.study.trials:
+        assert t.state == TrialState.PRUNED and "step_ms" in t.user_attrs["rejected"] and t.constraints["step_ms"] > 0
+    assert result.best_config is None and result.best_trials == []
+
+
+def test_measured_objectives(tmp_path: Path, text: Path) -> None:
+    spec = write_spec(tmp_path, text, search='objectives = ["val_loss", "gen_tokens_per_sec", "memory_gb"]')
+    result = search(spec, out=tmp_path / "s", trials=2, show=False)
+    assert result.study.directions[1] == optuna.study.StudyDirection.MAXIMIZE
+    for t in result.study.trials:
+        loss, speed, memory = t.values
+        assert loss > 0 and speed > 0 and 0 < memory < 1
+
+
+@pytest.mark.parametrize("name", ["tiny", "shakespeare"])
+def test_shipped_specs_load(name: str) -> None:
+    spec = load_spec(Path(__file__).parents[1] / "configs" / "search" / f"{name}.toml")
+    assert spec.space.architectures(spec.base.model) and spec.space_hash()

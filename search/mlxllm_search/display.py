@@ -7,6 +7,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -28,33 +29,36 @@ def describe(t: FrozenTrial) -> dict[str, str]:
     loss = t.values[0] if t.values else t.user_attrs.get("val_loss", last)
     note = t.user_attrs.get("rejected") or t.user_attrs.get("lost") or ""
     if t.state == TrialState.PRUNED and not note:
-        note = f"pruned at step {max(t.intermediate_values)}" if t.intermediate_values else "pruned"
+        note = f"pruned@{max(t.intermediate_values)}" if t.intermediate_values else "pruned"
     if t.state == TrialState.RUNNING and t.intermediate_values:
-        note = f"step {max(t.intermediate_values)}"
+        note = f"@{max(t.intermediate_values)}"
     return {
         "#": str(t.number),
         "state": t.state.name.lower(),
-        "layers": _num(m.get("n_layers"), "d"),
-        "d_model": _num(d_model, "d"),
-        "heads/kv": f"{heads}/{m.get('n_kv_heads')}" if heads else "-",
+        "L": _num(m.get("n_layers"), "d"),
+        "d": _num(d_model, "d"),
+        "h/kv": f"{heads}/{m.get('n_kv_heads')}" if heads else "-",
         "mlp": _num(m.get("mlp_ratio"), ".2f"),
         "lr": _num(t.user_attrs.get("learning_rate"), ".2e"),
         "params": _num(t.user_attrs.get("params"), ","),
-        "val_loss": _num(loss, ".4f"),
-        "step ms": _num(t.user_attrs.get("step_ms"), ".1f"),
-        "mem GB": _num(t.user_attrs.get("memory_gb"), ".3f"),
+        "loss": _num(loss, ".4f"),
+        "ms/step": _num(t.user_attrs.get("step_ms"), ".1f"),
+        "GB": _num(t.user_attrs.get("memory_gb"), ".3f"),
         "gen tok/s": _num(t.user_attrs.get("gen_tokens_per_sec"), ",.0f"),
         "note": str(note),
     }
 
 
 def table(trials: list[FrozenTrial], title: str, objectives: tuple[str, ...], marks: dict[int, str] | None = None) -> Table:
-    cols = ["#", "state", "layers", "d_model", "heads/kv", "mlp", "lr", "params", "val_loss", "step ms", "mem GB", "note"]
+    # Measured costs beyond step time only when the search optimizes or caps them: the table must fit 80 columns.
+    cols = ["#", "state", "L", "d", "h/kv", "mlp", "lr", "params", "loss", "ms/step", "note"]
+    if "memory_gb" in objectives:
+        cols.insert(-1, "GB")
     if "gen_tokens_per_sec" in objectives:
         cols.insert(-1, "gen tok/s")
-    out = Table(title=title)
+    out = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     for c in cols:
-        out.add_column(c, justify="left" if c in ("state", "note") else "right")
+        out.add_column(c, justify="left" if c in ("state", "note") else "right", no_wrap=c != "note")
     for t in trials:
         cells = describe(t)
         if marks and t.number in marks:
@@ -63,7 +67,7 @@ def table(trials: list[FrozenTrial], title: str, objectives: tuple[str, ...], ma
     return out
 
 
-def leaderboard(study: optuna.Study, objectives: tuple[str, ...], top: int = 10) -> Table:
+def leaderboard(study: optuna.Study, objectives: tuple[str, ...], shown: tuple[str, ...] = (), top: int = 10) -> Table:
     """Completed trials, feasible ones first, by validation loss (the Pareto front is starred)."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     front = {t.number for t in study.best_trials} if len(objectives) > 1 else set()
@@ -72,7 +76,7 @@ def leaderboard(study: optuna.Study, objectives: tuple[str, ...], top: int = 10)
     title = "Leaderboard (validation loss" + (", * = Pareto front over " + ", ".join(objectives) if front else "") + ")"
     marks = {t.number: "*" for t in done if t.number in front}
     marks.update({n: "over a cap" for n in infeasible})
-    return table(done[:top], title, objectives, marks)
+    return table(done[:top], title, objectives + shown, marks)
 
 
 class LiveTrials:
@@ -108,8 +112,8 @@ class LiveTrials:
             if t.state.is_finished() and t.number not in self._printed:
                 self._printed.add(t.number)
                 c = describe(t)
-                print(f"trial {c['#']:>3} {c['state']:<8} layers={c['layers']} d_model={c['d_model']} heads/kv={c['heads/kv']} "
-                      f"mlp={c['mlp']} lr={c['lr']} params={c['params']} val_loss={c['val_loss']} step_ms={c['step ms']}"
+                print(f"trial {c['#']:>3} {c['state']:<8} layers={c['L']} d_model={c['d']} heads/kv={c['h/kv']} "
+                      f"mlp={c['mlp']} lr={c['lr']} params={c['params']} val_loss={c['loss']} step_ms={c['ms/step']}"
                       + (f"  ({c['note']})" if c["note"] else ""), flush=True)
 
 

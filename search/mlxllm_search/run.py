@@ -212,7 +212,7 @@ def search(
     (search_dir / META_NAME).write_text(json.dumps(
         {"study_name": name, "storage": storage, "spec": spec.source, "objectives": list(spec.settings.objectives)}, indent=2))
 
-    console = LiveTrials(spec.settings.objectives, show)
+    console = LiveTrials(spec.settings.objectives + tuple(k for k, _ in spec.settings.caps.items()), show)
     finished, running = counts(study)
     if show:
         console.console.print(
@@ -255,7 +255,7 @@ def search(
     best = write_best(study, spec, search_dir)
     front = study.best_trials
     if show:
-        console.console.print(leaderboard(study, spec.settings.objectives))
+        console.console.print(leaderboard(study, spec.settings.objectives, console.objectives))
         if spec.settings.multi:
             console.console.print(f"Pareto front: trials {', '.join(str(t.number) for t in sorted(front, key=lambda t: t.number))}")
         console.console.print(
