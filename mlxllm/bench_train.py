@@ -1,0 +1,427 @@
+"""Training-speed benchmark: mlxllm's compiled step side by side with a plain MLX loop and PyTorch.
+
+Every implementation runs in its own worker process (so PyTorch's OpenMP threads and MLX's OpenBLAS
+threads never share a process, and each one's peak memory is its own). The workers are started and
+warmed up (compiled) first, then measured in interleaved windows: round 1 of every worker, round 2,
+... so a machine that gets busier or quieter half-way affects them all alike. tokens/s is the median
+over the windows. MFU is model FLOPs (ModelConfig.flops_per_token, the figure training reports)
+times tokens/s over the fp32 matmul peak measured in this same run (mlxllm.device.measure_matmul_flops).
+
+    python benchmarks/bench_train.py            # or: mlxllm bench train
+    python benchmarks/bench_train.py --json out.json --steps 5 --windows 5
+    python benchmarks/bench_train.py --memory-check   # peak memory after step 100 and 1,000
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+IMPLS = ("torch-eager", "torch-compile", "mlxllm", "mlx-plain")
+IMPL_NOTES = {
+    "torch-eager": "PyTorch eager (benchmarks/torch_llama.py)",
+    "torch-compile": "PyTorch torch.compile (forward+loss compiled)",
+    "mlxllm": "mlxllm.train.make_step (mx.compile, as training runs it)",
+    "mlx-plain": "plain MLX loop: nn.value_and_grad + clip + optimizer.update + mx.eval, no compile",
+}
+
+# The reference trainers' model (issue 5) and a wider one.
+DEFAULT_CONFIGS: list[dict[str, Any]] = [
+    {"name": "d256", "vocab_size": 65, "n_layers": 4, "d_model": 256, "n_heads": 4, "seq_len": 256, "batch_size": 16},
+    {"name": "d512", "vocab_size": 65, "n_layers": 4, "d_model": 512, "n_heads": 8, "seq_len": 256, "batch_size": 16},
+]
+TINY_CONFIG = {"name": "tiny", "vocab_size": 65, "n_layers": 2, "d_model": 64, "n_heads": 4, "seq_len": 32, "batch_size": 4}
+
+
+def torch_llama_path() -> Path | None:
+    """benchmarks/torch_llama.py next to the package (a source checkout), if there is one."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "torch_llama.py"
+    return path if path.is_file() else None
+
+
+def torch_available() -> str | None:
+    """None when the PyTorch workers can run, else why not."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return "PyTorch is not installed (pip install torch to compare against it)"
+    if torch_llama_path() is None:
+        return "benchmarks/torch_llama.py not found (run from a source checkout)"
+    return None
+
+
+def model_config(cfg: dict[str, Any]):
+    from mlxllm.model import ModelConfig
+
+    return ModelConfig(vocab_size=cfg["vocab_size"], n_layers=cfg["n_layers"], d_model=cfg["d_model"],
+                       n_heads=cfg["n_heads"], max_seq_len=cfg["seq_len"], attention=cfg.get("attention", "auto"))
+
+
+def executed_matmul_flops_per_token(cfg: dict[str, Any]) -> float:
+    """Matmul FLOPs the step really executes per token, counted layer by layer (naive attention computes
+    the full T x T score matrix, so attention counts twice what the causal model estimate does)."""
+    mc = model_config(cfg)
+    d, f, L, T, V = mc.d_model, mc.hidden_dim, mc.n_layers, cfg["seq_len"], mc.vocab_size
+    hd, h, kv = mc.head_dim, mc.n_heads, mc.kv_heads
+    linear = L * (d * h * hd * 2 + d * kv * hd * 2 + 3 * d * f) + V * d  # projections + output projection
+    attention = L * 2 * (2 * T * h * hd)  # QK^T and PV per token, forward
+    return 3 * (2 * linear + attention)  # backward is twice the forward
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: one process per implementation, driven over stdin/stdout with JSON lines.
+
+
+def _rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _mlx_worker(impl: str, cfg: dict[str, Any]):
+    import mlxllm  # noqa: F401 - loads the optimized BLAS before mlx.core
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import numpy as np
+
+    import importlib
+
+    train_mod = importlib.import_module("mlxllm.train")  # the package exports a function named train
+    from mlxllm.model import build_model
+
+    mc = model_config(cfg)
+    tc = train_mod.TrainConfig(batch_size=cfg["batch_size"], seq_len=cfg["seq_len"], compile=impl == "mlxllm")
+    traces = [0]
+    real_loss_fn = train_mod.loss_fn
+
+    def counting_loss_fn(model, batch):
+        traces[0] += 1  # runs on every call uncompiled, only while tracing when compiled
+        return real_loss_fn(model, batch)
+
+    mx.random.seed(0)
+    model = build_model(mc, seed=0)
+    optimizer = train_mod.make_optimizer(tc)
+    optimizer.init(model.trainable_parameters())
+    rng = np.random.default_rng(0)
+    B, T = cfg["batch_size"], cfg["seq_len"]
+
+    if impl == "mlxllm":
+        # The compiled step looks loss_fn up in mlxllm.train when it traces; the counter stays in place.
+        train_mod.loss_fn = counting_loss_fn
+        step_fn = train_mod.make_step(model, optimizer, tc)
+
+        def next_batch():  # the training loop's layout: (grad_accum, B, T + 1)
+            return mx.array(rng.integers(0, mc.vocab_size, (1, B, T + 1), dtype=np.int32))
+
+        def run(n: int, batch):
+            for i in range(n):
+                optimizer.learning_rate = train_mod.lr_at(tc, i, 0.5)
+                loss, _ = step_fn(batch)
+                mx.async_eval(loss, model.parameters(), optimizer.state)
+                batch = next_batch()  # built on the host while the step runs
+            mx.eval(loss)
+            return batch
+    else:
+        grad_fn = nn.value_and_grad(model, counting_loss_fn)
+
+        def next_batch():
+            return mx.array(rng.integers(0, mc.vocab_size, (B, T + 1), dtype=np.int32))
+
+        def run(n: int, batch):
+            for _ in range(n):
+                loss, grads = grad_fn(model, batch)
+                grads, _ = optim.clip_grad_norm(grads, tc.grad_clip)
+                optimizer.update(model, grads)
+                mx.eval(loss, model.parameters(), optimizer.state)
+                batch = next_batch()
+            return batch
+
+    def memory() -> dict[str, float]:
+        return {"peak_mem_mb": mx.get_peak_memory() / 2**20, "active_mem_mb": mx.get_active_memory() / 2**20,
+                "max_rss_mb": _rss_mb()}
+
+    return run, next_batch, traces, memory
+
+
+def _torch_worker(impl: str, cfg: dict[str, Any]):
+    import importlib.util
+
+    import numpy as np
+    import torch
+
+    spec = importlib.util.spec_from_file_location("torch_llama", torch_llama_path())
+    torch_llama = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(torch_llama)
+    mc = model_config(cfg)
+    tcfg = dict(cfg, hidden_dim=mc.hidden_dim)
+    step, _ = torch_llama.make_trainer(tcfg, compile=impl == "torch-compile")
+    rng = np.random.default_rng(0)
+    B, T = cfg["batch_size"], cfg["seq_len"]
+    traces = [0]  # torch.compile's own counter is read below
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover
+        counters = None
+
+    def next_batch():
+        return torch.from_numpy(rng.integers(0, mc.vocab_size, (B, T + 1), dtype=np.int64))
+
+    def run(n: int, batch):
+        for _ in range(n):
+            loss = step(batch)
+            batch = next_batch()
+        loss.item()
+        if counters is not None and impl == "torch-compile":
+            traces[0] = int(sum(counters["stats"].get(k, 0) for k in ("unique_graphs",)))
+        return batch
+
+    def memory() -> dict[str, float]:
+        return {"peak_mem_mb": float("nan"), "active_mem_mb": float("nan"), "max_rss_mb": _rss_mb()}
+
+    return run, next_batch, traces, memory
+
+
+def worker_main(impl: str, cfg: dict[str, Any], warmup: int) -> None:
+    """Build, warm up, then answer 'window N' / 'memory' / 'quit' lines on stdin with JSON on stdout."""
+    out = sys.stdout
+    sys.stdout = sys.stderr  # library chatter must not corrupt the protocol
+    t0 = time.perf_counter()
+    build = _torch_worker if impl.startswith("torch") else _mlx_worker
+    run, next_batch, traces, memory = build(impl, cfg)
+    batch = next_batch()
+    batch = run(1, batch)  # the first step compiles
+    first = time.perf_counter() - t0
+    batch = run(max(0, warmup - 1), batch)
+    out.write(json.dumps({"ready": True, "first_step_s": first, "traces": traces[0], **memory()}) + "\n")
+    out.flush()
+    done = warmup
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "quit":
+            break
+        n = int(cmd[1])
+        t = time.perf_counter()
+        c = time.process_time()
+        batch = run(n, batch)
+        dt = time.perf_counter() - t
+        done += n
+        reply = {"seconds": dt, "steps": n, "tokens_per_s": n * cfg["batch_size"] * cfg["seq_len"] / dt,
+                 "cpu_per_wall": (time.process_time() - c) / dt, "traces": traces[0], "steps_done": done, **memory()}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+class Worker:
+    def __init__(self, impl: str, cfg: dict[str, Any], warmup: int):
+        self.impl = impl
+        cmd = [sys.executable, "-m", "mlxllm.bench_train", "--worker", impl, json.dumps(cfg), str(warmup)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ready: dict[str, Any] | None = None
+
+    def _reply(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.impl} worker exited (code {self.proc.wait()}); see its output above")
+        return json.loads(line)
+
+    def wait_ready(self) -> dict[str, Any]:
+        self.ready = self._reply()
+        return self.ready
+
+    def window(self, steps: int) -> dict[str, Any]:
+        self.proc.stdin.write(f"window {steps}\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def measure_peak(seconds: float = 1.0) -> float:
+    import mlxllm  # noqa: F401
+
+    from mlxllm.device import measure_matmul_flops
+
+    return measure_matmul_flops(seconds=seconds)
+
+
+def run_benchmark(
+    configs: list[dict[str, Any]] | None = None,
+    steps: int = 5,
+    warmup: int = 3,
+    windows: int = 5,
+    json_path: str | Path | None = None,
+    impls: tuple[str, ...] | list[str] = IMPLS,
+    show: bool = True,
+) -> list[dict[str, Any]]:
+    """Benchmark each config with each implementation; one result dict per (config, implementation)."""
+    configs = [dict(c) for c in (configs or DEFAULT_CONFIGS)]
+    skip = torch_available()
+    notes = []
+    if skip and any(i.startswith("torch") for i in impls):
+        notes.append(f"PyTorch skipped: {skip}")
+        impls = [i for i in impls if not i.startswith("torch")]
+    peaks = [measure_peak()]
+    results: list[dict[str, Any]] = []
+    for cfg in configs:
+        mc = model_config(cfg)
+        model_flops = mc.flops_per_token(cfg["seq_len"])
+        exec_flops = executed_matmul_flops_per_token(cfg)
+        workers = []
+        try:
+            for impl in impls:  # one at a time, so compiling does not compete with another compile
+                w = Worker(impl, cfg, warmup)
+                w.wait_ready()
+                workers.append(w)
+            rounds: dict[str, list[dict[str, Any]]] = {w.impl: [] for w in workers}
+            for _ in range(windows):
+                for w in workers:
+                    time.sleep(0.2)  # let the previous worker's BLAS/OpenMP threads go idle
+                    rounds[w.impl].append(w.window(steps))
+        finally:
+            for w in workers:
+                w.close()
+        peaks.append(measure_peak())
+        peak = max(peaks)
+        for w in workers:
+            ws = rounds[w.impl]
+            tps = statistics.median(r["tokens_per_s"] for r in ws)
+            results.append({
+                "config": cfg["name"], "impl": w.impl, "note": IMPL_NOTES[w.impl], "model": {k: v for k, v in cfg.items() if k != "name"},
+                "tokens_per_s": tps, "tokens_per_s_windows": [r["tokens_per_s"] for r in ws],
+                "step_ms": 1000 * cfg["batch_size"] * cfg["seq_len"] / tps,
+                "mfu": tps * model_flops / peak, "exec_mfu": tps * exec_flops / peak,
+                "model_flops_per_token": model_flops, "exec_flops_per_token": exec_flops, "peak_flops": peak,
+                "first_step_s": w.ready["first_step_s"], "traces": ws[-1]["traces"],
+                "recompiles": max(0, ws[-1]["traces"] - 1) if w.impl in ("mlxllm", "torch-compile") else None,
+                "peak_mem_mb": ws[-1]["peak_mem_mb"], "max_rss_mb": ws[-1]["max_rss_mb"],
+                "cpu_per_wall": statistics.median(r["cpu_per_wall"] for r in ws),
+            })
+    if show:
+        print_table(results, notes)
+    if json_path:
+        Path(json_path).write_text(json.dumps({"results": results, "notes": notes, "peak_flops_runs": peaks}, indent=1))
+    return results
+
+
+def memory_check(cfg: dict[str, Any], checkpoints: tuple[int, ...] = (100, 1000), show: bool = True) -> dict[str, Any]:
+    """Peak memory of mlxllm's compiled step after each step count in `checkpoints`, in one run."""
+    w = Worker("mlxllm", cfg, 1)
+    try:
+        w.wait_ready()
+        done, out = 1, {}
+        for n in checkpoints:
+            r = w.window(n - done)
+            done = n
+            out[n] = {"peak_mem_mb": r["peak_mem_mb"], "active_mem_mb": r["active_mem_mb"], "max_rss_mb": r["max_rss_mb"]}
+    finally:
+        w.close()
+    first, last = out[checkpoints[0]], out[checkpoints[-1]]
+    growth = last["peak_mem_mb"] / first["peak_mem_mb"] - 1
+    result = {"config": cfg["name"], "after": out, "peak_growth": growth, "steady": abs(growth) <= 0.05}
+    if show:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"Memory over one run of mlxllm's compiled step ({cfg['name']})")
+        for c in ("after step", "peak MB (MLX)", "active MB", "max RSS MB"):
+            t.add_column(c, justify="right")
+        for n, m in out.items():
+            t.add_row(f"{n:,}", f"{m['peak_mem_mb']:.1f}", f"{m['active_mem_mb']:.1f}", f"{m['max_rss_mb']:.1f}")
+        Console().print(t)
+        Console().print(f"peak growth from step {checkpoints[0]} to {checkpoints[-1]}: {growth:+.2%} "
+                        f"({'steady' if result['steady'] else 'GROWING'})")
+    return result
+
+
+def print_table(results: list[dict[str, Any]], notes: list[str] = ()) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    for cfg_name in dict.fromkeys(r["config"] for r in results):
+        rows = [r for r in results if r["config"] == cfg_name]
+        m = rows[0]["model"]
+        title = (f"{cfg_name}: {m['n_layers']} layers x d_model {m['d_model']}, {m['n_heads']} heads, "
+                 f"context {m['seq_len']}, batch {m['batch_size']}, vocab {m['vocab_size']}, fp32 AdamW")
+        t = Table(title=title)
+        for c in ("implementation", "tokens/s", "vs torch eager", "ms/step", "MFU", "MFU (executed)", "peak MB",
+                  "max RSS MB", "traces", "recompiles", "first step s", "CPU/wall"):
+            t.add_column(c, justify="left" if c == "implementation" else "right")
+        base = next((r["tokens_per_s"] for r in rows if r["impl"] == "torch-eager"), None)
+        for r in rows:
+            t.add_row(
+                r["impl"], f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / base:.2f}x" if base else "-",
+                f"{r['step_ms']:.0f}", f"{r['mfu']:.1%}", f"{r['exec_mfu']:.1%}",
+                "-" if math.isnan(r["peak_mem_mb"]) else f"{r['peak_mem_mb']:.0f}", f"{r['max_rss_mb']:.0f}",
+                str(r["traces"]), "-" if r["recompiles"] is None else str(r["recompiles"]),
+                f"{r['first_step_s']:.1f}", f"{r['cpu_per_wall']:.2f}",
+            )
+        console.print(t)
+        r0 = rows[0]
+        console.print(
+            f"  matmul peak measured in this run: {r0['peak_flops'] / 1e9:.0f} GFLOP/s (fp32 1024^2, best of the run); "
+            f"model FLOPs/token {r0['model_flops_per_token'] / 1e6:.2f}M (ModelConfig.flops_per_token, as training "
+            f"reports MFU), executed matmul FLOPs/token {r0['exec_flops_per_token'] / 1e6:.2f}M; "
+            f"tokens/s is the median of {len(r0['tokens_per_s_windows'])} interleaved windows"
+        )
+    for n in notes:
+        console.print(f"[yellow]{n}[/yellow]")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--config", action="append", choices=[c["name"] for c in DEFAULT_CONFIGS] + ["tiny"],
+                   help="which config(s) to run (default: all defaults)")
+    p.add_argument("--impl", action="append", choices=IMPLS, help="which implementation(s) (default: all)")
+    p.add_argument("--steps", type=int, default=5, help="steps per window")
+    p.add_argument("--warmup", type=int, default=3, help="steps before measuring (the first one compiles)")
+    p.add_argument("--windows", type=int, default=5, help="measured windows per implementation (median reported)")
+    p.add_argument("--attention", choices=("auto", "fast", "reference"), default=None, help="override model.attention")
+    p.add_argument("--json", dest="json_path", help="write the results here")
+    p.add_argument("--memory-check", nargs="?", const="100,1000", metavar="STEPS",
+                   help="instead: peak memory of mlxllm's compiled step after each of these steps (default 100,1000)")
+    a = p.parse_args(argv)
+    if a.worker:
+        worker_main(a.worker[0], json.loads(a.worker[1]), int(a.worker[2]))
+        return
+    by_name = {c["name"]: c for c in [*DEFAULT_CONFIGS, TINY_CONFIG]}
+    configs = [dict(by_name[n]) for n in a.config] if a.config else [dict(c) for c in DEFAULT_CONFIGS]
+    if a.attention:
+        for c in configs:
+            c["attention"] = a.attention
+    if a.memory_check:
+        steps = tuple(int(s) for s in a.memory_check.split(","))
+        res = [memory_check(c, steps) for c in configs]
+        if a.json_path:
+            Path(a.json_path).write_text(json.dumps(res, indent=1))
+        return
+    run_benchmark(configs, steps=a.steps, warmup=a.warmup, windows=a.windows, json_path=a.json_path,
+                  impls=tuple(a.impl) if a.impl else IMPLS)
+
+
+if __name__ == "__main__":
+    main()
