@@ -11,6 +11,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mlxllm.errors import MlxllmError
 
@@ -31,7 +32,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except MlxllmError as e:
-            err.print(f"[bold red]Error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print("[bold red]Error:[/] " + escape(str(e)), highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("Interrupted. Checkpoints already written are kept; continue with --resume.")

@@ -75,3 +75,10 @@ def test_info_names_the_blas():
 def test_generate_needs_a_run(tmp_path: Path):
     r = run("generate", str(tmp_path))
     assert r.exit_code == 1 and "no checkpoint" in r.output
+
+
+def test_error_text_keeps_brackets(tmp_path: Path):
+    path = tmp_path / "typo.toml"
+    path.write_text("[modle]\nn_layers = 2\n")
+    r = run("train", "--config", str(path), "--out", str(tmp_path / "x"))
+    assert r.exit_code == 1 and "[modle]" in r.output and "[model]" in r.output

@@ -181,7 +181,9 @@ def test_killed_worker_leaves_no_running_trial_and_its_config_is_retried(tmp_pat
         if storage.exists():
             study = optuna.load_study(study_name="t", storage=optuna.storages.JournalStorage(
                 optuna.storages.journal.JournalFileBackend(str(storage))))
-            running = next((t for t in study.get_trials(states=(TrialState.RUNNING,)) if "worker" in t.user_attrs), None)
+            # Wait until the trial has drawn its parameters, so the retry has something to compare with.
+            running = next((t for t in study.get_trials(states=(TrialState.RUNNING,))
+                            if "worker" in t.user_attrs and t.params), None)
     assert running is not None, "the search never started a trial"
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 
 from mlxllm.cli import friendly
 from mlxllm.errors import MlxllmError
 
 search_app = typer.Typer(help="Search model architectures with Optuna (resumable, parallel, budget-aware).", no_args_is_help=True)
-
-
-@contextmanager
-def _plain_messages() -> Iterator[None]:
-    """Our messages name TOML tables ([space], mlxllm[search]); `friendly` prints with rich markup, which would eat them."""
-    try:
-        yield
-    except MlxllmError as e:
-        raise MlxllmError(escape(str(e))) from None
 
 
 def _need_optuna() -> None:
@@ -48,12 +36,11 @@ def run_cmd(
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """Run (or resume) an architecture search; writes best.toml into the search directory."""
-    with _plain_messages():
-        _need_optuna()
-        from mlxllm_search.run import search
+    _need_optuna()
+    from mlxllm_search.run import search
 
-        search(spec, out=out, trials=trials, workers=workers, storage=storage, study_name=study_name, seed=seed,
-               seed_configs=seed_config or (), data=data, show=not quiet)
+    search(spec, out=out, trials=trials, workers=workers, storage=storage, study_name=study_name, seed=seed,
+           seed_configs=seed_config or (), data=data, show=not quiet)
 
 
 @search_app.command("report")
@@ -64,11 +51,10 @@ def report_cmd(
     study_name: Annotated[Optional[str], typer.Option(help="Study name, if not the one recorded in the directory.")] = None,
 ) -> None:
     """Write plots (optimization history, Pareto front, parameter importances) as PNGs into the search directory."""
-    with _plain_messages():
-        _need_optuna()
-        from mlxllm_search.report import report
+    _need_optuna()
+    from mlxllm_search.report import report
 
-        written = report(search_dir, storage=storage, study_name=study_name)
+    written = report(search_dir, storage=storage, study_name=study_name)
     for path in written:
         print(f"wrote {path}")
 
