@@ -34,6 +34,16 @@ HINT = (
 loaded: str | None = None  # path of the BLAS we loaded, if any
 late = False  # True when mlx.core was imported before we could load one
 
+# Thread settings applied before the library is loaded (OpenBLAS reads them once, when it is loaded);
+# a value already in the environment wins. OpenBLAS's idle worker threads busy-wait (sched_yield in a
+# loop) for 2**THREAD_TIMEOUT cycles after each call -- 2**28, about 0.1 s, by default. A training step
+# calls sgemm hundreds of times with single-threaded MLX elementwise work between the calls, so the
+# spinning workers take a core from MLX's own stream thread (and from anything else on the machine):
+# measured side by side on 2 cores, 2**4 (sleep at once) made the compiled step 1.2-1.65x faster and its
+# windows far steadier (benchmarks/bench_train.py; see tests/test_speed_setup.py).
+THREAD_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
+applied_env: dict[str, str] = {}  # what setup() put into the environment
+
 
 def _try(path: str) -> bool:
     global loaded
@@ -57,6 +67,9 @@ def setup() -> None:
     choice = os.environ.get("MLXLLM_BLAS", "")
     if choice.lower() == "none":
         return
+    for key, value in THREAD_ENV.items():
+        if key not in os.environ:
+            os.environ[key] = applied_env[key] = value
     if choice:
         _try(choice)
         return

@@ -161,9 +161,7 @@ def _torch_worker(impl: str, cfg: dict[str, Any]):
     spec = importlib.util.spec_from_file_location("torch_llama", torch_llama_path())
     torch_llama = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(torch_llama)
-    mc = model_config(cfg)
-    tcfg = dict(cfg, hidden_dim=mc.hidden_dim)
-    step, _ = torch_llama.make_trainer(tcfg, compile=impl == "torch-compile")
+    step, _ = torch_llama.make_trainer(cfg, compile=impl == "torch-compile")  # cfg carries hidden_dim
     rng = np.random.default_rng(0)
     B, T = cfg["batch_size"], cfg["seq_len"]
     traces = [0]  # torch.compile's own counter is read below
@@ -173,7 +171,7 @@ def _torch_worker(impl: str, cfg: dict[str, Any]):
         counters = None
 
     def next_batch():
-        return torch.from_numpy(rng.integers(0, mc.vocab_size, (B, T + 1), dtype=np.int64))
+        return torch.from_numpy(rng.integers(0, cfg["vocab_size"], (B, T + 1), dtype=np.int64))
 
     def run(n: int, batch):
         for _ in range(n):
@@ -221,10 +219,15 @@ def worker_main(impl: str, cfg: dict[str, Any], warmup: int) -> None:
 
 
 class Worker:
-    def __init__(self, impl: str, cfg: dict[str, Any], warmup: int):
+    def __init__(self, impl: str, cfg: dict[str, Any], warmup: int, env: dict[str, str] | None = None):
         self.impl = impl
-        cmd = [sys.executable, "-m", "mlxllm.bench_train", "--worker", impl, json.dumps(cfg), str(warmup)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        # Load this file by path: `-m mlxllm.bench_train` would import the package, and with it mlx and the
+        # preloaded OpenBLAS, into the PyTorch workers too (two BLAS thread pools in one process).
+        boot = ("import importlib.util as u, sys; s = u.spec_from_file_location('mlxllm_bench_worker', sys.argv[1]); "
+                "m = u.module_from_spec(s); s.loader.exec_module(m); m.main(sys.argv[2:])")
+        cmd = [sys.executable, "-c", boot, str(Path(__file__).resolve()), "--worker", impl, json.dumps(cfg), str(warmup)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
         self.ready: dict[str, Any] | None = None
 
     def _reply(self) -> dict[str, Any]:
@@ -285,6 +288,7 @@ def run_benchmark(
     results: list[dict[str, Any]] = []
     for cfg in configs:
         mc = model_config(cfg)
+        cfg["hidden_dim"] = mc.hidden_dim  # the PyTorch workers never import mlxllm
         model_flops = mc.flops_per_token(cfg["seq_len"])
         exec_flops = executed_matmul_flops_per_token(cfg)
         workers = []
@@ -307,7 +311,7 @@ def run_benchmark(
             ws = rounds[w.impl]
             tps = statistics.median(r["tokens_per_s"] for r in ws)
             results.append({
-                "config": cfg["name"], "impl": w.impl, "note": IMPL_NOTES[w.impl], "model": {k: v for k, v in cfg.items() if k != "name"},
+                "config": cfg["name"], "impl": w.impl, "note": IMPL_NOTES[w.impl], "model": {k: v for k, v in cfg.items() if k not in ("name", "hidden_dim")},
                 "tokens_per_s": tps, "tokens_per_s_windows": [r["tokens_per_s"] for r in ws],
                 "step_ms": 1000 * cfg["batch_size"] * cfg["seq_len"] / tps,
                 "mfu": tps * model_flops / peak, "exec_mfu": tps * exec_flops / peak,
