@@ -20,6 +20,7 @@ from mlxllm import checkpoint as ckpt
 from mlxllm import data as data_mod
 from mlxllm.config import RunConfig, dump_toml
 from mlxllm.device import peak_flops
+from mlxllm.memory import check_fits, describe as describe_memory, estimate_memory, set_wired_limit
 from mlxllm.errors import MlxllmError
 from mlxllm.model import ModelConfig, Transformer, build_model
 from mlxllm.progress import Reporter
@@ -241,6 +242,9 @@ def train(
     data_mod.check_length(data, seq_len)
     tok = data.tokenizer
     run = replace(run, model=replace(run.model, vocab_size=tok.vocab_size))
+    mem = estimate_memory(run.model, cfg.batch_size, seq_len, cfg.dtype, cfg.grad_accum)
+    check_fits(mem, cfg.batch_size, seq_len)  # refuses, with a suggestion, a run the device cannot hold
+    set_wired_limit()  # Apple silicon: keep the working set wired, as mlx-lm does
 
     latest = ckpt.latest_checkpoint(run_dir) if resume else None
     if latest is not None:
@@ -283,7 +287,8 @@ def train(
         reporter.message(
             f"Model: {run.model.n_layers} layers x {run.model.d_model}, {run.model.n_heads} heads "
             f"({run.model.kv_heads} KV), {n_params / 1e6:.2f}M parameters; vocab {tok.vocab_size}; "
-            f"{len(data.train):,} training tokens; {total_steps} steps of {tokens_per_step:,} tokens"
+            f"{len(data.train):,} training tokens; {total_steps} steps of {tokens_per_step:,} tokens; "
+            + describe_memory(mem)
             + (f"; resuming at step {step}" if latest is not None else "")
         )
 

@@ -1,0 +1,120 @@
+"""How much memory a training run needs, checked against the device before training starts.
+
+The estimate counts fp32 master weights, their gradients, AdamW's two moments, a low-precision copy of the
+weights when computing in bfloat16, and the activations the backward pass keeps (per layer and token:
+the block's inputs, normed inputs, q/k/v before and after RoPE, attention scores/probabilities
+(n_heads x seq_len of them), the attention output, and the SwiGLU's gate/up/silu/product), plus the logits.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from mlxllm.errors import MlxllmError
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+HEADROOM = 0.9  # refuse a run whose estimate exceeds this share of the device's memory
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = str(dtype).rsplit(".", 1)[-1]
+    if name not in DTYPE_BYTES:
+        raise MlxllmError(f"Unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_BYTES)}.")
+    return name
+
+
+def estimate_memory(model_cfg: Any, batch_size: int, seq_len: int, dtype: Any = "float32",
+                    grad_accum: int = 1) -> dict[str, float]:
+    """Bytes needed by one training step: weights, grads, optimizer, activations, total (all floats)."""
+    name = _dtype_name(dtype)
+    act_bytes = DTYPE_BYTES[name]
+    n = model_cfg.num_params()
+    d, f, L, H, V = model_cfg.d_model, model_cfg.hidden_dim, model_cfg.n_layers, model_cfg.n_heads, model_cfg.vocab_size
+    kv = model_cfg.kv_heads * model_cfg.head_dim
+    weights = 4 * n + (act_bytes * n if name != "float32" else 0)  # fp32 master + compute copy
+    grads = 4 * n
+    optimizer = 2 * 4 * n  # AdamW: first and second moments in fp32
+    tokens = batch_size * seq_len  # micro-batch: grad_accum micro-batches run one after another
+    per_token_layer = 6 * d + 2 * d + 4 * kv + 4 * f + 3 * H * seq_len  # see the module docstring
+    activations = L * tokens * per_token_layer * act_bytes + tokens * (d * act_bytes + 3 * V * 4)
+    total = weights + grads + optimizer + activations
+    if grad_accum > 1:
+        total += grads  # the running sum of gradients
+    return {"weights": float(weights), "gradients": float(grads), "optimizer": float(optimizer),
+            "activations": float(activations), "total": float(total)}
+
+
+def device_memory() -> tuple[float | None, str]:
+    """(bytes the training may use, where the figure comes from); None when unknown."""
+    import mlx.core as mx
+
+    try:
+        if mx.default_device() == mx.gpu:
+            info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+            for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
+                if info.get(key):
+                    return float(info[key]), f"GPU {key}"
+    except Exception:  # noqa: BLE001 - best effort: no figure means no check
+        pass
+    try:
+        return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "system RAM"
+    except (ValueError, OSError, AttributeError):
+        return None, "unknown"
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"  # pragma: no cover
+
+
+def describe(est: dict[str, float]) -> str:
+    return (f"memory estimate {format_bytes(est['total'])} (weights {format_bytes(est['weights'])}, "
+            f"gradients {format_bytes(est['gradients'])}, optimizer {format_bytes(est['optimizer'])}, "
+            f"activations {format_bytes(est['activations'])})")
+
+
+def check_fits(est: dict[str, float], batch_size: int, seq_len: int, available: float | None = None,
+               where: str | None = None) -> None:
+    """Raise MlxllmError with a suggestion when the estimate exceeds the device's memory."""
+    if available is None:
+        available, where = device_memory()
+    if available is None or est["total"] <= HEADROOM * available:
+        return
+    fixed = est["total"] - est["activations"]
+    suggestion = []
+    if fixed < HEADROOM * available and est["activations"] > 0:
+        room = HEADROOM * available - fixed
+        fit = max(0, int(batch_size * room / est["activations"]))
+        if fit >= 1:
+            suggestion.append(f"train.batch_size={fit} with train.grad_accum={-(-batch_size // fit)} "
+                              "(the same tokens per step)")
+        suggestion.append("a shorter train.seq_len")
+        suggestion.append("train.dtype=bfloat16")
+    else:
+        suggestion.append("a smaller model (fewer layers or a smaller d_model): its weights and optimizer state alone do not fit")
+    raise MlxllmError(
+        f"This run needs about {format_bytes(est['total'])} but the device has {format_bytes(available)} "
+        f"({where}); {describe(est)}. Try " + ", or ".join(suggestion) + "."
+    )
+
+
+def set_wired_limit() -> int | None:
+    """On Apple silicon, wire up to the GPU's recommended working set, as mlx-lm does; returns the limit set."""
+    if sys.platform != "darwin":
+        return None
+    import mlx.core as mx
+
+    try:
+        if not mx.metal.is_available():
+            return None
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        limit = int(info["max_recommended_working_set_size"])
+        mx.set_wired_limit(limit)
+        return limit
+    except Exception:  # noqa: BLE001 - an older MLX or macOS without wired memory: run without it
+        return None
