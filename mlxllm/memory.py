@@ -118,3 +118,24 @@ def set_wired_limit() -> int | None:
         return limit
     except Exception:  # noqa: BLE001 - an older MLX or macOS without wired memory: run without it
         return None
+
+
+def configure_cache() -> int | None:
+    """On the CPU, let MLX keep freed buffers up to its memory limit, as it does on Metal; returns the limit set.
+
+    MLX's CPU allocator caches only 32 MB of freed buffers by default. A training step frees and re-allocates
+    hundreds of MB of activations, so without a larger cache every step returns them to malloc, which unmaps
+    them, and the next step page-faults and zeroes them again (~10% of the step in kernel time on a 4 x 256
+    model, perf). The cache never holds more than the step's own peak. MLXLLM_CPU_CACHE_LIMIT (bytes; 0 leaves
+    MLX's default) overrides.
+    """
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        return None
+    env = os.environ.get("MLXLLM_CPU_CACHE_LIMIT")
+    if env is not None and int(env) == 0:
+        return None
+    limit = int(env) if env else int(mx.get_memory_limit())
+    mx.set_cache_limit(limit)
+    return limit

@@ -13,6 +13,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxllm import cpu_math
 from mlxllm.errors import MlxllmError
 
 ATTENTION_IMPLS = ("auto", "fast", "flash", "tiled", "reference")
@@ -127,8 +128,16 @@ def reference_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, 
     if causal:
         mask = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
         scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
-    out = mx.softmax(scores.astype(mx.float32), axis=-1).astype(v.dtype) @ v
+    out = _softmax(scores.astype(mx.float32)).astype(v.dtype) @ v
     return out.reshape(B, H, L, D)
+
+
+def _softmax(x: mx.array) -> mx.array:
+    return cpu_math.softmax(x) if cpu_math.use_fast_exp() else mx.softmax(x, axis=-1)
+
+
+def _silu(x: mx.array) -> mx.array:
+    return cpu_math.silu(x) if cpu_math.use_fast_exp() else nn.silu(x)  # same function, faster exp on CPU
 
 
 def resolve_attention(impl: str) -> str:
@@ -220,7 +229,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(_silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class RMSNorm(nn.Module):

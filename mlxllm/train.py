@@ -20,7 +20,7 @@ from mlxllm import checkpoint as ckpt
 from mlxllm import data as data_mod
 from mlxllm.config import RunConfig, dump_toml
 from mlxllm.device import peak_flops
-from mlxllm.memory import check_fits, describe as describe_memory, estimate_memory, set_wired_limit
+from mlxllm.memory import check_fits, configure_cache, describe as describe_memory, estimate_memory, set_wired_limit
 from mlxllm.errors import MlxllmError
 from mlxllm.model import ModelConfig, Transformer, build_model
 from mlxllm.progress import Reporter
@@ -245,6 +245,7 @@ def train(
     mem = estimate_memory(run.model, cfg.batch_size, seq_len, cfg.dtype, cfg.grad_accum)
     check_fits(mem, cfg.batch_size, seq_len)  # refuses, with a suggestion, a run the device cannot hold
     set_wired_limit()  # Apple silicon: keep the working set wired, as mlx-lm does
+    configure_cache()  # CPU: reuse freed activation buffers instead of page-faulting them back every step
 
     latest = ckpt.latest_checkpoint(run_dir) if resume else None
     if latest is not None:
