@@ -138,3 +138,38 @@ def test_bench_runs_on_a_tiny_config(tmp_path):
         assert r["peak_mem_mb"] > 0
     assert results[0]["traces"] == 1 and results[0]["recompiles"] == 0
     assert json.loads(out.read_text())["results"][0]["impl"] == "mlxllm"
+
+
+def test_fast_exp_silu_softmax_match_exact():
+    import mlx.nn as nn
+
+    from mlxllm import cpu_math
+
+    x = -mx.linspace(0, 87, 100001)
+    rel = mx.abs(cpu_math.exp_nonpositive(x) - mx.exp(x)) / mx.exp(x)
+    assert rel.max().item() < 5e-5 and rel.mean().item() < 1e-5
+    a = mx.random.normal((2, 16, 64), key=mx.random.key(0)) * 4
+    ct = mx.random.normal(a.shape, key=mx.random.key(1))
+    for fast, exact in ((cpu_math.silu, nn.silu), (cpu_math.softmax, lambda t: mx.softmax(t, axis=-1))):
+        fv, fg = mx.compile(mx.value_and_grad(lambda t: (fast(t) * ct).sum()))(a)
+        ev, eg = mx.value_and_grad(lambda t: (exact(t) * ct).sum())(a)
+        assert abs(fv.item() - ev.item()) < 1e-4 * max(1.0, abs(ev.item()))
+        assert mx.allclose(fg, eg, rtol=1e-4, atol=1e-5).item()
+    masked = mx.where(mx.tri(16, 16, 0, dtype=mx.bool_), a[0, :, :16], -mx.inf)
+    assert mx.allclose(cpu_math.softmax(masked), mx.softmax(masked, axis=-1), atol=1e-6).item()
+
+
+def test_configure_cache_raises_the_cpu_cache_limit(monkeypatch):
+    from mlxllm.memory import configure_cache
+
+    before = mx.set_cache_limit(0)
+    try:
+        mx.set_cache_limit(before)
+        if mx.default_device() != mx.cpu:
+            assert configure_cache() is None
+            return
+        assert configure_cache() == mx.get_memory_limit()
+        monkeypatch.setenv("MLXLLM_CPU_CACHE_LIMIT", "0")
+        assert configure_cache() is None
+    finally:
+        mx.set_cache_limit(before)
