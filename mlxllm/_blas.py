@@ -38,9 +38,10 @@ late = False  # True when mlx.core was imported before we could load one
 # a value already in the environment wins. OpenBLAS's idle worker threads busy-wait (sched_yield in a
 # loop) for 2**THREAD_TIMEOUT cycles after each call -- 2**28, about 0.1 s, by default. A training step
 # calls sgemm hundreds of times with single-threaded MLX elementwise work between the calls, so the
-# spinning workers take a core from MLX's own stream thread (and from anything else on the machine):
-# measured side by side on 2 cores, 2**4 (sleep at once) made the compiled step 1.2-1.65x faster and its
-# windows far steadier (benchmarks/bench_train.py; see tests/test_speed_setup.py).
+# spinning workers take a core from MLX's own stream thread whenever anything else wants one: measured side
+# by side on 2 cores while another job ran, 2**4 (sleep at once) made the compiled step 1.55-1.65x faster
+# and its windows far steadier; on an idle machine the two were within noise (0.93-1.05x). Measured with
+# benchmarks/bench_train.py; tests/test_speed_setup.py checks that idle workers burn no CPU.
 THREAD_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
 applied_env: dict[str, str] = {}  # what setup() put into the environment
 
