@@ -42,7 +42,7 @@ class Reporter:
 
     def message(self, text: str) -> None:
         if self.show:
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, soft_wrap=True)
 
     def log(self, metrics: dict[str, Any]) -> None:
         self.metrics_file.write(json.dumps(metrics) + "\n")
