@@ -152,6 +152,16 @@ def bench_attention_cmd(
     print_table(bench_attention(ls, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, record=record))
 
 
+@bench_app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+                   add_help_option=False)
+@friendly
+def bench_train_cmd(ctx: typer.Context) -> None:
+    """Training speed side by side: mlxllm compiled, plain MLX, PyTorch eager and compiled (--help for options)."""
+    from mlxllm.bench_train import main as bench_main
+
+    bench_main(list(ctx.args))
+
+
 def _load_plugins() -> None:
     """Plugins register commands through the `mlxllm.plugins` entry-point group."""
     for ep in entry_points(group="mlxllm.plugins"):
