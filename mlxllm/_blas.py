@@ -89,3 +89,42 @@ def describe() -> str:
     if late:
         return "MLX's reference BLAS (mlx.core was imported before mlxllm, so none could be loaded)"
     return "MLX's reference BLAS (no optimized BLAS found)"
+
+
+# (setter, getter) pairs of the BLAS libraries we may load; OpenBLAS's setter works at any time.
+_THREAD_API = (
+    ("openblas_set_num_threads", "openblas_get_num_threads"),
+    ("MKL_Set_Num_Threads", "MKL_Get_Max_Threads"),
+    ("bli_thread_set_num_threads", "bli_thread_get_num_threads"),
+)
+
+
+def _thread_api() -> tuple | None:
+    if not loaded:
+        return None
+    lib = ctypes.CDLL(loaded, mode=ctypes.RTLD_GLOBAL)
+    for setter, getter in _THREAD_API:
+        if hasattr(lib, setter) and hasattr(lib, getter):
+            return getattr(lib, setter), getattr(lib, getter)
+    return None
+
+
+def threads() -> int | None:
+    """Threads each BLAS call may use: 1 for MLX's own (single-threaded) BLAS, None if unknown."""
+    if not sys.platform.startswith("linux"):
+        return None
+    if not loaded:
+        return 1
+    api = _thread_api()
+    return int(api[1]()) if api else None
+
+
+def set_threads(n: int) -> bool:
+    """Let each BLAS call use n threads; False when the BLAS in use cannot be told."""
+    if threads() == 1 and not loaded:
+        return n == 1
+    api = _thread_api()
+    if api is None:
+        return False
+    api[0](int(n))
+    return True

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -16,6 +18,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from mlxllm import _blas
 from mlxllm import checkpoint as ckpt
 from mlxllm import data as data_mod
 from mlxllm.config import RunConfig, dump_toml
@@ -54,6 +57,9 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.1
     compile: bool = True
+    # Each micro-batch is split over this many CPU streams, one thread each, gradients averaged.
+    # 0: one per core on the Linux CPU backend (batch_size permitting), else 1.
+    cpu_streams: int = 0
     sample_tokens: int = 200
     sample_prompt: str = ""
 
@@ -65,6 +71,10 @@ class TrainConfig:
                 problems.append(f"{name} must be a positive integer (got {v!r})")
         if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 1):
             problems.append(f"seq_len must be a positive integer (got {self.seq_len!r})")
+        if not isinstance(self.cpu_streams, int) or self.cpu_streams < 0:
+            problems.append(f"cpu_streams must be 0 (auto) or a positive integer (got {self.cpu_streams!r})")
+        elif self.cpu_streams and self.batch_size % self.cpu_streams:
+            problems.append(f"batch_size ({self.batch_size}) must be a multiple of cpu_streams ({self.cpu_streams})")
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
         if not self.learning_rate > 0:
@@ -120,9 +130,59 @@ def loss_fn(model: Transformer, batch: mx.array) -> mx.array:
     return nn.losses.cross_entropy(logits.astype(mx.float32), batch[:, 1:], reduction="mean")
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def stream_count(cfg: TrainConfig) -> int:
+    """How many streams a step is split over (train.cpu_streams, or its auto choice)."""
+    if cfg.cpu_streams:
+        return cfg.cpu_streams
+    # MLX runs each stream's ops in order on one thread, and on the CPU most of a small model's
+    # elementwise work is single-threaded: one stream per core with single-threaded BLAS calls
+    # measured 1.2-1.35x faster (d256 and d512, 2 cores) than one stream with 2-thread BLAS.
+    # Only where we can set the BLAS thread count, else the streams' BLAS threads oversubscribe.
+    if mx.default_device().type != mx.DeviceType.cpu or not sys.platform.startswith("linux") or _blas.threads() is None:
+        return 1
+    cores = usable_cores()
+    return max(n for n in range(1, min(cores, cfg.batch_size) + 1) if cfg.batch_size % n == 0)
+
+
+_streams: list[mx.Stream] = []
+
+
+def data_streams(n: int) -> list[mx.Stream]:
+    """n streams on the default device (made once per process: each CPU stream is a thread).
+
+    With n > 1 on the CPU, BLAS calls are limited to cores // n threads each, so the streams
+    do not oversubscribe the cores; train() restores the previous setting when it ends."""
+    if n == 1:
+        return [mx.default_stream(mx.default_device())]
+    while len(_streams) < n:
+        _streams.append(mx.new_stream(mx.default_device()))
+    if mx.default_device().type == mx.DeviceType.cpu:
+        _blas.set_threads(max(1, usable_cores() // n))
+    return _streams[:n]
+
+
+def split_over(streams: list[mx.Stream], fn: Callable, batch: mx.array) -> Any:
+    """fn on equal slices of the batch, each on its own stream; the results (trees) averaged.
+
+    fn must return means over its slice, so the average is the mean over the whole batch."""
+    if len(streams) == 1 or batch.shape[0] % len(streams):
+        return fn(batch)
+    k = batch.shape[0] // len(streams)
+    outs = []
+    for i, s in enumerate(streams):
+        with mx.stream(s):
+            outs.append(fn(batch[i * k : (i + 1) * k]))
+    return tree_map(lambda *xs: sum(xs[1:], xs[0]) / len(xs), *outs)
+
+
 def make_step(model: Transformer, optimizer: optim.Optimizer, cfg: TrainConfig) -> Callable:
     """One optimizer step over `grad_accum` micro-batches; compiled with model and optimizer state."""
     compute = getattr(mx, cfg.dtype)
+    streams = data_streams(stream_count(cfg))
 
     def cast(params: Any) -> Any:
         return params if compute == mx.float32 else tree_map(lambda p: p.astype(compute), params)
@@ -137,7 +197,7 @@ def make_step(model: Transformer, optimizer: optim.Optimizer, cfg: TrainConfig) 
         params = model.trainable_parameters()
         total, grads = mx.array(0.0), None
         for i in range(cfg.grad_accum):
-            loss, g = grad_fn(params, batches[i])
+            loss, g = split_over(streams, lambda b: grad_fn(params, b), batches[i])
             total = total + loss
             grads = g if grads is None else tree_map(mx.add, grads, g)
         model.update(params)
@@ -157,8 +217,9 @@ def make_step(model: Transformer, optimizer: optim.Optimizer, cfg: TrainConfig) 
 
 def make_eval(model: Transformer, cfg: TrainConfig) -> Callable:
     compute = getattr(mx, cfg.dtype)
+    streams = data_streams(stream_count(cfg))
 
-    def evaluate(batch: mx.array) -> mx.array:
+    def loss_at(batch: mx.array) -> mx.array:
         if compute == mx.float32:
             return loss_fn(model, batch)
         params = model.trainable_parameters()
@@ -166,6 +227,9 @@ def make_eval(model: Transformer, cfg: TrainConfig) -> Callable:
         loss = loss_fn(model, batch)
         model.update(params)
         return loss
+
+    def evaluate(batch: mx.array) -> mx.array:
+        return split_over(streams, loss_at, batch)
 
     return mx.compile(evaluate, inputs=model.state) if cfg.compile else evaluate
 
@@ -277,6 +341,7 @@ def train(
     flops_per_step = run.model.flops_per_token(seq_len) * tokens_per_step
     peak, _ = peak_flops(cfg.dtype)
 
+    blas_threads = _blas.threads()  # make_step may lower it for its streams; restored at the end
     step_fn = make_step(model, optimizer, cfg)
     eval_fn = make_eval(model, cfg)
     val_batches = data_mod.eval_batches(data, cfg.batch_size, seq_len, cfg.eval_batches)
@@ -375,6 +440,8 @@ def train(
                 reporter.log({"step": step, "elapsed": elapsed(), **last_val})
     finally:
         reporter.close()
+        if blas_threads is not None:
+            _blas.set_threads(blas_threads)
 
     result = TrainResult(
         run_dir=run_dir, step=step, tokens=tokens_seen, elapsed=elapsed(), val_loss=last_val.get("val_loss"),

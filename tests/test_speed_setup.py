@@ -72,11 +72,14 @@ def _counting_step(monkeypatch, compile: bool = True, steps: int = 5) -> int:
 
 
 def test_compiled_step_traces_once(monkeypatch):
-    assert _counting_step(monkeypatch, compile=True, steps=5) == 1
+    # One trace calls loss_fn once per stream the batch is split over.
+    per_trace = train_mod.stream_count(train_mod.TrainConfig(batch_size=2))
+    assert _counting_step(monkeypatch, compile=True, steps=5) == per_trace
 
 
 def test_uncompiled_step_counts_every_call(monkeypatch):
-    assert _counting_step(monkeypatch, compile=False, steps=3) == 3  # the counter itself works
+    per_trace = train_mod.stream_count(train_mod.TrainConfig(batch_size=2))
+    assert _counting_step(monkeypatch, compile=False, steps=3) == 3 * per_trace  # the counter itself works
 
 
 def test_memory_estimate_parts_and_scaling():
