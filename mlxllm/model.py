@@ -132,6 +132,21 @@ def reference_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, 
     return out.reshape(B, H, L, D)
 
 
+# Causal training attention from this length up is computed as two query halves.
+SPLIT_MIN_LEN = 128
+
+
+def causal_halves_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float) -> mx.array:
+    """Causal self-attention (L == S) as two query halves: the first half never scores the second
+    half's keys, a quarter of the score matrix (its FLOPs and its softmax passes) never computed.
+    Exact; the train step of the 4 x 256 model at context 256 measured 4-5% faster on 2 CPU cores,
+    while four blocks were 15-25% slower (more, smaller matmuls and slice gradients)."""
+    h = q.shape[2] // 2
+    first = reference_attention(q[:, :, :h], k[:, :, :h], v[:, :, :h], scale=scale, causal=True)
+    second = reference_attention(q[:, :, h:], k, v, scale=scale, causal=True)  # aligned to the end
+    return mx.concatenate([first, second], axis=2)
+
+
 def _softmax(x: mx.array) -> mx.array:
     return cpu_math.softmax(x) if cpu_math.use_fast_exp() else mx.softmax(x, axis=-1)
 
@@ -159,6 +174,8 @@ def attention(
     if impl == "fast":
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
     if impl == "reference" or q.shape[2] != k.shape[2]:
+        if causal and q.shape[2] == k.shape[2] >= SPLIT_MIN_LEN:
+            return causal_halves_attention(q, k, v, scale=scale)
         # Decoding with a KV cache (L != S) is a tiny matmul: the plain path is the right one.
         return reference_attention(q, k, v, scale=scale, causal=causal)
     from mlxllm import kernels

@@ -73,6 +73,29 @@ def test_reference_attention_matches_fast(n_kv, q_len):
         assert mx.allclose(ref, fast, atol=1e-5).item()
 
 
+@pytest.mark.parametrize("n_kv", [1, 2, 4])
+@pytest.mark.parametrize("length", [128, 131])
+def test_causal_halves_match_naive_attention_and_its_gradients(n_kv, length):
+    from mlxllm.model import SPLIT_MIN_LEN, causal_halves_attention
+
+    assert length >= SPLIT_MIN_LEN  # attention(impl="reference") takes the halves path here
+    q = mx.random.normal((2, 4, length, 16), key=mx.random.key(0))
+    k = mx.random.normal((2, n_kv, length, 16), key=mx.random.key(1))
+    v = mx.random.normal((2, n_kv, length, 16), key=mx.random.key(2))
+    cot = mx.random.normal(q.shape, key=mx.random.key(3))
+
+    def loss(fn):
+        return lambda q, k, v: (fn(q, k, v, scale=0.25) * cot).sum()
+
+    naive = lambda q, k, v, scale: reference_attention(q, k, v, scale=scale, causal=True)  # noqa: E731
+    routed = lambda q, k, v, scale: attention(q, k, v, scale=scale, causal=True, impl="reference")  # noqa: E731
+    want = mx.grad(loss(naive), argnums=(0, 1, 2))(q, k, v)
+    for fn in (causal_halves_attention, routed):
+        assert mx.allclose(fn(q, k, v, scale=0.25), naive(q, k, v, 0.25), atol=1e-5).item()
+        for got, ref in zip(mx.grad(loss(fn), argnums=(0, 1, 2))(q, k, v), want):
+            assert mx.allclose(got, ref, atol=1e-4).item()
+
+
 def test_model_forward_same_for_fast_and_reference_attention():
     base = dict(vocab_size=40, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2)
     ref = build_model(ModelConfig(**base, attention="reference"), seed=3)
