@@ -128,6 +128,11 @@ def info() -> None:
     print(f"mlx {mx.__version__}, device {device_name()} ({backend()})")
     print(f"BLAS: {_blas.describe()}")
     print(f"peak fp32 matmul: {peak / 1e9:,.0f} GFLOP/s ({source})")
+    import importlib
+
+    train_mod = importlib.import_module("mlxllm.train")  # the package exports a function named train
+    streams = train_mod.stream_count(train_mod.TrainConfig())
+    print(f"training streams (train.cpu_streams=0, batch_size 16): {streams}")
     if sys.platform.startswith("linux") and not _blas.loaded:
         print(_blas.HINT)
 

@@ -70,6 +70,7 @@ def test_bad_corpus_files(tmp_path: Path):
 def test_info_names_the_blas():
     r = run("info")
     assert r.exit_code == 0 and "BLAS:" in r.output and "GFLOP/s" in r.output
+    assert "training streams" in r.output
 
 
 def test_generate_needs_a_run(tmp_path: Path):
