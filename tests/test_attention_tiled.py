@@ -164,3 +164,26 @@ def test_resolve_auto_default_and_recorded(tmp_path, monkeypatch):
     select._recorded.cache_clear()
     assert kernels.resolve_auto() == "reference"  # an unknown entry is ignored
     select._recorded.cache_clear()
+
+
+def test_bench_attention_rows_and_recorded_choice(tmp_path, monkeypatch):
+    from mlxllm.kernels import select
+    from mlxllm.kernels.bench import bench_attention
+    from mlxllm.kernels.select import resolve_auto
+
+    monkeypatch.setenv("MLXLLM_CACHE_DIR", str(tmp_path))  # the recorded choice stays out of other tests
+    select._recorded.cache_clear()
+    rows = bench_attention((64, 160), batch=1, heads=2, head_dim=32, record=True)
+    impls = {r["impl"] for r in rows}
+    assert {"naive", "reference", "fast", "tiled"} <= impls
+    assert {r["L"] for r in rows} == {64, 160}
+    assert all(r["ms"] > 0 and r["peak_mb"] > 0 for r in rows)
+    recorded = [r["impl"] for r in rows if r.get("recorded")]
+    assert len(set(recorded)) == 1 and recorded[0] != "naive"  # only a real implementation is recorded
+    assert resolve_auto() == recorded[0]
+    # The tiled path never holds the L x L scores: less peak memory than the naive one at the longer length.
+    peak = {r["impl"]: r["peak_mb"] for r in rows if r["L"] == 160}
+    assert peak["tiled"] < peak["naive"]
+    monkeypatch.undo()
+    select._recorded.cache_clear()
+    assert select._recorded(str(select.cache_path()), select.device_key()) is None  # nothing leaked
