@@ -341,9 +341,6 @@ def train(
     flops_per_step = run.model.flops_per_token(seq_len) * tokens_per_step
     peak, _ = peak_flops(cfg.dtype)
 
-    blas_threads = _blas.threads()  # make_step may lower it for its streams; restored at the end
-    step_fn = make_step(model, optimizer, cfg)
-    eval_fn = make_eval(model, cfg)
     val_batches = data_mod.eval_batches(data, cfg.batch_size, seq_len, cfg.eval_batches)
     extra_files = [run_dir / "config.toml", *sorted(run_dir.glob("tokenizer.*"))]
 
@@ -385,7 +382,10 @@ def train(
         ckpt.prune(run_dir, cfg.keep_last)
 
     batch = mx.array(data_mod.train_batch(data, cfg.seed, step, cfg.batch_size, seq_len, cfg.grad_accum))
+    blas_threads = _blas.threads()  # make_step may lower it for its streams; restored at the end
     try:
+        step_fn = make_step(model, optimizer, cfg)
+        eval_fn = make_eval(model, cfg)
         while True:
             if step >= total_steps:
                 break
