@@ -108,7 +108,7 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
     traces = [0]
     real_loss_fn = train_mod.loss_fn
     # A trace calls loss_fn once per stream the step is split over.
-    per_trace = train_mod.stream_count(tc) if impl == "mlxllm" else 1
+    per_trace = train_mod.stream_count(tc, mc) if impl == "mlxllm" else 1
     calls = [0]
 
     def counting_loss_fn(model, batch):

@@ -131,8 +131,11 @@ def info() -> None:
     import importlib
 
     train_mod = importlib.import_module("mlxllm.train")  # the package exports a function named train
-    streams = train_mod.stream_count(train_mod.TrainConfig())
-    print(f"training streams (train.cpu_streams=0, batch_size 16): {streams}")
+    from mlxllm.model import ModelConfig
+
+    big = ModelConfig(vocab_size=65, n_layers=4, d_model=256, n_heads=4, max_seq_len=256)
+    streams = train_mod.stream_count(train_mod.TrainConfig(), big)
+    print(f"training streams (train.cpu_streams=0; a 4 x 256 model, context 256, batch 16): {streams}")
     if sys.platform.startswith("linux") and not _blas.loaded:
         print(_blas.HINT)
 

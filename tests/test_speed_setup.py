@@ -73,12 +73,14 @@ def _counting_step(monkeypatch, compile: bool = True, steps: int = 5) -> int:
 
 def test_compiled_step_traces_once(monkeypatch):
     # One trace calls loss_fn once per stream the batch is split over.
-    per_trace = train_mod.stream_count(train_mod.TrainConfig(batch_size=2))
+    mc = ModelConfig(vocab_size=32, n_layers=2, d_model=32, n_heads=2, max_seq_len=16)
+    per_trace = train_mod.stream_count(train_mod.TrainConfig(batch_size=2, seq_len=16), mc)
     assert _counting_step(monkeypatch, compile=True, steps=5) == per_trace
 
 
 def test_uncompiled_step_counts_every_call(monkeypatch):
-    per_trace = train_mod.stream_count(train_mod.TrainConfig(batch_size=2))
+    mc = ModelConfig(vocab_size=32, n_layers=2, d_model=32, n_heads=2, max_seq_len=16)
+    per_trace = train_mod.stream_count(train_mod.TrainConfig(batch_size=2, seq_len=16), mc)
     assert _counting_step(monkeypatch, compile=False, steps=3) == 3 * per_trace  # the counter itself works
 
 

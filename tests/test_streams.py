@@ -61,6 +61,18 @@ def test_auto_uses_every_core_on_the_linux_cpu():
         assert n > 1  # 16 has a divisor between 2 and any core count
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux") or mx.default_device().type != mx.DeviceType.cpu
+                    or train_mod.usable_cores() < 2, reason="auto splits over streams only on a multi-core Linux CPU")
+def test_auto_keeps_small_models_on_one_stream():
+    from mlxllm import ModelConfig
+
+    tiny = ModelConfig(vocab_size=65, n_layers=2, d_model=32, n_heads=2, max_seq_len=64)
+    big = ModelConfig(vocab_size=65, n_layers=4, d_model=256, n_heads=4, max_seq_len=256)
+    assert train_mod.stream_count(train_mod.TrainConfig(batch_size=8), tiny) == 1  # splitting it measured slower
+    assert train_mod.stream_count(train_mod.TrainConfig(batch_size=16), big) > 1
+    assert train_mod.stream_count(train_mod.TrainConfig(batch_size=8, cpu_streams=2), tiny) == 2  # asked for
+
+
 def test_stream_count_must_divide_the_batch():
     with pytest.raises(MlxllmError, match="multiple of cpu_streams"):
         train_mod.TrainConfig(batch_size=16, cpu_streams=3)
@@ -76,3 +88,14 @@ def test_blas_threads_lowered_for_streams_and_restored(corpus: Path, tmp_path: P
     train(m, t, k, show_progress=False, callback=lambda metrics: seen.append(_blas.threads()))
     assert seen and all(n == max(1, train_mod.usable_cores() // 2) for n in seen)
     assert _blas.threads() == before
+
+
+def test_resume_with_streams_continues_exactly(corpus: Path, tmp_path: Path):
+    m, t, k = tiny_configs(corpus, tmp_path / "straight", max_steps=12, eval_interval=6, warmup_steps=3, cpu_streams=2)
+    train(m, t, k, show_progress=False)
+    t2 = replace(t, out_dir=str(tmp_path / "split"))
+    assert train(m, t2, k, show_progress=False, callback=lambda metrics: metrics["step"] >= 6).step == 6
+    assert train(m, t2, k, show_progress=False, resume=True).step == 12
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-6, rtol=0, err_msg=name)
