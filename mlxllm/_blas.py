@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -99,10 +100,10 @@ _THREAD_API = (
 )
 
 
-def _thread_api() -> tuple | None:
-    if not loaded:
-        return None
-    lib = ctypes.CDLL(loaded, mode=ctypes.RTLD_GLOBAL)
+@functools.lru_cache(maxsize=None)
+def _thread_api(path: str) -> tuple | None:
+    """The (setter, getter) of the library at path, looked up once."""
+    lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     for setter, getter in _THREAD_API:
         if hasattr(lib, setter) and hasattr(lib, getter):
             return getattr(lib, setter), getattr(lib, getter)
@@ -115,15 +116,17 @@ def threads() -> int | None:
         return None
     if not loaded:
         return 1
-    api = _thread_api()
+    api = _thread_api(loaded)
     return int(api[1]()) if api else None
 
 
 def set_threads(n: int) -> bool:
     """Let each BLAS call use n threads; False when the BLAS in use cannot be told."""
-    if threads() == 1 and not loaded:
-        return n == 1
-    api = _thread_api()
+    if not sys.platform.startswith("linux"):
+        return False
+    if not loaded:
+        return n == 1  # MLX's own BLAS is single-threaded
+    api = _thread_api(loaded)
     if api is None:
         return False
     api[0](int(n))
