@@ -24,11 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-IMPLS = ("torch-eager", "torch-compile", "mlxllm", "mlx-plain")
+IMPLS = ("torch-eager", "torch-compile", "mlxllm", "mlxllm-1stream", "mlx-plain")
+COMPILED_MLX = ("mlxllm", "mlxllm-1stream")
 IMPL_NOTES = {
     "torch-eager": "PyTorch eager (benchmarks/torch_llama.py)",
     "torch-compile": "PyTorch torch.compile (forward+loss compiled)",
     "mlxllm": "mlxllm.train.make_step (mx.compile, split over one CPU stream per core, as training runs it)",
+    "mlxllm-1stream": "the same compiled step on one stream (train.cpu_streams=1), the baseline of the split",
     "mlx-plain": "plain MLX loop: nn.value_and_grad + clip + optimizer.update + mx.eval, no compile",
 }
 
@@ -104,11 +106,12 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
     from mlxllm.model import build_model
 
     mc = model_config(cfg)
-    tc = train_mod.TrainConfig(batch_size=cfg["batch_size"], seq_len=cfg["seq_len"], compile=impl == "mlxllm")
+    tc = train_mod.TrainConfig(batch_size=cfg["batch_size"], seq_len=cfg["seq_len"], compile=impl in COMPILED_MLX,
+                               cpu_streams=1 if impl == "mlxllm-1stream" else 0)
     traces = [0]
     real_loss_fn = train_mod.loss_fn
     # A trace calls loss_fn once per stream the step is split over.
-    per_trace = train_mod.stream_count(tc, mc) if impl == "mlxllm" else 1
+    per_trace = train_mod.stream_count(tc, mc) if impl in COMPILED_MLX else 1
     calls = [0]
 
     def counting_loss_fn(model, batch):
@@ -123,7 +126,7 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
     rng = np.random.default_rng(0)
     B, T = cfg["batch_size"], cfg["seq_len"]
 
-    if impl == "mlxllm":
+    if impl in COMPILED_MLX:
         from mlxllm.memory import configure_cache
 
         configure_cache()  # as mlxllm.train.train does
@@ -334,7 +337,7 @@ def run_benchmark(
                 "mfu": tps * model_flops / peak, "exec_mfu": tps * exec_flops / peak,
                 "model_flops_per_token": model_flops, "peak_measured": max(peaks), "exec_flops_per_token": exec_flops, "peak_flops": peak,
                 "first_step_s": w.ready["first_step_s"], "traces": ws[-1]["traces"],
-                "recompiles": max(0, ws[-1]["traces"] - 1) if w.impl in ("mlxllm", "torch-compile") else None,
+                "recompiles": max(0, ws[-1]["traces"] - 1) if w.impl in (*COMPILED_MLX, "torch-compile") else None,
                 "peak_mem_mb": ws[-1]["peak_mem_mb"], "max_rss_mb": ws[-1]["max_rss_mb"],
                 "cpu_per_wall": statistics.median(r["cpu_per_wall"] for r in ws),
             })

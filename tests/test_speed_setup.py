@@ -136,12 +136,13 @@ def test_bench_runs_on_a_tiny_config(tmp_path):
 
     out = tmp_path / "bench.json"
     results = run_benchmark([TINY_CONFIG], steps=2, warmup=1, windows=2, json_path=out,
-                            impls=("mlxllm", "mlx-plain"), show=False)
-    assert [r["impl"] for r in results] == ["mlxllm", "mlx-plain"]
+                            impls=("mlxllm", "mlxllm-1stream", "mlx-plain"), show=False)
+    assert [r["impl"] for r in results] == ["mlxllm", "mlxllm-1stream", "mlx-plain"]
     for r in results:
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and len(r["tokens_per_s_windows"]) == 2
         assert r["peak_mem_mb"] > 0
     assert results[0]["traces"] == 1 and results[0]["recompiles"] == 0
+    assert results[1]["traces"] == 1 and results[1]["recompiles"] == 0
     assert json.loads(out.read_text())["results"][0]["impl"] == "mlxllm"
 
 
