@@ -165,6 +165,37 @@ def test_fast_exp_silu_softmax_match_exact():
     assert mx.allclose(cpu_math.softmax(masked), mx.softmax(masked, axis=-1), atol=1e-6).item()
 
 
+def test_fast_silu_keeps_dtype_and_matches_on_two_streams():
+    """The per-stream constants must not promote bf16 to fp32, and a step split over two streams
+    (each with its own constants) computes what one stream does."""
+    import mlx.nn as nn
+
+    from mlxllm import cpu_math
+
+    a = mx.random.normal((4, 8, 32), key=mx.random.key(2)) * 4
+    half = cpu_math.silu(a.astype(mx.bfloat16))
+    assert half.dtype == mx.bfloat16
+    assert mx.allclose(half.astype(mx.float32), nn.silu(a), rtol=2e-2, atol=2e-2).item()
+    assert cpu_math.exp_nonpositive(-mx.abs(a).astype(mx.float16)).dtype == mx.float16
+
+    streams = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
+
+    def loss(t):
+        return (cpu_math.silu(t) * cpu_math.softmax(t)).sum()
+
+    def split(t):
+        outs = []
+        for i, s in enumerate(streams):
+            with mx.stream(s):
+                outs.append(mx.value_and_grad(loss)(t[2 * i : 2 * i + 2]))
+        return outs[0][0] + outs[1][0], mx.concatenate([outs[0][1], outs[1][1]])
+
+    v1, g1 = mx.value_and_grad(loss)(a)
+    v2, g2 = mx.compile(split)(a)
+    assert abs(v1.item() - v2.item()) < 1e-4 * abs(v1.item())
+    assert mx.allclose(g1, g2, rtol=1e-5, atol=1e-6).item()
+
+
 def test_configure_cache_raises_the_cpu_cache_limit(monkeypatch):
     from mlxllm.memory import configure_cache
 
