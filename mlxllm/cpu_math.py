@@ -12,7 +12,8 @@ Used on the CPU only and only where the argument is <= 0 (softmax after subtract
 Two details keep the compiled kernels vectorised (MLX's CPU compiler runs a fused kernel's plain
 contiguous loop only when every input is contiguous or a 0-d scalar, else a scalar strided loop):
 constants are made on the stream that uses them (`_const`), and the long chains are cut by hand
-(`_cut`). On the 4 x 256 train step over 2 streams (perf, and an A/B of the step built both ways in
+(`_cut`). Both cost a few tiny ops per call, so arrays under `PER_STREAM_MIN_SIZE` elements (decoding
+one token, uncompiled) skip them: there they cost 26% of generation speed. On the 4 x 256 train step over 2 streams (perf, and an A/B of the step built both ways in
 one process): strided kernels 10% -> 5% of the time, 6,050 -> 6,343 tokens/s; constants alone +3%,
 cuts alone +1%. `mlxllm bench train` is the rerunnable figure.
 """
@@ -32,39 +33,43 @@ def use_fast_exp() -> bool:
     return ENABLED and mx.default_device() == mx.cpu
 
 
+PER_STREAM_MIN_SIZE = 1 << 14
 _streams: list[mx.Stream] = []
 
 
-def _const(value: float, dtype: mx.Dtype) -> mx.array:
-    """value as a 0-d array computed on the current stream.
+def _const(value: float, like: mx.array, dtype: mx.Dtype | None = None) -> mx.array | float:
+    """value as a 0-d array (of like's dtype, or dtype) computed on the current stream; for an array
+    like under PER_STREAM_MIN_SIZE elements, value itself.
 
     MLX's compiler merges equal constants, and their broadcasts, across the whole compiled step
     whatever their stream; with the batch split over streams (train.split_over) a kernel on one
     stream then gets the other stream's broadcast as an input it cannot fuse, a strided one. A
     constant derived from its own stream's number is merged only within that stream, and a 0-d
     input keeps the kernel on its contiguous loop."""
+    if like.size < PER_STREAM_MIN_SIZE:
+        return value
     stream = mx.default_stream(mx.default_device())
     index = next((i for i, s in enumerate(_streams) if s == stream), None)
     if index is None:
         _streams.append(stream)
         index = len(_streams) - 1
-    return mx.array(float(index), dtype) * 0 + value
+    return mx.array(float(index), dtype or like.dtype) * 0 + value
 
 
 def _cut(x: mx.array) -> mx.array:
     # A fused kernel ends here. MLX's fusion stops at depth 11 on its own; where that cut falls on
     # a broadcast constant, the next kernel gets it as a strided input. mx.contiguous of a
     # contiguous array is no copy.
-    return mx.contiguous(x)
+    return x if x.size < PER_STREAM_MIN_SIZE else mx.contiguous(x)
 
 
 def exp_nonpositive(x: mx.array) -> mx.array:
     """exp(x) for x <= 0 (below -87 it returns exp(-87) ~ 1.6e-38 instead of 0)."""
     dt = mx.float32  # in fp16/bf16 the seven squarings would multiply the rounding error by 128
-    y = _cut(mx.maximum(x.astype(dt), _const(-87.0, dt)) * _const(1 / 128, dt))
-    p = _const(_TAYLOR[9], dt)
+    y = _cut(mx.maximum(x.astype(dt), _const(-87.0, x, dt)) * _const(1 / 128, x, dt))
+    p = _const(_TAYLOR[9], x, dt)
     for i, c in enumerate(_TAYLOR[8::-1]):
-        p = p * y + _const(c, dt)
+        p = p * y + _const(c, x, dt)
         if i == 3:
             p = _cut(p)
     p = _cut(p)
@@ -79,9 +84,9 @@ def _sigmoid(x: mx.array) -> mx.array:
     # kernels where that one became four, one of them strided: 4.2 ms against 11.9 ms for a
     # (8, 256, 704) gate on one core.
     e = exp_nonpositive(-mx.abs(x))
-    one, half = _const(1.0, x.dtype), _const(0.5, x.dtype)
+    one, half = _const(1.0, x), _const(0.5, x)
     t = (one - e) / (one + e)
-    return _cut(half + half * mx.where(x >= _const(0.0, x.dtype), t, -t))
+    return _cut(half + half * mx.where(x >= _const(0.0, x), t, -t))
 
 
 @mx.custom_function
@@ -92,7 +97,7 @@ def silu(x: mx.array) -> mx.array:
 @silu.vjp
 def _silu_vjp(x, cotangent, output):  # one input and one output: plain arrays, not tuples
     s = _sigmoid(x)
-    one = _const(1.0, x.dtype)
+    one = _const(1.0, x)
     return cotangent * s * (one + x * (one - s))
 
 
