@@ -96,6 +96,24 @@ def test_causal_halves_match_naive_attention_and_its_gradients(n_kv, length):
             assert mx.allclose(got, ref, atol=1e-4).item()
 
 
+def test_causal_halves_in_bfloat16_keep_the_dtype_and_match_float32():
+    from mlxllm.model import causal_halves_attention
+
+    q, k, v = (mx.random.normal((2, 4, 128, 16), key=mx.random.key(i)) for i in range(3))
+    cot = mx.random.normal(q.shape, key=mx.random.key(3))
+
+    def loss(q, k, v):
+        return (causal_halves_attention(q, k, v, scale=0.25).astype(mx.float32) * cot).sum()
+
+    half = [x.astype(mx.bfloat16) for x in (q, k, v)]
+    out = causal_halves_attention(*half, scale=0.25)
+    assert out.dtype == mx.bfloat16
+    assert mx.allclose(out.astype(mx.float32), reference_attention(q, k, v, scale=0.25, causal=True), atol=3e-2).item()
+    for got, want in zip(mx.grad(loss, argnums=(0, 1, 2))(*half), mx.grad(loss, argnums=(0, 1, 2))(q, k, v)):
+        assert got.dtype == mx.bfloat16
+        assert mx.allclose(got.astype(mx.float32), want, atol=5e-2, rtol=5e-2).item()
+
+
 def test_model_forward_same_for_fast_and_reference_attention():
     base = dict(vocab_size=40, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2)
     ref = build_model(ModelConfig(**base, attention="reference"), seed=3)

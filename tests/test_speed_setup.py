@@ -38,6 +38,18 @@ def test_blas_setup_sets_thread_timeout_before_loading():
     assert _python(code, OPENBLAS_THREAD_TIMEOUT="12") == "12 {}"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="set only on Linux, where the step is split over streams")
+def test_import_widens_mlx_graph_walk_unless_the_user_set_it():
+    """mlxllm.train sets MLX_BFS_MAX_WIDTH before MLX's first evaluation (see train.BFS_WIDTH)."""
+    code = ("import importlib, os; t = importlib.import_module('mlxllm.train'); "
+            "print(os.environ['MLX_BFS_MAX_WIDTH'], t.BFS_ENV_APPLIED)")
+    clean = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"}
+    run = lambda **env: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
+                                       env={**clean, **env}, timeout=120).stdout.strip()
+    assert run() == f"{importlib.import_module('mlxllm.train').BFS_WIDTH} True"
+    assert run(MLX_BFS_MAX_WIDTH="33") == "33 False"
+
+
 @linux_openblas
 def test_idle_blas_threads_do_not_spin():
     """OpenBLAS's default leaves its workers busy-waiting ~0.1 s after every call; ours sleep at once."""
