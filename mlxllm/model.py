@@ -283,6 +283,49 @@ class KVCache:
         return self.keys, self.values
 
 
+# ---------------------------------------------------------------------------------------------
+# Rotary embeddings for a whole sequence on the CPU.
+
+
+def _rope_angles(length: int, dims: int, base: float) -> tuple[mx.array, mx.array]:
+    """cos and sin of position * frequency, (length, dims // 2), as mx.fast.rope computes them."""
+    half = dims // 2
+    inv_freq = mx.exp(-mx.arange(0, half, dtype=mx.float32) / half * math.log(base))
+    angles = mx.arange(length, dtype=mx.float32)[:, None] * inv_freq[None]
+    return mx.cos(angles), mx.sin(angles)
+
+
+def _rotate(x5: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Llama's rotate-half rotation of x5 = (..., 2, D/2) halves: (x1 c - x2 s, x2 c + x1 s), as
+    one elementwise kernel that reads the halves swapped through a reversed view (no concatenate)."""
+    return x5 * cos[..., None, :] + x5[..., ::-1, :] * mx.stack([-sin, sin], axis=-2)
+
+
+@functools.lru_cache(maxsize=None)
+def _sequence_rope(base: float) -> Callable:
+    """x: (B, L, H, D), positions 0..L-1 -> rotated, in (B, H, L, D) order.
+
+    The same rotation as mx.fast.rope(x.transpose(0, 2, 1, 3), offset=0), which on the CPU is made of
+    half-width kernels, a concatenate, and a transposed copy for its gradient. Here the rotation and
+    the transpose are one pass forward and one back (the gradient rotates by -angle)."""
+
+    @mx.custom_function
+    def rope(x: mx.array) -> mx.array:
+        B, L, H, D = x.shape
+        cos, sin = (t.astype(x.dtype) for t in _rope_angles(L, D, base))  # (L, D/2)
+        x5 = x.reshape(B, L, H, 2, D // 2).transpose(0, 2, 1, 3, 4)
+        return _rotate(x5, cos, sin).reshape(B, H, L, D)
+
+    @rope.vjp
+    def _rope_vjp(x, cotangent, output):
+        B, L, H, D = x.shape
+        cos, sin = (t.astype(cotangent.dtype)[:, None] for t in _rope_angles(L, D, base))  # (L, 1, D/2)
+        g5 = cotangent.reshape(B, H, L, 2, D // 2).transpose(0, 2, 1, 3, 4)
+        return _rotate(g5, cos, -sin).reshape(B, L, H, D)
+
+    return rope
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -297,13 +340,20 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = 0 if cache is None else cache.offset
         # Llama's rotate-half layout (traditional=False) keeps q_proj/k_proj in checkpoint order.
-        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
-        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
+        if cache is None and mx.default_device() == mx.cpu:
+            rope = _sequence_rope(float(self.rope_theta))
+            q, k = rope(q), rope(k)
+        else:
+            offset = 0 if cache is None else cache.offset
+            q, k = (
+                mx.fast.rope(t.transpose(0, 2, 1, 3), self.head_dim, traditional=False, base=self.rope_theta,
+                             scale=1.0, offset=offset)
+                for t in (q, k)
+            )
         if cache is not None:
             k, v = cache.update(k, v)
         out = attention(q, k, v, scale=self.scale, causal=True, impl=self.impl)

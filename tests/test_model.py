@@ -114,6 +114,23 @@ def test_causal_halves_in_bfloat16_keep_the_dtype_and_match_float32():
         assert mx.allclose(got.astype(mx.float32), want, atol=5e-2, rtol=5e-2).item()
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_sequence_rope_is_mlx_rope_with_its_gradient(dtype):
+    from mlxllm.model import _sequence_rope
+
+    x = mx.random.normal((2, 40, 3, 16), key=mx.random.key(0)).astype(dtype)  # (B, L, H, D)
+    cot = mx.random.normal((2, 3, 40, 16), key=mx.random.key(1)).astype(dtype)
+
+    def mlx_rope(x):
+        return mx.fast.rope(x.transpose(0, 2, 1, 3), 16, traditional=False, base=500.0, scale=1.0, offset=0)
+
+    ours = _sequence_rope(500.0)
+    assert ours(x).dtype == dtype and ours(x).shape == (2, 3, 40, 16)
+    assert mx.allclose(ours(x), mlx_rope(x), atol=1e-6).item()
+    grads = [mx.grad(lambda x: (f(x) * cot).astype(mx.float32).sum())(x) for f in (ours, mlx_rope)]
+    assert grads[0].dtype == dtype and mx.allclose(grads[0], grads[1], atol=1e-6).item()
+
+
 def test_model_forward_same_for_fast_and_reference_attention():
     base = dict(vocab_size=40, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2)
     ref = build_model(ModelConfig(**base, attention="reference"), seed=3)
