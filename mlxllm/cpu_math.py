@@ -111,3 +111,27 @@ def softmax(x: mx.array) -> mx.array:
 @softmax.vjp
 def _softmax_vjp(x, cotangent, output):
     return output * (cotangent - (cotangent * output).sum(axis=-1, keepdims=True))
+
+
+@mx.custom_function
+def _cross_entropy(logits: mx.array, targets: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    m = logits.max(axis=-1, keepdims=True)
+    e = exp_nonpositive(logits - m)
+    total = e.sum(axis=-1, keepdims=True)
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)
+    return (m + mx.log(total) - picked).squeeze(-1), e, total  # e and total feed the gradient
+
+
+@_cross_entropy.vjp
+def _cross_entropy_vjp(primals, cotangents, outputs):
+    logits, targets = primals
+    _, e, total = outputs
+    is_target = mx.arange(logits.shape[-1]) == targets[..., None]
+    return (e / total - is_target) * cotangents[0][..., None], mx.zeros_like(targets)
+
+
+def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """Per-position cross-entropy of integer targets, as nn.losses.cross_entropy(reduction="none"),
+    with the fast exp (relative error <= 3e-5 in the sum of exps) and its gradient written out
+    (softmax minus one-hot, from the forward's exps: no second exp pass)."""
+    return _cross_entropy(logits, targets)[0]

@@ -378,7 +378,33 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
+        if mx.default_device() == mx.cpu and x.size >= cpu_math.PER_STREAM_MIN_SIZE:
+            return _rms_norm(float(self.eps))(x, self.weight)
         return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+@functools.lru_cache(maxsize=None)
+def _rms_norm(eps: float) -> Callable:
+    """mx.fast.rms_norm with its gradient written out; on the CPU MLX derives the gradient from the
+    norm's unfused definition. Training arrays only: the wrapper costs decoding one token more than
+    it saves there."""
+
+    @mx.custom_function
+    def rms_norm(x: mx.array, weight: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, weight, eps)
+
+    @rms_norm.vjp
+    def _rms_norm_vjp(primals, cotangent, output):
+        x, weight = primals
+        f32 = mx.float32  # as the forward kernel computes (a no-op for fp32 training)
+        x32, cot32 = x.astype(f32), cotangent.astype(f32)
+        r = mx.rsqrt(mx.mean(mx.square(x32), axis=-1, keepdims=True) + eps)
+        normed, g = x32 * r, cot32 * weight.astype(f32)
+        dx = r * (g - normed * mx.mean(g * normed, axis=-1, keepdims=True))
+        dw = (cot32 * normed).reshape(-1, x.shape[-1]).sum(axis=0)
+        return dx.astype(x.dtype), dw.astype(weight.dtype)
+
+    return rms_norm
 
 
 class TransformerBlock(nn.Module):

@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
 
 from mlxllm import _blas
 from mlxllm import checkpoint as ckpt
+from mlxllm import cpu_math
 from mlxllm import data as data_mod
 from mlxllm.config import RunConfig, dump_toml
 from mlxllm.device import peak_flops
@@ -128,8 +129,10 @@ def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
 
 
 def loss_fn(model: Transformer, batch: mx.array) -> mx.array:
-    logits = model(batch[:, :-1])
-    return nn.losses.cross_entropy(logits.astype(mx.float32), batch[:, 1:], reduction="mean")
+    logits = model(batch[:, :-1]).astype(mx.float32)
+    if cpu_math.use_fast_exp():
+        return cpu_math.cross_entropy(logits, batch[:, 1:]).mean()
+    return nn.losses.cross_entropy(logits, batch[:, 1:], reduction="mean")
 
 
 def usable_cores() -> int:

@@ -131,6 +131,47 @@ def test_sequence_rope_is_mlx_rope_with_its_gradient(dtype):
     assert grads[0].dtype == dtype and mx.allclose(grads[0], grads[1], atol=1e-6).item()
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_rms_norm_is_mlx_rms_norm_with_its_gradient(dtype):
+    from mlxllm.model import RMSNorm
+
+    norm = RMSNorm(64, 1e-5)
+    norm.weight = mx.random.uniform(0.5, 1.5, (64,), key=mx.random.key(0)).astype(dtype)
+    x = mx.random.normal((4, 128, 64), key=mx.random.key(1)).astype(dtype)  # above the size cut-off
+    cot = mx.random.normal(x.shape, key=mx.random.key(2)).astype(dtype)
+
+    def grads(f, x, w):
+        return mx.grad(lambda x, w: (f(x, w) * cot).astype(mx.float32).sum(), argnums=(0, 1))(x, w)
+
+    def ours(x, w):
+        norm.weight = w
+        return norm(x)
+
+    mlx = lambda x, w: mx.fast.rms_norm(x, w, 1e-5)  # noqa: E731
+    w = norm.weight
+    assert mx.array_equal(ours(x, w), mlx(x, w)).item()
+    # Against MLX's gradient in fp32: exact to fp32 rounding, or to bf16's resolution (2^-8 relative).
+    f32 = [t.astype(mx.float32) for t in (x, w)]
+    for got, want in zip(grads(ours, x, w), grads(mlx, *f32)):
+        assert got.dtype == dtype
+        tol = 1e-5 if dtype == mx.float32 else 1e-2 * mx.abs(want).max().item()
+        assert mx.allclose(got.astype(mx.float32), want, atol=tol, rtol=0).item()
+
+
+def test_fast_cross_entropy_matches_mlx_with_its_gradient():
+    import mlx.nn as nn
+
+    from mlxllm import cpu_math
+
+    logits = mx.random.normal((4, 50, 65), key=mx.random.key(0)) * 8  # some rows far from uniform
+    targets = mx.random.randint(0, 65, (4, 50), key=mx.random.key(1))
+    ours = cpu_math.cross_entropy(logits, targets)
+    want = nn.losses.cross_entropy(logits, targets, reduction="none")
+    assert ours.shape == want.shape and mx.allclose(ours, want, atol=1e-4).item()
+    grad = lambda f: mx.grad(lambda z: f(z, targets).mean())(logits)  # noqa: E731
+    assert mx.allclose(grad(cpu_math.cross_entropy), grad(lambda z, t: nn.losses.cross_entropy(z, t)), atol=1e-6).item()
+
+
 def test_model_forward_same_for_fast_and_reference_attention():
     base = dict(vocab_size=40, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2)
     ref = build_model(ModelConfig(**base, attention="reference"), seed=3)
