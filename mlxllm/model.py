@@ -154,7 +154,9 @@ def causal_halves_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: flo
     q = q.reshape(B, Hkv, H // Hkv, L, D)  # query heads grouped by the K/V head they share
     # v arrives as a transposed view; each matmul would copy it (three times over, forward and back).
     out = _halves(float(scale))(q, k[:, :, None], mx.contiguous(v)[:, :, None])[0]
-    return out.reshape(B, H, L, D)
+    # Written in (B, L, H, D) order, which the output projection reads: the caller's transpose back
+    # is then a view, not a copy (+0.8%), and the gradient arrives in the same order.
+    return out.reshape(B, L, H, D).transpose(0, 2, 1, 3)
 
 
 def _exp(x: mx.array) -> mx.array:
@@ -179,7 +181,8 @@ def _sum_groups(x: mx.array) -> mx.array:
 @functools.lru_cache(maxsize=None)
 def _halves(scale: float) -> Callable:
     """The two-halves attention with its gradient, for one scale. q: (B, Hkv, G, L, D);
-    k, v: (B, Hkv, 1, L, D). Returns (out, e1, l1, e2, l2); the last four only feed the gradient."""
+    k, v: (B, Hkv, 1, L, D). Returns (out in (B, L, Hkv, G, D) order, e1, l1, e2, l2); the last four
+    only feed the gradient."""
 
     @mx.custom_function
     def halves(q: mx.array, k: mx.array, v: mx.array) -> tuple[mx.array, ...]:
@@ -188,7 +191,8 @@ def _halves(scale: float) -> Callable:
         e2, l2 = _scores_exp(q[:, :, :, h:], k, h, scale)
         o1 = (e1.astype(v.dtype) @ v[:, :, :, :h]) / l1
         o2 = (e2.astype(v.dtype) @ v) / l2
-        return mx.concatenate([o1, o2], axis=3).astype(q.dtype), e1, l1, e2, l2
+        o = mx.concatenate([o1.transpose(0, 3, 1, 2, 4), o2.transpose(0, 3, 1, 2, 4)], axis=1)
+        return o.astype(q.dtype), e1, l1, e2, l2
 
     @halves.vjp
     def _halves_vjp(primals, cotangents, outputs):
@@ -198,6 +202,7 @@ def _halves(scale: float) -> Callable:
         do, dt = cotangents[0], q.dtype
         # Row sums of dP * P, as the rows of dO * O (D wide, not the score matrix's L wide).
         d = (do.astype(mx.float32) * o.astype(mx.float32)).sum(axis=-1, keepdims=True)
+        do, d = do.transpose(0, 2, 3, 1, 4), d.transpose(0, 2, 3, 1, 4)  # to (B, Hkv, G, L, .)
 
         def score_grad(e, l, do_half, d_half, v_keys):
             dp = do_half @ v_keys.swapaxes(-1, -2)
