@@ -145,7 +145,10 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
                 loss, _ = step_fn(batch)
                 mx.async_eval(loss, model.parameters(), optimizer.state)
                 batch = next_batch()  # built on the host while the step runs
-            mx.eval(loss)
+            # The whole last step, not just its loss: the loss is ready after the forward, and the
+            # backward and update left running would fall outside this window, into the next
+            # worker's (another process, on the same cores).
+            mx.eval(loss, model.parameters(), optimizer.state)
             return batch
     else:
         grad_fn = nn.value_and_grad(model, counting_loss_fn)

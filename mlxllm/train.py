@@ -502,6 +502,9 @@ def train(
 
             at_eval = step % cfg.eval_interval == 0 or step >= total_steps
             if step % cfg.log_interval == 0 or at_eval:
+                # Wait for the whole last step (a loss is ready after its forward) so that the window's
+                # time holds all of its steps' work.
+                mx.eval(model.parameters(), optimizer.state)
                 train_loss = mx.mean(mx.stack(window_losses)).item()
                 now = time.perf_counter()
                 tps = window_tokens / (now - window_start)
