@@ -333,7 +333,10 @@ def make_eval(model: Transformer, cfg: TrainConfig) -> Callable:
 
 
 def evaluate(eval_fn: Callable, batches: list[np.ndarray], bytes_per_token: float) -> dict[str, float]:
-    losses = [eval_fn(mx.array(b)) for b in batches]
+    losses = []
+    for b in batches:  # one batch after another: as one graph, MLX would run them side by side
+        losses.append(eval_fn(mx.array(b)))
+        mx.async_eval(losses[-1])
     loss = mx.mean(mx.stack(losses)).item()
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": loss / math.log(2) / bytes_per_token}
 
