@@ -13,9 +13,10 @@ Two details keep the compiled kernels vectorised (MLX's CPU compiler runs a fuse
 contiguous loop only when every input is contiguous or a 0-d scalar, else a scalar strided loop):
 constants are made on the stream that uses them (`_const`), and the long chains are cut by hand
 (`_cut`). Both cost a few tiny ops per call, so arrays under `PER_STREAM_MIN_SIZE` elements (decoding
-one token, uncompiled) skip them: there they cost 26% of generation speed. On the 4 x 256 train step over 2 streams (perf, and an A/B of the step built both ways in
-one process): strided kernels 10% -> 5% of the time, 6,050 -> 6,343 tokens/s; constants alone +3%,
-cuts alone +1%. `mlxllm bench train` is the rerunnable figure.
+one token, uncompiled) skip them: there they cost 26% of generation speed. On the 4 x 256 train step
+over 2 streams (perf, and an A/B of the step built both ways in one process): strided kernels 10% -> 5%
+of the time, 6,050 -> 6,343 tokens/s; constants alone +3%, cuts alone +1%. `mlxllm bench train` is the
+rerunnable figure.
 """
 
 from __future__ import annotations

@@ -213,21 +213,24 @@ def split_over(streams: list[mx.Stream], fn: Callable, batch: mx.array) -> Any:
     return spread(streams, lambda *xs: sum(xs[1:], xs[0]) / len(xs), *outs)
 
 
-def spread(streams: list[mx.Stream], fn: Callable, *trees: Any) -> Any:
-    """tree_map(fn, *trees) with leaf i computed on streams[i % len(streams)].
-
-    The gradient average, clipping and optimizer update touch every parameter once: on one stream
-    (one thread) they leave the other cores idle at the end of each step. Trees with the same
-    structure map the same leaf to the same stream (see spread_updates)."""
-    if len(streams) == 1:
-        return tree_map(fn, *trees)
+def _round_robin(streams: list[mx.Stream], fn: Callable) -> Callable:
+    """fn, each call made on the next of the streams in turn."""
     count = itertools.count()
 
     def on_stream(*xs: Any) -> Any:
         with mx.stream(streams[next(count) % len(streams)]):
             return fn(*xs)
 
-    return tree_map(on_stream, *trees)
+    return on_stream
+
+
+def spread(streams: list[mx.Stream], fn: Callable, *trees: Any) -> Any:
+    """tree_map(fn, *trees) with leaf i computed on streams[i % len(streams)].
+
+    The gradient average, clipping and optimizer update touch every parameter once: on one stream
+    (one thread) they leave the other cores idle at the end of each step. Trees with the same
+    structure map the same leaf to the same stream (see spread_updates)."""
+    return tree_map(fn if len(streams) == 1 else _round_robin(streams, fn), *trees)
 
 
 @contextlib.contextmanager
@@ -238,14 +241,7 @@ def spread_updates(optimizer: optim.Optimizer, streams: list[mx.Stream]) -> Iter
     if len(streams) == 1:
         yield
         return
-    single = optimizer.apply_single
-    count = itertools.count()
-
-    def on_stream(gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
-        with mx.stream(streams[next(count) % len(streams)]):
-            return single(gradient, parameter, state)
-
-    optimizer.apply_single = on_stream  # an instance attribute, shadowing the method
+    optimizer.apply_single = _round_robin(streams, optimizer.apply_single)  # shadows the method
     try:
         yield
     finally:
