@@ -2,12 +2,12 @@
 
     python benchmarks/bench_train.py [--json results.json] [--config d256] [--memory-check]
 
-The work is done by mlxllm.bench_train (so `mlxllm bench train` runs the same thing); the PyTorch
-model is benchmarks/torch_llama.py and runs only where torch is installed.
+The same as `mlxllm bench train`: the work is done by mlxllm.bench.train, and the PyTorch model
+(mlxllm/bench/torch_reference.py) runs wherever torch is installed.
 """
 
 import mlxllm  # noqa: F401 - loads the optimized BLAS before mlx.core
-from mlxllm.bench_train import main, run_benchmark  # noqa: F401
+from mlxllm.bench.train import main
 
 if __name__ == "__main__":
     main()

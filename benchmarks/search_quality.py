@@ -25,10 +25,9 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from mlxllm.model import ModelConfig
-from mlxllm.train import TrainConfig
+from mlxllm.config import ModelConfig, TrainConfig
 from mlxllm_search import search
-from mlxllm_search.space import parse_spec
+from mlxllm_search.spec import parse_spec
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 

@@ -1,4 +1,5 @@
-"""Checkpoints: one directory per step, written under a temporary name and renamed into place.
+"""A run directory on disk: its checkpoints, one directory per step, written under a temporary name
+and renamed into place, and the checks that guard it (overwriting, resuming with other settings).
 
 step_00000100/
   model.safetensors      weights (fp32 master copy)
@@ -15,10 +16,12 @@ import json
 import os
 import shutil
 from pathlib import Path
+from dataclasses import fields
 from typing import Any
 
 import mlx.core as mx
 
+from mlxllm.config import RunConfig, load_config
 from mlxllm.errors import MlxllmError
 
 PREFIX = "step_"
@@ -97,3 +100,42 @@ def prune(run_dir: Path, keep_last: int) -> None:
     for p in cks[: max(0, len(cks) - keep_last)]:
         if p != best:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Make run_dir; an earlier run in it is replaced only with overwrite, continued only with resume."""
+    holds_run = run_dir.exists() and any((run_dir / n).exists() for n in ("config.toml", "checkpoints", "metrics.jsonl"))
+    if holds_run and overwrite:
+        shutil.rmtree(run_dir)
+    elif holds_run and not resume:
+        raise MlxllmError(
+            f"{run_dir} already holds a training run. Pass --resume to continue it, --overwrite to replace it, "
+            "or choose another directory with --out."
+        )
+    elif run_dir.exists() and not run_dir.is_dir():
+        raise MlxllmError(f"{run_dir} is a file, not a directory. Choose another --out.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def check_resume(ckpt: Path, run: RunConfig, data_key: str) -> None:
+    """Refuse to resume the checkpoint with another corpus, tokenizer or model shape than it was trained with."""
+    run_dir = ckpt.parent.parent
+    saved = load_config(ckpt / "config.toml")
+    # The token cache key covers the corpus content and the tokenizer settings.
+    if saved.tokenizer != run.tokenizer or read_state(ckpt).get("data") != data_key:
+        raise MlxllmError(
+            f"Cannot resume {run_dir}: its tokenizer or corpus differs from this one "
+            f"(checkpoint: {saved.tokenizer}, data={saved.train.data!r}; now: {run.tokenizer}, data={run.train.data!r}). "
+            "Resume with the same --data (unchanged) and tokenizer settings, or start a new run with --out or --overwrite."
+        )
+    if saved.model != run.model:
+        diff = [
+            f"{f.name}: checkpoint {getattr(saved.model, f.name)!r}, now {getattr(run.model, f.name)!r}"
+            for f in fields(saved.model)
+            if getattr(saved.model, f.name) != getattr(run.model, f.name)
+        ]
+        raise MlxllmError(
+            f"Cannot resume {run_dir}: the model shape does not match the checkpoint ({'; '.join(diff)}). "
+            "Resume with the run's own config (it is saved as config.toml in the run directory), "
+            "or start a new run with --out or --overwrite."
+        )

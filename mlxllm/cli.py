@@ -58,7 +58,7 @@ def train(
     """Train a tokenizer and a model on text, evaluate, checkpoint and print a sample."""
     from mlxllm.config import load_config
     from mlxllm.generate import generate, load
-    from mlxllm.train import train as run_training
+    from mlxllm.trainer import train as run_training
 
     overrides = list(set_ or [])
     for key, value in (("train.data", data), ("train.out_dir", out), ("train.max_steps", steps),
@@ -104,8 +104,9 @@ def tokenizer_train(
     vocab_size: Annotated[int, typer.Option(help="Number of BPE pieces.")] = 2048,
 ) -> None:
     """Train a tokenizer on its own and save it."""
+    from mlxllm.config import TokenizerConfig
     from mlxllm.data import read_blocks, resolve_corpus
-    from mlxllm.tokenizer import TokenizerConfig, train_tokenizer
+    from mlxllm.tokenizer import train_tokenizer
 
     files = resolve_corpus(data)
     lines = (line for f in files for block in read_blocks(f) for line in block.split("\n"))
@@ -121,23 +122,20 @@ def info() -> None:
     """Show the MLX device, the BLAS in use and the measured matmul peak."""
     import mlx.core as mx
 
-    from mlxllm import _blas
+    from mlxllm.config import ModelConfig, TrainConfig
+    from mlxllm.cpu import blas
+    from mlxllm.cpu.streams import stream_count
     from mlxllm.device import backend, device_name, peak_flops
 
     peak, source = peak_flops()
     print(f"mlx {mx.__version__}, device {device_name()} ({backend()})")
-    print(f"BLAS: {_blas.describe()}")
+    print(f"BLAS: {blas.describe()}")
     print(f"peak fp32 matmul: {peak / 1e9:,.0f} GFLOP/s ({source})")
-    import importlib
-
-    train_mod = importlib.import_module("mlxllm.train")  # the package exports a function named train
-    from mlxllm.model import ModelConfig
-
     big = ModelConfig(vocab_size=65, n_layers=4, d_model=256, n_heads=4, max_seq_len=256)
-    streams = train_mod.stream_count(train_mod.TrainConfig(), big)
+    streams = stream_count(TrainConfig(), big)
     print(f"training streams (train.cpu_streams=0; a 4 x 256 model, context 256, batch 16): {streams}")
-    if sys.platform.startswith("linux") and not _blas.loaded:
-        print(_blas.HINT)
+    if sys.platform.startswith("linux") and not blas.loaded:
+        print(blas.HINT)
 
 
 @bench_app.command("attention")
@@ -151,7 +149,7 @@ def bench_attention_cmd(
     record: Annotated[bool, typer.Option(help="Save the fastest implementation as this device's 'auto' choice.")] = False,
 ) -> None:
     """Time and peak memory of attention forward+backward, per implementation, side by side."""
-    from mlxllm.kernels.bench import bench_attention, print_table
+    from mlxllm.bench.attention import bench_attention, print_table
 
     try:
         ls = tuple(int(x) for x in lengths.split(","))
@@ -165,7 +163,7 @@ def bench_attention_cmd(
 @friendly
 def bench_train_cmd(ctx: typer.Context) -> None:
     """Training speed side by side: mlxllm compiled, plain MLX, PyTorch eager and compiled (--help for options)."""
-    from mlxllm.bench_train import main as bench_main
+    from mlxllm.bench.train import main as bench_main
 
     bench_main(list(ctx.args))
 

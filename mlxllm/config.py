@@ -1,11 +1,16 @@
-"""Run configs: TOML files with [model], [tokenizer] and [train] tables, overridable key by key."""
+"""Every config of a run, and its TOML form: [model], [tokenizer] and [train] tables, overridable key by key.
+
+Each config is a frozen dataclass that checks itself when made, so a bad value is refused before
+anything is trained or written.
+"""
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -13,38 +18,195 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from mlxllm.errors import MlxllmError
-from mlxllm.model import ModelConfig
-from mlxllm.tokenizer import TokenizerConfig
 
 SECTIONS = ("model", "tokenizer", "train")
+ATTENTION_IMPLS = ("auto", "fast", "flash", "tiled", "reference")
+TOKENIZER_KINDS = ("bpe", "byte")
+DTYPES = ("float32", "bfloat16")
 
 
-def _train_cls() -> type:
-    from mlxllm.train import TrainConfig  # train imports this module
+def _refuse(what: str, problems: list[str]) -> None:
+    if problems:
+        raise MlxllmError(f"Invalid {what} config: " + "; ".join(problems) + ".")
 
-    return TrainConfig
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 0  # 0: taken from the tokenizer when training starts
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (plain multi-head attention)
+    ffn_dim: int | None = None  # None: derived from mlp_ratio, rounded up to a multiple of 32
+    mlp_ratio: float = 8 / 3
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{name} must be a positive integer (got {getattr(self, name)!r})"
+            for name in ("n_layers", "d_model", "n_heads", "max_seq_len")
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1
+        ]
+        if not isinstance(self.vocab_size, int) or self.vocab_size < 0:
+            problems.append(f"vocab_size must be a non-negative integer (got {self.vocab_size!r})")
+        _refuse("model", problems)  # the checks below divide by these
+        if self.d_model % self.n_heads:
+            problems.append(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}); "
+                f"try d_model = {self.n_heads * max(1, round(self.d_model / self.n_heads / 2) * 2)}"
+            )
+        elif self.head_dim % 2:
+            problems.append(
+                f"head_dim = d_model / n_heads = {self.head_dim} must be even for rotary embeddings; "
+                "change d_model or n_heads"
+            )
+        if self.kv_heads < 1 or self.n_heads % self.kv_heads:
+            problems.append(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads}); "
+                "use a divisor of n_heads such as 1 or n_heads itself"
+            )
+        if self.ffn_dim is not None and self.ffn_dim < 1:
+            problems.append(f"ffn_dim must be positive (got {self.ffn_dim})")
+        if self.mlp_ratio <= 0:
+            problems.append(f"mlp_ratio must be positive (got {self.mlp_ratio})")
+        if self.attention not in ATTENTION_IMPLS:
+            problems.append(f"attention must be one of {', '.join(ATTENTION_IMPLS)} (got {self.attention!r})")
+        _refuse("model", problems)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        return 32 * math.ceil(self.mlp_ratio * self.d_model / 32)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        d, h, kv, f = self.d_model, self.head_dim, self.kv_heads, self.hidden_dim
+        per_layer = d * self.n_heads * h * 2 + d * kv * h * 2 + 3 * d * f + 2 * d
+        n = self.n_layers * per_layer + d
+        if embeddings:
+            n += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        elif not self.tie_embeddings:
+            n += self.vocab_size * d  # the output projection is real compute
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM paper's estimate."""
+        n = self.num_params(embeddings=False)
+        if self.tie_embeddings:
+            n += self.vocab_size * self.d_model  # the tied output projection is still a matmul
+        return 6 * n + 6 * self.n_layers * self.d_model * seq_len  # causal: half of 12*L*d*T
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    kind: str = "bpe"
+    vocab_size: int = 2048  # an upper bound for BPE: a small corpus may give fewer pieces
+
+    def __post_init__(self) -> None:
+        if self.kind not in TOKENIZER_KINDS:
+            raise MlxllmError(f"tokenizer.kind must be one of {', '.join(TOKENIZER_KINDS)} (got {self.kind!r}).")
+        if self.kind == "bpe" and not 260 <= self.vocab_size <= 65536 * 16:
+            raise MlxllmError(
+                f"tokenizer.vocab_size must be between 260 and 1048576 for BPE (got {self.vocab_size}); "
+                "it needs room for the 256 byte-fallback pieces."
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str | None = None  # a file, a folder or a glob; None: the built-in corpus
+    out_dir: str = "runs/default"
+    batch_size: int = 16
+    seq_len: int | None = None  # None: the model's max_seq_len
+    grad_accum: int = 1
+    learning_rate: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "float32"
+    max_steps: int = 100  # the quick start: a couple of minutes on 2 CPU cores
+    max_tokens: int | None = None
+    max_seconds: float | None = None
+    eval_interval: int = 50  # evaluate, then checkpoint, every N steps
+    eval_batches: int = 10
+    log_interval: int = 10
+    keep_last: int = 2
+    seed: int = 0
+    val_fraction: float = 0.1
+    compile: bool = True
+    # Each micro-batch is split over this many CPU streams, one thread each, gradients averaged.
+    # 0: one per core on the Linux CPU backend (batch_size and model size permitting), else 1.
+    cpu_streams: int = 0
+    sample_tokens: int = 200
+    sample_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval", "keep_last")
+        problems = [
+            f"{name} must be a positive integer (got {getattr(self, name)!r})"
+            for name in positive
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1
+        ]
+        if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 1):
+            problems.append(f"seq_len must be a positive integer (got {self.seq_len!r})")
+        if not isinstance(self.cpu_streams, int) or self.cpu_streams < 0:
+            problems.append(f"cpu_streams must be 0 (auto) or a positive integer (got {self.cpu_streams!r})")
+        elif self.cpu_streams and self.batch_size % self.cpu_streams:
+            problems.append(f"batch_size ({self.batch_size}) must be a multiple of cpu_streams ({self.cpu_streams})")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if not self.learning_rate > 0:
+            problems.append(f"learning_rate must be positive (got {self.learning_rate})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"min_lr_ratio must be between 0 and 1 (got {self.min_lr_ratio})")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            problems.append(f"max_tokens must be positive (got {self.max_tokens})")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            problems.append(f"max_seconds must be positive (got {self.max_seconds})")
+        _refuse("training", problems)
+
+
+Config = TypeVar("Config")
+_CLASSES: dict[str, type] = {"model": ModelConfig, "tokenizer": TokenizerConfig, "train": TrainConfig}
+
+
+def from_dict(cls: type[Config], d: dict[str, Any]) -> Config:
+    """A config from a TOML table; unknown keys are refused with the valid ones."""
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        table = next((s for s, c in _CLASSES.items() if c is cls), cls.__name__)
+        raise MlxllmError(f"Unknown {table} config key(s) {', '.join(unknown)}. Valid keys: {', '.join(sorted(names))}.")
+    return cls(**d)
 
 
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
     tokenizer: TokenizerConfig
-    train: Any  # TrainConfig
+    train: TrainConfig
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         unknown = sorted(set(d) - set(SECTIONS))
         if unknown:
             raise MlxllmError(f"Unknown config table(s) [{'], ['.join(unknown)}]. Valid tables: [model], [tokenizer], [train].")
-        try:
-            tok = TokenizerConfig(**d.get("tokenizer", {}))
-        except TypeError:
-            valid = ", ".join(f.name for f in fields(TokenizerConfig))
-            bad = ", ".join(sorted(set(d["tokenizer"]) - {f.name for f in fields(TokenizerConfig)}))
-            raise MlxllmError(f"Unknown tokenizer config key(s) {bad}. Valid keys: {valid}.") from None
-        return cls(
-            model=ModelConfig.from_dict(d.get("model", {})), tokenizer=tok, train=_train_cls().from_dict(d.get("train", {}))
-        )
+        return cls(**{s: from_dict(_CLASSES[s], d.get(s, {})) for s in SECTIONS})
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: asdict(getattr(self, name)) for name in SECTIONS}
@@ -57,10 +219,31 @@ def _parse_value(text: str) -> Any:
         return text  # a bare string such as a path
 
 
+def _section_of(key: str, owners: dict[str, list[str]]) -> tuple[str, str]:
+    """(section, name) of an override's key, `section.key` or a `key` that one section has."""
+    section, _, name = key.rpartition(".")
+    if not section:
+        sections = owners.get(name, [])
+        if len(sections) != 1:
+            where = "; ".join(f"{s}: {', '.join(sorted(k for k, o in owners.items() if s in o))}" for s in SECTIONS)
+            raise MlxllmError(
+                f"Unknown config key {name!r}" if not sections else f"Ambiguous config key {name!r}"
+                + f". Use section.key; valid keys are {where}."
+            )
+        section = sections[0]
+    if section not in SECTIONS or section not in owners.get(name, []):
+        valid = ", ".join(sorted(k for k, o in owners.items() if section in o)) if section in SECTIONS else ""
+        raise MlxllmError(
+            f"Unknown config key {key!r}. "
+            + (f"Valid [{section}] keys: {valid}." if valid else "Tables are model, tokenizer and train.")
+        )
+    return section, name
+
+
 def apply_overrides(d: dict[str, dict[str, Any]], overrides: list[str]) -> dict[str, dict[str, Any]]:
     """Apply `section.key=value` (or `key=value` when the key is unique) overrides."""
     owners: dict[str, list[str]] = {}
-    for section, cls in (("model", ModelConfig), ("tokenizer", TokenizerConfig), ("train", _train_cls())):
+    for section, cls in _CLASSES.items():
         for f in fields(cls):
             owners.setdefault(f.name, []).append(section)
     out = {s: dict(v) for s, v in d.items()}
@@ -70,38 +253,27 @@ def apply_overrides(d: dict[str, dict[str, Any]], overrides: list[str]) -> dict[
         key, sep, value = item.partition("=")
         if not sep:
             raise MlxllmError(f"Override {item!r} is not of the form key=value (for example train.learning_rate=3e-4).")
-        key = key.strip()
-        section, _, name = key.rpartition(".")
-        if not section:
-            sections = owners.get(name, [])
-            if len(sections) != 1:
-                where = "; ".join(f"{s}: {', '.join(sorted(k for k, o in owners.items() if s in o))}" for s in SECTIONS)
-                raise MlxllmError(
-                    f"Unknown config key {name!r}" if not sections else f"Ambiguous config key {name!r}"
-                    + f". Use section.key; valid keys are {where}."
-                )
-            section = sections[0]
-        if section not in SECTIONS or section not in owners.get(name, []):
-            valid = ", ".join(sorted(k for k, o in owners.items() if section in o)) if section in SECTIONS else ""
-            raise MlxllmError(
-                f"Unknown config key {key!r}. "
-                + (f"Valid [{section}] keys: {valid}." if valid else "Tables are model, tokenizer and train.")
-            )
+        section, name = _section_of(key.strip(), owners)
         out[section][name] = None if value.strip().lower() == "none" else _parse_value(value.strip())
     return out
+
+
+def read_toml(path: str | Path, what: str, examples: str) -> dict[str, Any]:
+    """A TOML file's tables; a missing or broken file is an MlxllmError that names `examples`."""
+    path = Path(path)
+    if not path.is_file():
+        raise MlxllmError(f"{what} {path} does not exist. {examples}")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise MlxllmError(f"{what} {path} is not valid TOML: {e}. Fix the file and try again.") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a TOML config (or start from defaults) and apply overrides."""
     d: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise MlxllmError(f"Config file {path} does not exist. The configs/ folder has examples (tiny.toml, shakespeare.toml, small.toml).")
-        try:
-            d = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise MlxllmError(f"Config file {path} is not valid TOML: {e}. Fix the file and try again.") from None
+        d = read_toml(path, "Config file", "The configs/ folder has examples (tiny.toml, shakespeare.toml, small.toml).")
     return RunConfig.from_dict(apply_overrides(d, overrides or []))
 
 

@@ -20,17 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
+from mlxllm.config import TokenizerConfig
+from mlxllm.device import cache_dir
 from mlxllm.errors import MlxllmError
-from mlxllm.tokenizer import Tokenizer, TokenizerConfig, load_tokenizer, train_tokenizer
+from mlxllm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1
 BLOCK_BYTES = 1 << 20
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".markdown")
 DEFAULT_CORPUS_BYTES = 2_500_000
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MLXLLM_CACHE_DIR") or Path.home() / ".cache" / "mlxllm")
 
 
 def default_corpus() -> list[Path]:
@@ -144,7 +142,7 @@ def prepare(
     directory = cache_dir() / "data" / key
     if not (directory / "meta.json").exists():
         _build(files, tok_cfg, val_fraction, directory, quiet)
-    return _open(directory)
+    return open_prepared(directory)
 
 
 def _build(files: list[Path], tok_cfg: TokenizerConfig, val_fraction: float, directory: Path, quiet: bool) -> None:
@@ -191,7 +189,8 @@ def list_lookahead(it: Iterator[str]) -> Iterator[tuple[str, bool]]:
         prev = cur
 
 
-def _open(directory: Path) -> TokenData:
+def open_prepared(directory: Path) -> TokenData:
+    """The token data `prepare` built in directory, memory-mapped again (nothing is re-read or hashed)."""
     meta = json.loads((directory / "meta.json").read_text())
 
     def mmap(name: str, n: int) -> np.ndarray:

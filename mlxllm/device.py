@@ -1,16 +1,20 @@
-"""What this device can do: its name and its peak matmul FLOP/s, for model FLOPs utilisation."""
+"""This machine: which device MLX runs on, its name and facts, its cores, its peak matmul FLOP/s
+(for model FLOPs utilisation), and mlxllm's cache directory."""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import platform
 import subprocess
 import time
+from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 
-from mlxllm import _blas
-from mlxllm.data import cache_dir
+from mlxllm.cpu import blas
 
 # Apple GPU peak FP32 TFLOP/s by chip (Apple's figures for the largest GPU of each chip; bf16/fp16 run
 # at the same rate on these GPUs). Looked up by the chip name the system reports.
@@ -25,7 +29,17 @@ CUDA_TFLOPS = {"H200": (67.0, 989.0), "H100": (67.0, 989.0), "A100": (19.5, 312.
                "RTX 4090": (82.6, 165.2), "A10": (31.2, 125.0)}
 
 
+def cache_dir() -> Path:
+    """Where mlxllm keeps token files and measurements (MLXLLM_CACHE_DIR, else ~/.cache/mlxllm)."""
+    return Path(os.environ.get("MLXLLM_CACHE_DIR") or Path.home() / ".cache" / "mlxllm")
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def backend() -> str:
+    """'cpu', 'metal' or 'cuda': where MLX runs by default."""
     if mx.default_device() == mx.cpu:
         return "cpu"
     if mx.metal.is_available():
@@ -33,15 +47,25 @@ def backend() -> str:
     return "cuda"
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu_info() -> dict[str, Any]:
+    try:
+        return dict(mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info())
+    except Exception:  # noqa: BLE001 - an older MLX or a missing field: callers treat every key as optional
+        return {}
+
+
+def info() -> dict[str, Any]:
+    """MLX's facts about the default GPU (name, memory sizes); empty on the CPU."""
+    return {} if backend() == "cpu" else _gpu_info()
+
+
 def device_name() -> str:
+    """e.g. 'cpu:x86_64:AMD EPYC' or 'metal:Apple M2 Max'."""
     kind = backend()
     if kind == "cpu":
         return f"cpu:{platform.machine()}:{platform.processor() or _cpu_model()}"
-    try:
-        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
-        return f"{kind}:{info.get('device_name', 'gpu')}"
-    except Exception:  # noqa: BLE001 - older MLX: the name is only cosmetic
-        return f"{kind}:gpu"
+    return f"{kind}:{info().get('device_name', 'gpu')}"
 
 
 def _cpu_model() -> str:
@@ -68,8 +92,8 @@ def measure_matmul_flops(n: int = 1024, dtype: mx.Dtype = mx.float32, seconds: f
     mx.eval(a, b)
     for _ in range(3):
         mx.eval(a @ b)
-    # The best of short bursts, not the mean: on a shared machine a mean measures what other processes left
-    # over (88 GFLOP/s instead of 190 here while another job ran), which inflates every MFU figure after it.
+    # The best of short bursts, not the mean: on a shared machine a mean measures what other processes
+    # left over, which would inflate every MFU figure computed from it.
     best, reps, start = 0.0, 0, time.perf_counter()
     while time.perf_counter() - start < seconds or reps < 5:
         t = time.perf_counter()
@@ -95,7 +119,7 @@ def peak_flops(dtype: str = "float32") -> tuple[float, str]:
             if key in name:
                 return (fp32 if dtype == "float32" else half) * 1e12, f"NVIDIA {key} spec"
     path = cache_dir() / "peak_flops.json"
-    key = f"{device_name()}|{_blas.describe()}|{dtype}"
+    key = f"{device_name()}|{blas.describe()}|{dtype}"
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):

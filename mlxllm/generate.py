@@ -59,7 +59,6 @@ def generate_ids(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
-    use_cache: bool = True,
 ) -> list[int]:
     """Continue `prompt` by `max_tokens` tokens."""
     window = model.config.max_seq_len
@@ -72,9 +71,7 @@ def generate_ids(
         if len(ids) - start > window:
             # Past the context window: restart from its most recent half.
             start, cache = len(ids) - window // 2, None
-        if not use_cache:
-            logits = model(mx.array([ids[start:]]))[:, -1]
-        elif cache is None:
+        if cache is None:
             cache = model.make_cache()
             logits = model(mx.array([ids[start:]]), cache)[:, -1]
         else:

@@ -12,6 +12,10 @@ import os
 import sys
 from typing import Any
 
+import mlx.core as mx
+
+from mlxllm import device
+from mlxllm.config import ModelConfig
 from mlxllm.errors import MlxllmError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -25,7 +29,7 @@ def _dtype_name(dtype: Any) -> str:
     return name
 
 
-def estimate_memory(model_cfg: Any, batch_size: int, seq_len: int, dtype: Any = "float32",
+def estimate_memory(model_cfg: ModelConfig, batch_size: int, seq_len: int, dtype: Any = "float32",
                     grad_accum: int = 1) -> dict[str, float]:
     """Bytes needed by one training step: weights, grads, optimizer, activations, total (all floats)."""
     name = _dtype_name(dtype)
@@ -48,16 +52,10 @@ def estimate_memory(model_cfg: Any, batch_size: int, seq_len: int, dtype: Any = 
 
 def device_memory() -> tuple[float | None, str]:
     """(bytes the training may use, where the figure comes from); None when unknown."""
-    import mlx.core as mx
-
-    try:
-        if mx.default_device() == mx.gpu:
-            info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
-            for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
-                if info.get(key):
-                    return float(info[key]), f"GPU {key}"
-    except Exception:  # noqa: BLE001 - best effort: no figure means no check
-        pass
+    info = device.info()
+    for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
+        if info.get(key):
+            return float(info[key]), f"GPU {key}"
     try:
         return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "system RAM"
     except (ValueError, OSError, AttributeError):
@@ -78,11 +76,9 @@ def describe(est: dict[str, float]) -> str:
             f"activations {format_bytes(est['activations'])})")
 
 
-def check_fits(est: dict[str, float], batch_size: int, seq_len: int, available: float | None = None,
-               where: str | None = None) -> None:
+def check_fits(est: dict[str, float], batch_size: int, seq_len: int) -> None:
     """Raise MlxllmError with a suggestion when the estimate exceeds the device's memory."""
-    if available is None:
-        available, where = device_memory()
+    available, where = device_memory()
     if available is None or est["total"] <= HEADROOM * available:
         return
     fixed = est["total"] - est["activations"]
@@ -105,19 +101,16 @@ def check_fits(est: dict[str, float], batch_size: int, seq_len: int, available: 
 
 def set_wired_limit() -> int | None:
     """On Apple silicon, wire up to the GPU's recommended working set, as mlx-lm does; returns the limit set."""
-    if sys.platform != "darwin":
+    if sys.platform != "darwin" or device.backend() != "metal":
         return None
-    import mlx.core as mx
-
+    limit = device.info().get("max_recommended_working_set_size")
+    if not limit:
+        return None
     try:
-        if not mx.metal.is_available():
-            return None
-        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
-        limit = int(info["max_recommended_working_set_size"])
-        mx.set_wired_limit(limit)
-        return limit
-    except Exception:  # noqa: BLE001 - an older MLX or macOS without wired memory: run without it
+        mx.set_wired_limit(int(limit))
+    except (AttributeError, RuntimeError):  # an older MLX or macOS without wired memory: run without it
         return None
+    return int(limit)
 
 
 def configure_cache() -> int | None:
@@ -125,12 +118,9 @@ def configure_cache() -> int | None:
 
     MLX's CPU allocator caches only 32 MB of freed buffers by default. A training step frees and re-allocates
     hundreds of MB of activations, so without a larger cache every step returns them to malloc, which unmaps
-    them, and the next step page-faults and zeroes them again (~10% of the step in kernel time on a 4 x 256
-    model, perf). The cache never holds more than the step's own peak. MLXLLM_CPU_CACHE_LIMIT (bytes; 0 leaves
+    them, and the next step page-faults and zeroes them again, in kernel time. The cache never holds more than the step's own peak. MLXLLM_CPU_CACHE_LIMIT (bytes; 0 leaves
     MLX's default) overrides.
     """
-    import mlx.core as mx
-
     if mx.default_device() != mx.cpu:
         return None
     env = os.environ.get("MLXLLM_CPU_CACHE_LIMIT")

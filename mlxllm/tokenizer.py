@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import sentencepiece as spm
 
+from mlxllm.config import TokenizerConfig
+from mlxllm.device import usable_cores
 from mlxllm.errors import MlxllmError
-
-KINDS = ("bpe", "byte")
-
-
-@dataclass(frozen=True)
-class TokenizerConfig:
-    kind: str = "bpe"
-    vocab_size: int = 2048  # an upper bound for BPE: a small corpus may give fewer pieces
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise MlxllmError(f"tokenizer.kind must be one of {', '.join(KINDS)} (got {self.kind!r}).")
-        if self.kind == "bpe" and not 260 <= self.vocab_size <= 65536 * 16:
-            raise MlxllmError(
-                f"tokenizer.vocab_size must be between 260 and 1048576 for BPE (got {self.vocab_size}); "
-                "it needs room for the 256 byte-fallback pieces."
-            )
 
 
 class Tokenizer(Protocol):
@@ -77,8 +62,6 @@ def train_tokenizer(lines: Iterator[str], cfg: TokenizerConfig) -> Tokenizer:
     """Train on an iterator of lines (sampled by sentencepiece, so a huge corpus is fine)."""
     if cfg.kind == "byte":
         return ByteTokenizer()
-    import io
-
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -102,7 +85,7 @@ def train_tokenizer(lines: Iterator[str], cfg: TokenizerConfig) -> Tokenizer:
             pad_id=-1,
             input_sentence_size=2_000_000,
             shuffle_input_sentence=True,
-            num_threads=2,
+            num_threads=usable_cores(),
             minloglevel=2,
         )
     except RuntimeError as e:

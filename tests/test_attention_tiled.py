@@ -9,9 +9,10 @@ import mlx.nn as nn
 import pytest
 
 from mlxllm import kernels
+from mlxllm.device import device_name
 from mlxllm.kernels import select
 from mlxllm.kernels.tiled import tiled_attention, tiled_function
-from mlxllm.model import attention, reference_attention
+from mlxllm.attention import attention, reference_attention
 
 TOL = 1e-5
 
@@ -158,9 +159,9 @@ def test_resolve_auto_default_and_recorded(tmp_path, monkeypatch):
     assert kernels.resolve_auto() == "reference"  # CPU default
     path = kernels.record_choice("tiled")
     assert path == tmp_path / "attention.json"
-    assert json.loads(path.read_text()) == {select.device_key(): "tiled"}
+    assert json.loads(path.read_text()) == {device_name(): "tiled"}
     assert kernels.resolve_auto() == "tiled"
-    path.write_text(json.dumps({select.device_key(): "bogus"}))
+    path.write_text(json.dumps({device_name(): "bogus"}))
     select._recorded.cache_clear()
     assert kernels.resolve_auto() == "reference"  # an unknown entry is ignored
     select._recorded.cache_clear()
@@ -168,7 +169,7 @@ def test_resolve_auto_default_and_recorded(tmp_path, monkeypatch):
 
 def test_bench_attention_rows_and_recorded_choice(tmp_path, monkeypatch):
     from mlxllm.kernels import select
-    from mlxllm.kernels.bench import bench_attention
+    from mlxllm.bench.attention import bench_attention
     from mlxllm.kernels.select import resolve_auto
 
     monkeypatch.setenv("MLXLLM_CACHE_DIR", str(tmp_path))  # the recorded choice stays out of other tests
@@ -186,4 +187,4 @@ def test_bench_attention_rows_and_recorded_choice(tmp_path, monkeypatch):
     assert peak["tiled"] < peak["naive"]
     monkeypatch.undo()
     select._recorded.cache_clear()
-    assert select._recorded(str(select.cache_path()), select.device_key()) is None  # nothing leaked
+    assert select._recorded(str(select.cache_path()), device_name()) is None  # nothing leaked

@@ -5,7 +5,7 @@ import pytest
 
 from mlxllm import MlxllmError
 from mlxllm import data as data_mod
-from mlxllm.tokenizer import TokenizerConfig
+from mlxllm.config import TokenizerConfig
 
 BYTE = TokenizerConfig(kind="byte")
 

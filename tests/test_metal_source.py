@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from mlxllm.kernels.fused import launch_grid
-from mlxllm.model import reference_attention
+from mlxllm.attention import reference_attention
 
 HERE = Path(__file__).parent
 ROWS = 2  # SIMD groups per threadgroup in the test: 64 fibers per group keeps the CPU run short

@@ -6,7 +6,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlxllm import MlxllmError, ModelConfig
-from mlxllm.model import attention, build_model, reference_attention
+from mlxllm.attention import attention, reference_attention
+from mlxllm.model import build_model
 
 
 def test_parameter_names_follow_llama_layout():
@@ -76,7 +77,7 @@ def test_reference_attention_matches_fast(n_kv, q_len):
 @pytest.mark.parametrize("n_kv", [1, 2, 4])
 @pytest.mark.parametrize("length", [128, 131])
 def test_causal_halves_match_naive_attention_and_its_gradients(n_kv, length):
-    from mlxllm.model import SPLIT_MIN_LEN, causal_halves_attention
+    from mlxllm.cpu.halves import SPLIT_MIN_LEN, causal_halves_attention
 
     assert length >= SPLIT_MIN_LEN  # attention(impl="reference") takes the halves path here
     q = mx.random.normal((2, 4, length, 16), key=mx.random.key(0))
@@ -97,7 +98,7 @@ def test_causal_halves_match_naive_attention_and_its_gradients(n_kv, length):
 
 
 def test_causal_halves_in_bfloat16_keep_the_dtype_and_match_float32():
-    from mlxllm.model import causal_halves_attention
+    from mlxllm.cpu.halves import causal_halves_attention
 
     q, k, v = (mx.random.normal((2, 4, 128, 16), key=mx.random.key(i)) for i in range(3))
     cot = mx.random.normal(q.shape, key=mx.random.key(3))
@@ -116,7 +117,7 @@ def test_causal_halves_in_bfloat16_keep_the_dtype_and_match_float32():
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_sequence_rope_is_mlx_rope_with_its_gradient(dtype):
-    from mlxllm.model import _sequence_rope, prepare_rope_table
+    from mlxllm.cpu.layers import prepare_rope_table, sequence_rope
 
     x = mx.random.normal((2, 40, 3, 16), key=mx.random.key(0)).astype(dtype)  # (B, L, H, D)
     cot = mx.random.normal((2, 3, 40, 16), key=mx.random.key(1)).astype(dtype)
@@ -124,7 +125,7 @@ def test_sequence_rope_is_mlx_rope_with_its_gradient(dtype):
     def mlx_rope(x):
         return mx.fast.rope(x.transpose(0, 2, 1, 3), 16, traditional=False, base=500.0, scale=1.0, offset=0)
 
-    ours = _sequence_rope(500.0)
+    ours = sequence_rope(500.0)
     for table in (False, True):  # angles computed in the graph, then from a longer prepared table
         if table:
             prepare_rope_table(64, 16, 500.0)
@@ -164,15 +165,15 @@ def test_rms_norm_is_mlx_rms_norm_with_its_gradient(dtype):
 def test_fast_cross_entropy_matches_mlx_with_its_gradient():
     import mlx.nn as nn
 
-    from mlxllm import cpu_math
+    from mlxllm.cpu import fastexp
 
     logits = mx.random.normal((4, 50, 65), key=mx.random.key(0)) * 8  # some rows far from uniform
     targets = mx.random.randint(0, 65, (4, 50), key=mx.random.key(1))
-    ours = cpu_math.cross_entropy(logits, targets)
+    ours = fastexp.cross_entropy(logits, targets)
     want = nn.losses.cross_entropy(logits, targets, reduction="none")
     assert ours.shape == want.shape and mx.allclose(ours, want, atol=1e-4).item()
     grad = lambda f: mx.grad(lambda z: f(z, targets).mean())(logits)  # noqa: E731
-    assert mx.allclose(grad(cpu_math.cross_entropy), grad(lambda z, t: nn.losses.cross_entropy(z, t)), atol=1e-6).item()
+    assert mx.allclose(grad(fastexp.cross_entropy), grad(lambda z, t: nn.losses.cross_entropy(z, t)), atol=1e-6).item()
 
 
 def test_model_forward_same_for_fast_and_reference_attention():

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxllm import _blas
+from mlxllm.cpu import blas as _blas
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -25,7 +25,7 @@ from typer.testing import CliRunner  # noqa: E402
 import mlxllm.cli  # noqa: E402
 from mlxllm import MlxllmError, load_config  # noqa: E402
 from mlxllm_search import search  # noqa: E402
-from mlxllm_search.space import load_spec  # noqa: E402
+from mlxllm_search.spec import load_spec  # noqa: E402
 from mlxllm_search.storage import LOST, counts  # noqa: E402
 
 WORDS = ["the cat", "a dog", "my friend", "sees", "likes", "follows", "the red ball", "an old book", "the river"]

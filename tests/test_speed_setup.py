@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -12,11 +11,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxllm import _blas
+from mlxllm import step as step_mod
+from mlxllm.config import ModelConfig, TrainConfig
+from mlxllm.cpu import blas as _blas
+from mlxllm.cpu import fastexp
+from mlxllm.cpu.streams import BFS_WIDTH, stream_count
 from mlxllm.errors import MlxllmError
-from mlxllm.model import ModelConfig, build_model
-
-train_mod = importlib.import_module("mlxllm.train")  # mlxllm exports a function named train
+from mlxllm.model import build_model
 linux_openblas = pytest.mark.skipif(
     not (sys.platform.startswith("linux") and _blas.loaded and "openblas" in _blas.loaded),
     reason="needs OpenBLAS preloaded on Linux",
@@ -32,22 +33,21 @@ def _python(code: str, **env: str) -> str:
 
 @linux_openblas
 def test_blas_setup_sets_thread_timeout_before_loading():
-    code = "import os, mlxllm; from mlxllm import _blas; print(os.environ['OPENBLAS_THREAD_TIMEOUT'], _blas.applied_env)"
-    assert _python(code) == "4 {'OPENBLAS_THREAD_TIMEOUT': '4'}"
+    code = "import os, mlxllm; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    assert _python(code) == "4"
     # The user's own setting wins and is left alone.
-    assert _python(code, OPENBLAS_THREAD_TIMEOUT="12") == "12 {}"
+    assert _python(code, OPENBLAS_THREAD_TIMEOUT="12") == "12"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="set only on Linux, where the step is split over streams")
 def test_import_widens_mlx_graph_walk_unless_the_user_set_it():
-    """mlxllm.train sets MLX_BFS_MAX_WIDTH before MLX's first evaluation (see train.BFS_WIDTH)."""
-    code = ("import importlib, os; t = importlib.import_module('mlxllm.train'); "
-            "print(os.environ['MLX_BFS_MAX_WIDTH'], t.BFS_ENV_APPLIED)")
+    """Importing mlxllm sets MLX_BFS_MAX_WIDTH before MLX's first evaluation (see cpu.streams.BFS_WIDTH)."""
+    code = "import os, mlxllm; print(os.environ['MLX_BFS_MAX_WIDTH'])"
     clean = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"}
     run = lambda **env: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
                                        env={**clean, **env}, timeout=120).stdout.strip()
-    assert run() == f"{importlib.import_module('mlxllm.train').BFS_WIDTH} True"
-    assert run(MLX_BFS_MAX_WIDTH="33") == "33 False"
+    assert run() == BFS_WIDTH
+    assert run(MLX_BFS_MAX_WIDTH="33") == "33"
 
 
 @linux_openblas
@@ -66,17 +66,17 @@ def test_idle_blas_threads_do_not_spin():
 
 def _counting_step(monkeypatch, compile: bool = True, steps: int = 5) -> int:
     traces = []
-    real = train_mod.loss_fn
-    monkeypatch.setattr(train_mod, "loss_fn", lambda model, batch: traces.append(1) or real(model, batch))
+    real = step_mod.loss_fn
+    monkeypatch.setattr(step_mod, "loss_fn", lambda model, batch: traces.append(1) or real(model, batch))
     mc = ModelConfig(vocab_size=32, n_layers=2, d_model=32, n_heads=2, max_seq_len=16)
-    tc = train_mod.TrainConfig(batch_size=2, seq_len=16, warmup_steps=2, compile=compile)
+    tc = TrainConfig(batch_size=2, seq_len=16, warmup_steps=2, compile=compile)
     model = build_model(mc)
-    opt = train_mod.make_optimizer(tc)
+    opt = step_mod.make_optimizer(tc)
     opt.init(model.trainable_parameters())
-    step = train_mod.make_step(model, opt, tc)
+    step = step_mod.make_step(model, opt, tc)
     rng = np.random.default_rng(0)
     for i in range(steps):
-        opt.learning_rate = train_mod.lr_at(tc, i, i / steps)  # changes every step, as in training
+        opt.learning_rate = step_mod.lr_at(tc, i, i / steps)  # changes every step, as in training
         loss, _ = step(mx.array(rng.integers(0, 32, (1, 2, 17), dtype=np.int32)))
         mx.async_eval(loss, model.parameters(), opt.state)
     mx.eval(loss)
@@ -86,13 +86,13 @@ def _counting_step(monkeypatch, compile: bool = True, steps: int = 5) -> int:
 def test_compiled_step_traces_once(monkeypatch):
     # One trace calls loss_fn once per stream the batch is split over.
     mc = ModelConfig(vocab_size=32, n_layers=2, d_model=32, n_heads=2, max_seq_len=16)
-    per_trace = train_mod.stream_count(train_mod.TrainConfig(batch_size=2, seq_len=16), mc)
+    per_trace = stream_count(TrainConfig(batch_size=2, seq_len=16), mc)
     assert _counting_step(monkeypatch, compile=True, steps=5) == per_trace
 
 
 def test_uncompiled_step_counts_every_call(monkeypatch):
     mc = ModelConfig(vocab_size=32, n_layers=2, d_model=32, n_heads=2, max_seq_len=16)
-    per_trace = train_mod.stream_count(train_mod.TrainConfig(batch_size=2, seq_len=16), mc)
+    per_trace = stream_count(TrainConfig(batch_size=2, seq_len=16), mc)
     assert _counting_step(monkeypatch, compile=False, steps=3) == 3 * per_trace  # the counter itself works
 
 
@@ -115,11 +115,11 @@ def test_memory_estimate_matches_a_measured_step():
     from mlxllm.memory import estimate_memory
 
     mc = ModelConfig(vocab_size=65, n_layers=2, d_model=128, n_heads=4, max_seq_len=128)
-    tc = train_mod.TrainConfig(batch_size=8, seq_len=128)
+    tc = TrainConfig(batch_size=8, seq_len=128)
     model = build_model(mc)
-    opt = train_mod.make_optimizer(tc)
+    opt = step_mod.make_optimizer(tc)
     opt.init(model.trainable_parameters())
-    step = train_mod.make_step(model, opt, tc)
+    step = step_mod.make_step(model, opt, tc)
     batch = mx.array(np.random.default_rng(0).integers(0, 65, (1, 8, 129), dtype=np.int32))
     mx.eval(step(batch))
     mx.reset_peak_memory()
@@ -131,20 +131,26 @@ def test_memory_estimate_matches_a_measured_step():
     assert 0.6 < est / measured < 1.6, (est, measured)
 
 
-def test_check_fits_refuses_with_a_suggestion():
-    from mlxllm.memory import check_fits, estimate_memory
+def test_check_fits_refuses_with_a_suggestion(monkeypatch):
+    from mlxllm import memory
+
+    def device_with(available):
+        monkeypatch.setattr(memory, "device_memory", lambda: (available, "test"))
 
     mc = ModelConfig(vocab_size=65, n_layers=4, d_model=256, n_heads=4, max_seq_len=256)
-    est = estimate_memory(mc, 16, 256, "float32")
-    check_fits(est, 16, 256, available=64 * 2**30, where="test")  # fits: no error
+    est = memory.estimate_memory(mc, 16, 256, "float32")
+    device_with(64 * 2**30)
+    memory.check_fits(est, 16, 256)  # fits: no error
+    device_with(300 * 2**20)
     with pytest.raises(MlxllmError, match=r"batch_size=\d+ with train.grad_accum=\d+"):
-        check_fits(est, 16, 256, available=300 * 2**20, where="test")
+        memory.check_fits(est, 16, 256)
+    device_with(10 * 2**20)
     with pytest.raises(MlxllmError, match="smaller model"):
-        check_fits(est, 16, 256, available=10 * 2**20, where="test")
+        memory.check_fits(est, 16, 256)
 
 
 def test_bench_runs_on_a_tiny_config(tmp_path):
-    from mlxllm.bench_train import TINY_CONFIG, run_benchmark
+    from mlxllm.bench.train import TINY_CONFIG, run_benchmark
 
     out = tmp_path / "bench.json"
     results = run_benchmark([TINY_CONFIG], steps=2, warmup=1, windows=2, json_path=out,
@@ -161,20 +167,18 @@ def test_bench_runs_on_a_tiny_config(tmp_path):
 def test_fast_exp_silu_softmax_match_exact():
     import mlx.nn as nn
 
-    from mlxllm import cpu_math
-
     x = -mx.linspace(0, 87, 100001)
-    rel = mx.abs(cpu_math.exp_nonpositive(x) - mx.exp(x)) / mx.exp(x)
+    rel = mx.abs(fastexp.exp_nonpositive(x) - mx.exp(x)) / mx.exp(x)
     assert rel.max().item() < 5e-5 and rel.mean().item() < 1e-5
     a = mx.random.normal((2, 16, 64), key=mx.random.key(0)) * 4
     ct = mx.random.normal(a.shape, key=mx.random.key(1))
-    for fast, exact in ((cpu_math.silu, nn.silu), (cpu_math.softmax, lambda t: mx.softmax(t, axis=-1))):
+    for fast, exact in ((fastexp.silu, nn.silu), (fastexp.softmax, lambda t: mx.softmax(t, axis=-1))):
         fv, fg = mx.compile(mx.value_and_grad(lambda t: (fast(t) * ct).sum()))(a)
         ev, eg = mx.value_and_grad(lambda t: (exact(t) * ct).sum())(a)
         assert abs(fv.item() - ev.item()) < 1e-4 * max(1.0, abs(ev.item()))
         assert mx.allclose(fg, eg, rtol=1e-4, atol=1e-5).item()
     masked = mx.where(mx.tri(16, 16, 0, dtype=mx.bool_), a[0, :, :16], -mx.inf)
-    assert mx.allclose(cpu_math.softmax(masked), mx.softmax(masked, axis=-1), atol=1e-6).item()
+    assert mx.allclose(fastexp.softmax(masked), mx.softmax(masked, axis=-1), atol=1e-6).item()
 
 
 def test_fast_silu_keeps_dtype_and_matches_on_two_streams():
@@ -182,19 +186,17 @@ def test_fast_silu_keeps_dtype_and_matches_on_two_streams():
     (each with its own constants) computes what one stream does."""
     import mlx.nn as nn
 
-    from mlxllm import cpu_math
-
     a = mx.random.normal((4, 64, 128), key=mx.random.key(2)) * 4
-    assert a.size // 2 >= cpu_math.PER_STREAM_MIN_SIZE  # each stream's half takes the per-stream constants
-    half = cpu_math.silu(a.astype(mx.bfloat16))
+    assert a.size // 2 >= fastexp.PER_STREAM_MIN_SIZE  # each stream's half takes the per-stream constants
+    half = fastexp.silu(a.astype(mx.bfloat16))
     assert half.dtype == mx.bfloat16
     assert mx.allclose(half.astype(mx.float32), nn.silu(a), rtol=2e-2, atol=2e-2).item()
-    assert cpu_math.exp_nonpositive(-mx.abs(a).astype(mx.float16)).dtype == mx.float16
+    assert fastexp.exp_nonpositive(-mx.abs(a).astype(mx.float16)).dtype == mx.float16
 
     streams = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
 
     def loss(t):
-        return (cpu_math.silu(t) * cpu_math.softmax(t)).sum()
+        return (fastexp.silu(t) * fastexp.softmax(t)).sum()
 
     def split(t):
         outs = []

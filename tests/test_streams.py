@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -12,10 +11,11 @@ import numpy as np
 import pytest
 from conftest import tiny_configs
 
-from mlxllm import MlxllmError, _blas, train
+from mlxllm import MlxllmError, TrainConfig, train
 from mlxllm import checkpoint as ckpt
-
-train_mod = importlib.import_module("mlxllm.train")  # the module, not the function
+from mlxllm.cpu import blas as _blas
+from mlxllm.cpu.streams import stream_count
+from mlxllm.device import usable_cores
 
 
 def _weights(run_dir: Path) -> dict[str, np.ndarray]:
@@ -43,18 +43,18 @@ def test_split_step_with_accumulation_and_bfloat16(corpus: Path, tmp_path: Path)
 
 
 def test_auto_stream_count_divides_the_batch():
-    cores = train_mod.usable_cores()
+    cores = usable_cores()
     for batch in (1, 3, 8, 16, 24):
-        n = train_mod.stream_count(train_mod.TrainConfig(batch_size=batch))
+        n = stream_count(TrainConfig(batch_size=batch))
         assert 1 <= n <= min(cores, batch) and batch % n == 0, (batch, n)
-    assert train_mod.stream_count(train_mod.TrainConfig(batch_size=16, cpu_streams=4)) == 4
+    assert stream_count(TrainConfig(batch_size=16, cpu_streams=4)) == 4
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or mx.default_device().type != mx.DeviceType.cpu,
                     reason="auto splits over streams only on the Linux CPU backend")
 def test_auto_uses_every_core_on_the_linux_cpu():
-    cores = train_mod.usable_cores()
-    n = train_mod.stream_count(train_mod.TrainConfig(batch_size=16))
+    cores = usable_cores()
+    n = stream_count(TrainConfig(batch_size=16))
     if cores == 1:
         assert n == 1
     else:
@@ -62,22 +62,22 @@ def test_auto_uses_every_core_on_the_linux_cpu():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or mx.default_device().type != mx.DeviceType.cpu
-                    or train_mod.usable_cores() < 2, reason="auto splits over streams only on a multi-core Linux CPU")
+                    or usable_cores() < 2, reason="auto splits over streams only on a multi-core Linux CPU")
 def test_auto_keeps_small_models_on_one_stream():
     from mlxllm import ModelConfig
 
     tiny = ModelConfig(vocab_size=65, n_layers=2, d_model=32, n_heads=2, max_seq_len=64)
     big = ModelConfig(vocab_size=65, n_layers=4, d_model=256, n_heads=4, max_seq_len=256)
-    assert train_mod.stream_count(train_mod.TrainConfig(batch_size=8), tiny) == 1  # splitting it measured slower
-    assert train_mod.stream_count(train_mod.TrainConfig(batch_size=16), big) > 1
-    assert train_mod.stream_count(train_mod.TrainConfig(batch_size=8, cpu_streams=2), tiny) == 2  # asked for
+    assert stream_count(TrainConfig(batch_size=8), tiny) == 1  # splitting it measured slower
+    assert stream_count(TrainConfig(batch_size=16), big) > 1
+    assert stream_count(TrainConfig(batch_size=8, cpu_streams=2), tiny) == 2  # asked for
 
 
 def test_stream_count_must_divide_the_batch():
     with pytest.raises(MlxllmError, match="multiple of cpu_streams"):
-        train_mod.TrainConfig(batch_size=16, cpu_streams=3)
+        TrainConfig(batch_size=16, cpu_streams=3)
     with pytest.raises(MlxllmError, match="cpu_streams"):
-        train_mod.TrainConfig(cpu_streams=-1)
+        TrainConfig(cpu_streams=-1)
 
 
 @pytest.mark.skipif(_blas.threads() is None or not _blas.loaded, reason="needs a preloaded BLAS whose thread count can be set")
@@ -86,7 +86,7 @@ def test_blas_threads_lowered_for_streams_and_restored(corpus: Path, tmp_path: P
     seen = []
     m, t, k = tiny_configs(corpus, tmp_path / "run", max_steps=4, eval_interval=2, cpu_streams=2)
     train(m, t, k, show_progress=False, callback=lambda metrics: seen.append(_blas.threads()))
-    assert seen and all(n == max(1, train_mod.usable_cores() // 2) for n in seen)
+    assert seen and all(n == max(1, usable_cores() // 2) for n in seen)
     assert _blas.threads() == before
 
 

@@ -4,7 +4,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mlxllm import MlxllmError
-from mlxllm.tokenizer import ByteTokenizer, TokenizerConfig, load_tokenizer, train_tokenizer
+from mlxllm.config import TokenizerConfig
+from mlxllm.tokenizer import ByteTokenizer, load_tokenizer, train_tokenizer
 
 
 def test_bpe_round_trips_unseen_text_through_byte_fallback(corpus: Path, tmp_path: Path):

@@ -1,5 +1,4 @@
 import errno
-import importlib
 import json
 import math
 from dataclasses import replace
@@ -10,12 +9,11 @@ import numpy as np
 import pytest
 from conftest import tiny_configs
 
-from mlxllm import MlxllmError, load, train
+from mlxllm import MlxllmError, TrainConfig, load, train
 from mlxllm import checkpoint as ckpt
+from mlxllm import step as step_mod
 from mlxllm.data import prepare
 from mlxllm.model import ModelConfig, build_model
-
-train_mod = importlib.import_module("mlxllm.train")  # the module, not the function
 
 
 def weights(run_dir: Path, which: str = "latest") -> dict[str, np.ndarray]:
@@ -76,9 +74,9 @@ def test_accumulated_micro_batches_run_one_after_another():
 
     def step_memory(grad_accum: int) -> int:
         model = build_model(cfg)
-        tc = train_mod.TrainConfig(batch_size=8, seq_len=128, grad_accum=grad_accum)
-        opt = train_mod.make_optimizer(tc)
-        step = train_mod.make_step(model, opt, tc)
+        tc = TrainConfig(batch_size=8, seq_len=128, grad_accum=grad_accum)
+        opt = step_mod.make_optimizer(tc)
+        step = step_mod.make_step(model, opt, tc)
         batch = mx.array(np.random.default_rng(0).integers(0, 64, (grad_accum, 8, 129)), mx.int32)
         mx.eval(step(batch), model.parameters(), opt.state)  # compiles
         mx.eval(batch)
@@ -95,14 +93,14 @@ def test_validation_batches_run_one_after_another():
     """Evaluating 8 batches peaks near one batch's memory (as one graph: 1.6x at the quick start)."""
     cfg = ModelConfig(vocab_size=64, n_layers=2, d_model=64, n_heads=2, max_seq_len=128)
     model = build_model(cfg)
-    eval_fn = train_mod.make_eval(model, train_mod.TrainConfig(batch_size=8, seq_len=128))
+    eval_fn = step_mod.make_eval(model, TrainConfig(batch_size=8, seq_len=128))
     batches = [np.random.default_rng(i).integers(0, 64, (8, 129)).astype(np.int32) for i in range(8)]
 
     def eval_memory(n: int) -> int:
-        train_mod.evaluate(eval_fn, batches[:n], 1.0)  # compiles
+        step_mod.evaluate(eval_fn, batches[:n], 1.0)  # compiles
         base = mx.get_active_memory()
         mx.reset_peak_memory()
-        train_mod.evaluate(eval_fn, batches[:n], 1.0)
+        step_mod.evaluate(eval_fn, batches[:n], 1.0)
         return mx.get_peak_memory() - base
 
     one, eight = eval_memory(1), eval_memory(8)
@@ -169,8 +167,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus: Path, tmp_path: P
     m, t, k = tiny_configs(corpus, tmp_path / "nan", max_steps=10, eval_interval=10)
     train(m, t, k, show_progress=False)
     good = weights(tmp_path / "nan")
-    real = train_mod.loss_fn
-    monkeypatch.setattr(train_mod, "loss_fn", lambda model, batch: real(model, batch) * mx.array(float("nan")))
+    real = step_mod.loss_fn
+    monkeypatch.setattr(step_mod, "loss_fn", lambda model, batch: real(model, batch) * mx.array(float("nan")))
     with pytest.raises(MlxllmError, match=r"became nan by step 20.*step_00000010"):
         train(m, replace(t, max_steps=40), k, show_progress=False, resume=True)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "nan")] == ["step_00000010"]
@@ -211,7 +209,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     from mlxllm import TrainConfig
 
     cfg = TrainConfig(learning_rate=1.0, warmup_steps=10, min_lr_ratio=0.1, max_steps=110)
-    lrs = [train_mod.lr_at(cfg, s, s / 110) for s in range(110)]
+    lrs = [step_mod.lr_at(cfg, s, s / 110) for s in range(110)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert train_mod.lr_at(cfg, 110, 1.0) == pytest.approx(0.1)
+    assert step_mod.lr_at(cfg, 110, 1.0) == pytest.approx(0.1)

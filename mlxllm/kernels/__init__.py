@@ -1,6 +1,6 @@
 """Fused causal attention: Metal/CUDA kernels, their tiled MLX reference, and the 'auto' choice.
 
-`mlxllm.model.attention` calls `flash_attention` (impl="flash"), `tiled_attention` (impl="tiled")
+`mlxllm.attention.attention` calls `flash_attention` (impl="flash"), `tiled_attention` (impl="tiled")
 and `resolve_auto` (impl="auto").
 """
 
@@ -8,29 +8,25 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from mlxllm.device import backend
 from mlxllm.kernels.select import record_choice, resolve_auto
 from mlxllm.kernels.tiled import tiled_attention
 
 
 def gpu_backend() -> str | None:
     """'metal' or 'cuda' when a kernel backend exists and the GPU is the default device, else None."""
-    if mx.default_device() != mx.gpu:
-        return None
-    if mx.metal.is_available():
-        return "metal"
-    if mx.cuda.is_available():
-        return "cuda"
-    return None
+    kind = backend()
+    return None if kind == "cpu" else kind
 
 
 def flash_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, causal: bool = True) -> mx.array:
     """Fused attention: the Metal or CUDA kernel on a GPU, the tiled reference elsewhere."""
-    backend = gpu_backend()
-    if backend is None:
+    kind = gpu_backend()
+    if kind is None:
         return tiled_attention(q, k, v, scale=scale, causal=causal)
     from mlxllm.kernels.fused import fused_attention
 
-    return fused_attention(q, k, v, scale=scale, causal=causal, backend=backend)
+    return fused_attention(q, k, v, scale=scale, causal=causal, backend=kind)
 
 
 __all__ = ["flash_attention", "gpu_backend", "record_choice", "resolve_auto", "tiled_attention"]

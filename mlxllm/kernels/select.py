@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
-import mlx.core as mx
+from mlxllm.config import ATTENTION_IMPLS
+from mlxllm.device import backend, cache_dir, device_name
 
-IMPLS = ("fast", "reference", "flash", "tiled")
+IMPLS = tuple(i for i in ATTENTION_IMPLS if i != "auto")  # what 'auto' may stand for
 
 
 def cache_path() -> Path:
-    root = os.environ.get("MLXLLM_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "mlxllm"
-    return base / "attention.json"
-
-
-def device_key() -> str:
-    """e.g. 'gpu:Apple M2 Max' or 'cpu:AMD EPYC': the device kind plus its name."""
-    kind = "gpu" if mx.default_device() == mx.gpu else "cpu"
-    try:
-        name = str(mx.device_info().get("device_name", "unknown"))
-    except Exception:  # device_info is best effort; a missing name still gives a usable key
-        name = "unknown"
-    return f"{kind}:{name}"
+    return cache_dir() / "attention.json"
 
 
 def _read(path: Path) -> dict[str, str]:
@@ -45,12 +33,13 @@ def _recorded(path: str, key: str) -> str | None:
 def resolve_auto() -> str:
     """The recorded choice for this device, else 'fast' on a GPU and 'reference' on the CPU.
 
-    On the CPU, mx.fast.scaled_dot_product_attention measured 7-11% slower than the naive ops for training.
+    On the CPU, mx.fast.scaled_dot_product_attention trains slower than the reference ops (see
+    `mlxllm bench attention`).
     """
-    choice = _recorded(str(cache_path()), device_key())
+    choice = _recorded(str(cache_path()), device_name())
     if choice is not None:
         return choice
-    return "fast" if mx.default_device() == mx.gpu else "reference"
+    return "reference" if backend() == "cpu" else "fast"
 
 
 def record_choice(impl: str) -> Path:
@@ -59,7 +48,7 @@ def record_choice(impl: str) -> Path:
         raise ValueError(f"unknown attention implementation {impl!r}; expected one of {IMPLS}")
     path = cache_path()
     data = _read(path)
-    data[device_key()] = impl
+    data[device_name()] = impl
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -12,8 +12,9 @@ from typing import Any
 import mlx.core as mx
 import optuna
 
+from mlxllm.data import TokenData
 from mlxllm.errors import MlxllmError
-from mlxllm.train import train
+from mlxllm.trainer import train
 from mlxllm_search.space import SearchSpec, run_config
 from mlxllm_search.storage import LOST, OWNER, owner
 
@@ -39,9 +40,9 @@ def latency(step_ms: list[float]) -> float:
 class Objective:
     """Callable for `study.optimize`; `on_trial_start` lets the caller know a trial now exists (see storage.Gate)."""
 
-    def __init__(self, spec: SearchSpec, search_dir: Path, vocab_size: int,
+    def __init__(self, spec: SearchSpec, search_dir: Path, data: TokenData,
                  on_trial_start: Callable[[], None] | None = None, on_eval: Callable[[], None] | None = None):
-        self.spec, self.search_dir, self.vocab_size = spec, search_dir, vocab_size
+        self.spec, self.search_dir, self.data = spec, search_dir, data
         self.on_trial_start, self.on_eval = on_trial_start, on_eval
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
@@ -52,7 +53,7 @@ class Objective:
         spec, caps = self.spec, self.spec.settings.caps
         model, lr = spec.space.suggest(trial, spec.base)
         run = run_config(spec, model, lr, self.search_dir / "trials" / f"{trial.number:04d}")
-        n_params = replace(model, vocab_size=self.vocab_size).num_params()
+        n_params = replace(model, vocab_size=self.data.tokenizer.vocab_size).num_params()
         trial.set_user_attr("model", {k: v for k, v in asdict(model).items() if k != "vocab_size"})
         trial.set_user_attr("learning_rate", lr)
         trial.set_user_attr("params", n_params)
@@ -78,7 +79,8 @@ class Objective:
 
         mx.reset_peak_memory()  # a worker trains many trials; each is measured on its own
         try:
-            result = train(run.model, run.train, run.tokenizer, overwrite=True, callback=report, show_progress=False)
+            result = train(run.model, run.train, run.tokenizer, overwrite=True, callback=report, show_progress=False,
+                           data=self.data)
         except KeyboardInterrupt:
             trial.set_user_attr(LOST, "interrupted")  # retried when the search resumes
             raise

@@ -17,12 +17,12 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from mlxllm import data as data_mod
-from mlxllm.config import dump_toml, load_config
+from mlxllm.config import ModelConfig, dump_toml, from_dict, load_config
 from mlxllm.errors import MlxllmError
-from mlxllm.model import ModelConfig
 from mlxllm_search.display import LiveTrials, leaderboard, objective_names
 from mlxllm_search.objective import Objective
-from mlxllm_search.space import SearchSpec, load_spec, run_config
+from mlxllm_search.space import SearchSpec, run_config
+from mlxllm_search.spec import load_spec
 from mlxllm_search.storage import Gate, counts, default_url, open_storage, sweep
 
 META_NAME = "search.json"
@@ -88,15 +88,16 @@ def open_study(spec: SearchSpec, search_dir: Path, storage: str | None, study_na
 
 
 def _work(spec: SearchSpec, search_dir: Path, storage: str | None, study_name: str, target: int, seed: int | None,
-          vocab_size: int, live: LiveTrials | None = None) -> None:
-    """One worker: take trials until the study holds `target` of them (finished or running)."""
+          data_dir: Path, live: LiveTrials | None = None) -> None:
+    """One worker: take trials until the study holds `target` of them (finished or running), each
+    trained on the token data prepared once in data_dir."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     study = open_study(spec, search_dir, storage, study_name, seed, create=False)
     sweep(study)
     gate = Gate(search_dir / ".trial.lock")
     refresh = (lambda: live.update(study)) if live else None
-    objective = Objective(spec, search_dir, vocab_size, on_trial_start=gate.release, on_eval=refresh)
+    objective = Objective(spec, search_dir, data_mod.open_prepared(data_dir), on_trial_start=gate.release, on_eval=refresh)
     while True:
         gate.acquire()
         try:
@@ -144,17 +145,17 @@ def _seed_params(spec: SearchSpec, seed_configs: Sequence[str | Path]) -> list[d
     return out
 
 
-def best_trial(study: optuna.Study, spec: SearchSpec) -> FrozenTrial | None:
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
     """The feasible completed trial with the lowest validation loss (on the Pareto front when multi-objective)."""
     front = study.best_trials
     return min(front, key=lambda t: t.values[0]) if front else None
 
 
 def write_best(study: optuna.Study, spec: SearchSpec, search_dir: Path) -> Path | None:
-    t = best_trial(study, spec)
+    t = best_trial(study)
     if t is None:
         return None
-    model = ModelConfig.from_dict(t.user_attrs["model"])
+    model = from_dict(ModelConfig, t.user_attrs["model"])
     run = run_config(spec, model, t.user_attrs["learning_rate"], search_dir / "best")
     path = search_dir / BEST_NAME
     path.write_text(
@@ -163,6 +164,61 @@ def write_best(study: optuna.Study, spec: SearchSpec, search_dir: Path) -> Path 
         f"# Train it: mlxllm train --config {path}   (raise train.max_steps for a longer run)\n\n" + dump_toml(run)
     )
     return path
+
+
+def _announce(console: LiveTrials, study: optuna.Study, spec: SearchSpec, storage: str | None, search_dir: Path,
+              target: int, workers: int, requeued: list[int], n_fits: int) -> None:
+    finished, running = counts(study)
+    console.console.print(
+        f"Study [bold]{study.study_name}[/] in {storage or default_url(search_dir)}: {finished} trials done"
+        + (f", {len(requeued)} lost trial(s) of dead workers queued again" if requeued else "")
+        + f"; running until it holds {target} ({max(0, target - finished - running)} more) with {workers} worker(s). "
+        f"Objectives: {objective_names(spec.settings.objectives)}; budget {spec.budget.amount:g} {spec.budget.kind} "
+        f"per trial; {n_fits} architectures within the caps.",
+        highlight=False,
+    )
+    if spec.space.params_of(spec.base) is None:
+        console.console.print("The [base] config's architecture is not in the search space, so it does not seed the study.",
+                              highlight=False)
+
+
+def _run_workers(console: LiveTrials, study: optuna.Study, spec: SearchSpec, search_dir: Path, storage: str | None,
+                 target: int, workers: int, seed: int | None, data_dir: Path) -> None:
+    """Run the workers (in this process for one) until the study holds `target` trials."""
+    n_before = len(study.get_trials(deepcopy=False))
+    args = (spec, search_dir, storage, study.study_name, target)
+    if workers == 1:
+        _work(*args, _sampler_seed(seed, n_before, 0), data_dir, console)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(*args, _sampler_seed(seed, n_before, i), data_dir))
+             for i in range(workers)]
+    for p in procs:
+        p.start()
+    while any(p.is_alive() for p in procs):
+        console.update(study)
+        time.sleep(1.0)
+    for p in procs:
+        p.join()
+    console.update(study)
+    bad = [p.exitcode for p in procs if p.exitcode]
+    if bad:
+        raise MlxllmError(
+            f"{len(bad)} search worker(s) exited with an error (exit codes {bad}); their message is above. "
+            "Finished trials are kept in the study: fix the cause and run the same command again to resume."
+        )
+
+
+def _show_result(console: LiveTrials, study: optuna.Study, spec: SearchSpec, best: Path | None) -> None:
+    console.console.print(leaderboard(study, spec.settings.objectives, console.objectives))
+    if spec.settings.multi:
+        front = sorted(study.best_trials, key=lambda t: t.number)
+        console.console.print(f"Pareto front: trials {', '.join(str(t.number) for t in front)}")
+    console.console.print(
+        f"Best config: {best} (mlxllm train --config {best})" if best else
+        "No trial finished within the caps, so there is no best config yet. Add trials or relax [search.caps].",
+        highlight=False,
+    )
 
 
 def search(
@@ -197,12 +253,11 @@ def search(
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-    # The corpus is tokenized once here; every trial (and worker) reuses the cached tokens.
+    # The corpus is tokenized (and hashed) once here; every trial, in every worker, reuses these tokens.
     train = spec.base.train
-    data_obj = data_mod.prepare(train.data, spec.base.tokenizer, val_fraction=train.val_fraction, quiet=not show)
-    data_mod.check_length(data_obj, train.seq_len or spec.base.model.max_seq_len)
-    vocab = data_obj.tokenizer.vocab_size
-    fits = spec.check(vocab)  # caps no architecture can meet fail here, before any training
+    prepared = data_mod.prepare(train.data, spec.base.tokenizer, val_fraction=train.val_fraction, quiet=not show)
+    data_mod.check_length(prepared, train.seq_len or spec.base.model.max_seq_len)
+    fits = spec.check(prepared.tokenizer.vocab_size)  # caps no architecture can meet fail here, before any training
     seeds = _seed_params(spec, seed_configs)
 
     study = open_study(spec, search_dir, storage, name, seed)
@@ -213,63 +268,11 @@ def search(
         {"study_name": name, "storage": storage, "spec": spec.source, "objectives": list(spec.settings.objectives)}, indent=2))
 
     console = LiveTrials(spec.settings.objectives + tuple(k for k, _ in spec.settings.caps.items()), show)
-    finished, running = counts(study)
     if show:
-        console.console.print(
-            f"Study [bold]{name}[/] in {storage or default_url(search_dir)}: {finished} trials done"
-            + (f", {len(requeued)} lost trial(s) of dead workers queued again" if requeued else "")
-            + f"; running until it holds {target} ({max(0, target - finished - running)} more) with {workers} worker(s). "
-            f"Objectives: {objective_names(spec.settings.objectives)}; budget {spec.budget.amount:g} {spec.budget.kind} "
-            f"per trial; {len(fits)} architectures within the caps.",
-            highlight=False,
-        )
-        if spec.space.params_of(spec.base) is None:
-            console.console.print("The [base] config's architecture is not in the search space, so it does not seed the study.",
-                                  highlight=False)
-    n_before = len(study.get_trials(deepcopy=False))
+        _announce(console, study, spec, storage, search_dir, target, workers, requeued, len(fits))
     with console:
-        if workers == 1:
-            _work(spec, search_dir, storage, name, target, _sampler_seed(seed, n_before, 0), vocab, console)
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            procs = [
-                ctx.Process(target=_worker_main, args=(spec, search_dir, storage, name, target,
-                                                       _sampler_seed(seed, n_before, i), vocab))
-                for i in range(workers)
-            ]
-            for p in procs:
-                p.start()
-            while any(p.is_alive() for p in procs):
-                console.update(study)
-                time.sleep(1.0)
-            for p in procs:
-                p.join()
-            console.update(study)
-            bad = [p.exitcode for p in procs if p.exitcode]
-            if bad:
-                raise MlxllmError(
-                    f"{len(bad)} search worker(s) exited with an error (exit codes {bad}); their message is above. "
-                    "Finished trials are kept in the study: fix the cause and run the same command again to resume."
-                )
-
+        _run_workers(console, study, spec, search_dir, storage, target, workers, seed, prepared.directory)
     best = write_best(study, spec, search_dir)
-    front = study.best_trials
     if show:
-        console.console.print(leaderboard(study, spec.settings.objectives, console.objectives))
-        if spec.settings.multi:
-            console.console.print(f"Pareto front: trials {', '.join(str(t.number) for t in sorted(front, key=lambda t: t.number))}")
-        console.console.print(
-            f"Best config: {best} (mlxllm train --config {best})" if best else
-            "No trial finished within the caps, so there is no best config yet. Add trials or relax [search.caps].",
-            highlight=False,
-        )
-    return SearchResult(study, search_dir, best, front, requeued)
-
-
-def states(study: optuna.Study) -> dict[str, int]:
-    """How many trials are in each state (for messages and tests)."""
-    out: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        out[t.state.name] = out.get(t.state.name, 0) + 1
-    return out
-
+        _show_result(console, study, spec, best)
+    return SearchResult(study, search_dir, best, study.best_trials, requeued)

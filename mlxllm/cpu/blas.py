@@ -36,15 +36,11 @@ loaded: str | None = None  # path of the BLAS we loaded, if any
 late = False  # True when mlx.core was imported before we could load one
 
 # Thread settings applied before the library is loaded (OpenBLAS reads them once, when it is loaded);
-# a value already in the environment wins. OpenBLAS's idle worker threads busy-wait (sched_yield in a
-# loop) for 2**THREAD_TIMEOUT cycles after each call -- 2**28, about 0.1 s, by default. A training step
-# calls sgemm hundreds of times with single-threaded MLX elementwise work between the calls, so the
-# spinning workers take a core from MLX's own stream thread whenever anything else wants one: measured side
-# by side on 2 cores while another job ran, 2**4 (sleep at once) made the compiled step 1.55-1.65x faster
-# and its windows far steadier; on an idle machine the two were within noise (0.93-1.05x). Measured with
-# benchmarks/bench_train.py; tests/test_speed_setup.py checks that idle workers burn no CPU.
+# a value already in the environment wins. By default OpenBLAS's idle worker threads busy-wait for
+# about 0.1 s after each call. A training step calls sgemm hundreds of times with MLX's own
+# single-threaded elementwise work in between, so spinning workers would take a core from MLX's
+# stream threads whenever the machine has anything else to run; 2**4 cycles makes them sleep at once.
 THREAD_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
-applied_env: dict[str, str] = {}  # what setup() put into the environment
 
 
 def _try(path: str) -> bool:
@@ -70,8 +66,7 @@ def setup() -> None:
     if choice.lower() == "none":
         return
     for key, value in THREAD_ENV.items():
-        if key not in os.environ:
-            os.environ[key] = applied_env[key] = value
+        os.environ.setdefault(key, value)
     if choice:
         _try(choice)
         return

@@ -7,45 +7,38 @@ warmed up (compiled) first, then measured in interleaved windows: round 1 of eve
 over the windows. MFU is model FLOPs (ModelConfig.flops_per_token, the figure training reports)
 times tokens/s over the fp32 matmul peak measured in this same run (mlxllm.device.measure_matmul_flops).
 
-    python benchmarks/bench_train.py            # or: mlxllm bench train
-    python benchmarks/bench_train.py --json out.json --steps 5 --windows 5
-    python benchmarks/bench_train.py --memory-check   # peak memory after step 100 and 1,000
+    mlxllm bench train
+    mlxllm bench train --json out.json --steps 5 --windows 5
+    mlxllm bench train --memory-check   # peak memory after step 100 and 1,000
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from mlxllm.bench.workers import COMPILED_MLX, TORCH_REFERENCE, Worker, model_config
+
 IMPLS = ("torch-eager", "torch-compile", "mlxllm", "mlxllm-1stream", "mlx-plain")
-COMPILED_MLX = ("mlxllm", "mlxllm-1stream")
 IMPL_NOTES = {
-    "torch-eager": "PyTorch eager (benchmarks/torch_llama.py)",
+    "torch-eager": "PyTorch eager (mlxllm/bench/torch_reference.py)",
     "torch-compile": "PyTorch torch.compile (forward+loss compiled)",
-    "mlxllm": "mlxllm.train.make_step (mx.compile, split over one CPU stream per core, as training runs it)",
+    "mlxllm": "mlxllm.step.make_step (mx.compile, split over one CPU stream per core, as training runs it)",
     "mlxllm-1stream": "the same compiled step on one stream (train.cpu_streams=1), the baseline of the split",
     "mlx-plain": "plain MLX loop: nn.value_and_grad + clip + optimizer.update + mx.eval, no compile",
 }
 
-# The reference trainers' model (issue 5) and a wider one.
+# The model the reference trainers (nanoGPT's Shakespeare character model) use, and a wider one.
 DEFAULT_CONFIGS: list[dict[str, Any]] = [
     {"name": "d256", "vocab_size": 65, "n_layers": 4, "d_model": 256, "n_heads": 4, "seq_len": 256, "batch_size": 16},
     {"name": "d512", "vocab_size": 65, "n_layers": 4, "d_model": 512, "n_heads": 8, "seq_len": 256, "batch_size": 16},
 ]
 TINY_CONFIG = {"name": "tiny", "vocab_size": 65, "n_layers": 2, "d_model": 64, "n_heads": 4, "seq_len": 32, "batch_size": 4}
-
-
-def torch_llama_path() -> Path | None:
-    """benchmarks/torch_llama.py next to the package (a source checkout), if there is one."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "torch_llama.py"
-    return path if path.is_file() else None
 
 
 def torch_available() -> str | None:
@@ -54,23 +47,16 @@ def torch_available() -> str | None:
 
     if importlib.util.find_spec("torch") is None:
         return "PyTorch is not installed (pip install torch to compare against it)"
-    if torch_llama_path() is None:
-        return "benchmarks/torch_llama.py not found (run from a source checkout)"
+    if not TORCH_REFERENCE.is_file():
+        return f"{TORCH_REFERENCE} is missing: reinstall mlxllm"
     return None
-
-
-def model_config(cfg: dict[str, Any]):
-    from mlxllm.model import ModelConfig
-
-    return ModelConfig(vocab_size=cfg["vocab_size"], n_layers=cfg["n_layers"], d_model=cfg["d_model"],
-                       n_heads=cfg["n_heads"], max_seq_len=cfg["seq_len"], attention=cfg.get("attention", "auto"))
 
 
 def executed_matmul_flops_per_token(cfg: dict[str, Any]) -> float:
     """Matmul FLOPs mlxllm's step really executes per token, counted layer by layer: the CPU attention
-    computes the T x T score matrix less the quarter its query halves skip (model.causal_halves_attention),
-    so attention counts 1.5x what the causal model estimate does (2x below model.SPLIT_MIN_LEN)."""
-    from mlxllm.model import SPLIT_MIN_LEN
+    computes the T x T score matrix less the quarter its query halves skip (cpu.halves), so attention
+    counts 1.5x what the causal model estimate does (2x below cpu.halves.SPLIT_MIN_LEN)."""
+    from mlxllm.cpu.halves import SPLIT_MIN_LEN
 
     mc = model_config(cfg)
     d, f, L, T, V = mc.d_model, mc.hidden_dim, mc.n_layers, cfg["seq_len"], mc.vocab_size
@@ -80,206 +66,6 @@ def executed_matmul_flops_per_token(cfg: dict[str, Any]) -> float:
     if T >= SPLIT_MIN_LEN:
         attention *= 0.75
     return 3 * (2 * linear + attention)  # backward is twice the forward
-
-
-# ---------------------------------------------------------------------------------------------
-# Workers: one process per implementation, driven over stdin/stdout with JSON lines.
-
-
-def _rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _mlx_worker(impl: str, cfg: dict[str, Any]):
-    import mlxllm  # noqa: F401 - loads the optimized BLAS before mlx.core
-
-    import mlx.core as mx
-    import mlx.nn as nn
-    import mlx.optimizers as optim
-    import numpy as np
-
-    import importlib
-
-    train_mod = importlib.import_module("mlxllm.train")  # the package exports a function named train
-    from mlxllm.model import build_model
-
-    mc = model_config(cfg)
-    tc = train_mod.TrainConfig(batch_size=cfg["batch_size"], seq_len=cfg["seq_len"], compile=impl in COMPILED_MLX,
-                               cpu_streams=1 if impl == "mlxllm-1stream" else 0)
-    traces = [0]
-    real_loss_fn = train_mod.loss_fn
-    # A trace calls loss_fn once per stream the step is split over.
-    per_trace = train_mod.stream_count(tc, mc) if impl in COMPILED_MLX else 1
-    calls = [0]
-
-    def counting_loss_fn(model, batch):
-        calls[0] += 1  # runs on every call uncompiled, only while tracing when compiled
-        traces[0] = calls[0] // per_trace
-        return real_loss_fn(model, batch)
-
-    mx.random.seed(0)
-    model = build_model(mc, seed=0)
-    optimizer = train_mod.make_optimizer(tc)
-    optimizer.init(model.trainable_parameters())
-    rng = np.random.default_rng(0)
-    B, T = cfg["batch_size"], cfg["seq_len"]
-
-    if impl in COMPILED_MLX:
-        from mlxllm.memory import configure_cache
-
-        configure_cache()  # as mlxllm.train.train does
-        # The compiled step looks loss_fn up in mlxllm.train when it traces; the counter stays in place.
-        train_mod.loss_fn = counting_loss_fn
-        step_fn = train_mod.make_step(model, optimizer, tc)
-
-        def next_batch():  # the training loop's layout: (grad_accum, B, T + 1)
-            return mx.array(rng.integers(0, mc.vocab_size, (1, B, T + 1), dtype=np.int32))
-
-        def run(n: int, batch):
-            if n == 0:
-                return batch
-            for i in range(n):
-                optimizer.learning_rate = train_mod.lr_at(tc, i, 0.5)
-                loss, _ = step_fn(batch)
-                mx.async_eval(loss, model.parameters(), optimizer.state)
-                batch = next_batch()  # built on the host while the step runs
-            # The whole last step, not just its loss: the loss is ready after the forward, and the
-            # backward and update left running would fall outside this window, into the next
-            # worker's (another process, on the same cores).
-            mx.eval(loss, model.parameters(), optimizer.state)
-            return batch
-    else:
-        grad_fn = nn.value_and_grad(model, counting_loss_fn)
-
-        def next_batch():
-            return mx.array(rng.integers(0, mc.vocab_size, (B, T + 1), dtype=np.int32))
-
-        def run(n: int, batch):
-            for _ in range(n):  # mx.eval every step: nothing is left pending
-                loss, grads = grad_fn(model, batch)
-                grads, _ = optim.clip_grad_norm(grads, tc.grad_clip)
-                optimizer.update(model, grads)
-                mx.eval(loss, model.parameters(), optimizer.state)
-                batch = next_batch()
-            return batch
-
-    def memory() -> dict[str, float]:
-        return {"peak_mem_mb": mx.get_peak_memory() / 2**20, "active_mem_mb": mx.get_active_memory() / 2**20,
-                "max_rss_mb": _rss_mb()}
-
-    return run, next_batch, traces, memory
-
-
-def _torch_worker(impl: str, cfg: dict[str, Any]):
-    import importlib.util
-
-    import numpy as np
-    import torch
-
-    spec = importlib.util.spec_from_file_location("torch_llama", torch_llama_path())
-    torch_llama = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(torch_llama)
-    step, _ = torch_llama.make_trainer(cfg, compile=impl == "torch-compile")  # cfg carries hidden_dim
-    rng = np.random.default_rng(0)
-    B, T = cfg["batch_size"], cfg["seq_len"]
-    traces = [0]  # torch.compile's own counter is read below
-    try:
-        from torch._dynamo.utils import counters
-    except ImportError:  # pragma: no cover
-        counters = None
-
-    def next_batch():
-        return torch.from_numpy(rng.integers(0, cfg["vocab_size"], (B, T + 1), dtype=np.int64))
-
-    def run(n: int, batch):
-        if n == 0:
-            return batch
-        for _ in range(n):
-            loss = step(batch)
-            batch = next_batch()
-        loss.item()
-        if counters is not None and impl == "torch-compile":
-            traces[0] = int(sum(counters["stats"].get(k, 0) for k in ("unique_graphs",)))
-        return batch
-
-    def memory() -> dict[str, float]:
-        return {"peak_mem_mb": float("nan"), "active_mem_mb": float("nan"), "max_rss_mb": _rss_mb()}
-
-    return run, next_batch, traces, memory
-
-
-def worker_main(impl: str, cfg: dict[str, Any], warmup: int) -> None:
-    """Build, warm up, then answer 'window N' / 'memory' / 'quit' lines on stdin with JSON on stdout."""
-    out = sys.stdout
-    sys.stdout = sys.stderr  # library chatter must not corrupt the protocol
-    t0 = time.perf_counter()
-    build = _torch_worker if impl.startswith("torch") else _mlx_worker
-    run, next_batch, traces, memory = build(impl, cfg)
-    batch = next_batch()
-    batch = run(1, batch)  # the first step compiles
-    first = time.perf_counter() - t0
-    batch = run(max(0, warmup - 1), batch)
-    out.write(json.dumps({"ready": True, "first_step_s": first, "traces": traces[0], **memory()}) + "\n")
-    out.flush()
-    done = warmup
-    for line in sys.stdin:
-        cmd = line.split()
-        if not cmd or cmd[0] == "quit":
-            break
-        n = int(cmd[1])
-        t = time.perf_counter()
-        c = time.process_time()
-        batch = run(n, batch)
-        dt = time.perf_counter() - t
-        done += n
-        reply = {"seconds": dt, "steps": n, "tokens_per_s": n * cfg["batch_size"] * cfg["seq_len"] / dt,
-                 "cpu_per_wall": (time.process_time() - c) / dt, "traces": traces[0], "steps_done": done, **memory()}
-        out.write(json.dumps(reply) + "\n")
-        out.flush()
-
-
-class Worker:
-    def __init__(self, impl: str, cfg: dict[str, Any], warmup: int, env: dict[str, str] | None = None):
-        self.impl = impl
-        # Load this file by path: `-m mlxllm.bench_train` would import the package, and with it mlx and the
-        # preloaded OpenBLAS, into the PyTorch workers too (two BLAS thread pools in one process).
-        boot = ("import importlib.util as u, sys; s = u.spec_from_file_location('mlxllm_bench_worker', sys.argv[1]); "
-                "m = u.module_from_spec(s); s.loader.exec_module(m); m.main(sys.argv[2:])")
-        cmd = [sys.executable, "-c", boot, str(Path(__file__).resolve()), "--worker", impl, json.dumps(cfg), str(warmup)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, **(env or {})})
-        self.ready: dict[str, Any] | None = None
-
-    def _reply(self) -> dict[str, Any]:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{self.impl} worker exited (code {self.proc.wait()}); see its output above")
-        return json.loads(line)
-
-    def wait_ready(self) -> dict[str, Any]:
-        self.ready = self._reply()
-        return self.ready
-
-    def window(self, steps: int) -> dict[str, Any]:
-        self.proc.stdin.write(f"window {steps}\n")
-        self.proc.stdin.flush()
-        return self._reply()
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            pass
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def measure_peak(seconds: float = 1.0) -> float:
@@ -422,7 +208,6 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     p.add_argument("--config", action="append", choices=[c["name"] for c in DEFAULT_CONFIGS] + ["tiny"],
                    help="which config(s) to run (default: all defaults)")
     p.add_argument("--impl", action="append", choices=IMPLS, help="which implementation(s) (default: all)")
@@ -436,9 +221,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-check", nargs="?", const="100,1000", metavar="STEPS",
                    help="instead: peak memory of mlxllm's compiled step after each of these steps (default 100,1000)")
     a = p.parse_args(argv)
-    if a.worker:
-        worker_main(a.worker[0], json.loads(a.worker[1]), int(a.worker[2]))
-        return
     by_name = {c["name"]: c for c in [*DEFAULT_CONFIGS, TINY_CONFIG]}
     configs = [dict(by_name[n]) for n in a.config] if a.config else [dict(c) for c in DEFAULT_CONFIGS]
     if a.attention:

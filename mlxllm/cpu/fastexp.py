@@ -1,22 +1,17 @@
 """exp-based activations for MLX's CPU backend, from arithmetic the compiler fuses and vectorizes.
 
-MLX's Linux x86 build evaluates exp -- and with it sigmoid, silu and softmax -- one element at a time,
-through an out-of-line libm `fmaf` per polynomial step: ~12 ns per element (35 ms for one (16, 256, 704)
-SwiGLU gate), against ~2.5 ns for a fused multiply-add chain over the same array. In a training step of the
-4 x 256 model the SwiGLU sigmoid and the attention softmax were about a quarter of the time (perf profile in
-benchmarks/bench_train.py's report). Here exp(x), x <= 0, is exp(x/128) by its degree-9 Taylor polynomial
-squared 7 times: only multiplies and adds, 4.8x faster, relative error <= 3e-5 (mean 4e-6) over [-87, 0].
-Used on the CPU only and only where the argument is <= 0 (softmax after subtracting the max; sigmoid of
--|x|); MLXLLM_FAST_EXP=0 turns it off (exact mx.exp, as on the GPU).
+MLX's Linux x86 build evaluates exp -- and with it sigmoid, silu and softmax -- one element at a
+time, through an out-of-line libm call per polynomial step, several times slower than a fused
+multiply-add chain over the same array. Here exp(x), x <= 0, is exp(x/128) by its degree-9 Taylor
+polynomial squared 7 times: only multiplies and adds, relative error <= 3e-5 (mean 4e-6) over
+[-87, 0]. Used on the CPU only and only where the argument is <= 0 (softmax after subtracting the
+max; sigmoid of -|x|); MLXLLM_FAST_EXP=0 turns it off (exact mx.exp, as on the GPU).
 
 Two details keep the compiled kernels vectorised (MLX's CPU compiler runs a fused kernel's plain
 contiguous loop only when every input is contiguous or a 0-d scalar, else a scalar strided loop):
 constants are made on the stream that uses them (`_const`), and the long chains are cut by hand
-(`_cut`). Both cost a few tiny ops per call, so arrays under `PER_STREAM_MIN_SIZE` elements (decoding
-one token, uncompiled) skip them: there they cost 26% of generation speed. On the 4 x 256 train step
-over 2 streams (perf, and an A/B of the step built both ways in one process): strided kernels 10% -> 5%
-of the time, 6,050 -> 6,343 tokens/s; constants alone +3%, cuts alone +1%. `mlxllm bench train` is the
-rerunnable figure.
+(`_cut`). Both cost a few tiny ops per call, so arrays under `PER_STREAM_MIN_SIZE` elements
+(decoding one token, uncompiled) skip them: there the extra ops would cost more than they save.
 """
 
 from __future__ import annotations
@@ -43,7 +38,7 @@ def _const(value: float, like: mx.array, dtype: mx.Dtype | None = None) -> mx.ar
     like under PER_STREAM_MIN_SIZE elements, value itself.
 
     MLX's compiler merges equal constants, and their broadcasts, across the whole compiled step
-    whatever their stream; with the batch split over streams (train.split_over) a kernel on one
+    whatever their stream; with the batch split over streams (streams.split_over) a kernel on one
     stream then gets the other stream's broadcast as an input it cannot fuse, a strided one. A
     constant derived from its own stream's number is merged only within that stream, and a 0-d
     input keeps the kernel on its contiguous loop."""
@@ -82,8 +77,7 @@ def exp_nonpositive(x: mx.array) -> mx.array:
 def _sigmoid(x: mx.array) -> mx.array:
     # 1/2 + tanh(x/2)/2, with tanh(|x|/2) = (1 - e)/(1 + e), e = exp(-|x|). The same function as
     # where(x >= 0, 1/(1+e), e/(1+e)), but MLX's compiler fuses this form into two contiguous
-    # kernels where that one became four, one of them strided: 4.2 ms against 11.9 ms for a
-    # (8, 256, 704) gate on one core.
+    # kernels where that one becomes four, one of them strided.
     e = exp_nonpositive(-mx.abs(x))
     one, half = _const(1.0, x), _const(0.5, x)
     t = (one - e) / (one + e)

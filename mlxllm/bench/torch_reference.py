@@ -1,10 +1,11 @@
 """An independent PyTorch implementation of mlxllm's model and training step, for side-by-side speed.
 
 Same architecture as mlxllm.model (Llama-style: RMSNorm, rotate-half RoPE, SwiGLU, no biases, tied
-embeddings, GPT-2 init with scaled output projections) and the same step as mlxllm.train.make_step
+embeddings, GPT-2 init with scaled output projections) and the same step as mlxllm.step.make_step
 (mean cross-entropy, global-norm gradient clipping, AdamW with the same hyperparameters). It imports
 nothing from mlxllm, so the benchmark compares two implementations rather than one with itself.
-Only needed where torch is installed; mlxllm itself never imports it.
+Only needed where torch is installed; mlxllm itself never imports it, and the benchmark's
+PyTorch workers load this file by its path, without importing mlxllm (or MLX and its BLAS).
 """
 
 from __future__ import annotations

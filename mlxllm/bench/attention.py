@@ -1,6 +1,6 @@
 """Time and peak memory of attention forward+backward for each implementation on this device.
 
-`mlxllm bench attention [--record]`; or `python -m mlxllm.kernels.bench`.
+`mlxllm bench attention [--record]`.
 """
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
+from mlxllm.attention import attention, reference_attention
+from mlxllm.device import device_name
 from mlxllm.kernels import gpu_backend
-from mlxllm.kernels.select import IMPLS, device_key, record_choice
+from mlxllm.kernels.select import IMPLS, record_choice
 
-# "naive" is the unfused baseline, the full L x L score matrix (model.reference_attention); "reference"
+# "naive" is the unfused baseline, the full L x L score matrix (attention.reference_attention); "reference"
 # is what attention(impl="reference") runs, which skips a quarter of it (query halves) from L = 128.
 
 
@@ -25,8 +27,6 @@ def available_impls() -> list[str]:
 
 
 def _attention_fn(impl: str) -> Callable[..., mx.array]:
-    from mlxllm.model import attention, reference_attention
-
     if impl == "naive":
         return lambda q, k, v, scale: reference_attention(q, k, v, scale=scale, causal=True)
     return lambda q, k, v, scale: attention(q, k, v, scale=scale, causal=True, impl=impl)
@@ -88,7 +88,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     by = {(r["L"], r["impl"]): r for r in rows}
-    table = Table(title=f"attention forward+backward on {device_key()} (causal)")
+    table = Table(title=f"attention forward+backward on {device_name()} (causal)")
     table.add_column("L", justify="right")
     for impl in impls:
         table.add_column(f"{impl} ms", justify="right")
@@ -103,21 +103,5 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     console.print(table)
     recorded = [r["impl"] for r in rows if r.get("recorded")]
     if recorded:
-        console.print(f"recorded '{recorded[0]}' as auto attention for {device_key()} in {rows[0]['record_path']}")
+        console.print(f"recorded '{recorded[0]}' as auto attention for {device_name()} in {rows[0]['record_path']}")
 
-
-if __name__ == "__main__":
-    import argparse
-
-    import mlxllm  # noqa: F401  (BLAS preload; mlx.core is already imported when run with -m)
-
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--impls", nargs="+", default=None)
-    p.add_argument("--record", action="store_true")
-    a = p.parse_args()
-    print_table(bench_attention(tuple(a.lengths), heads=a.heads, head_dim=a.head_dim, dtype=a.dtype,
-                                impls=a.impls, record=a.record))

@@ -1,0 +1,50 @@
+"""The attention() seam: every attention in the model goes through this one function, which picks
+the implementation (model.attention: auto, fast, flash, tiled, reference) for this device."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from mlxllm import kernels, ops
+from mlxllm.config import ATTENTION_IMPLS
+from mlxllm.cpu.halves import SPLIT_MIN_LEN, causal_halves_attention
+from mlxllm.errors import MlxllmError
+
+
+def reference_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, causal: bool) -> mx.array:
+    """Plain MLX ops. q: (B, H, L, D); k, v: (B, Hkv, S, D); queries aligned to the end of keys."""
+    B, H, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if Hkv != H:  # group the query heads instead of repeating K/V in memory
+        q = q.reshape(B, Hkv, H // Hkv, L, D)
+        k, v = k[:, :, None], v[:, :, None]
+    scores = (q * scale) @ k.swapaxes(-1, -2)
+    if causal:
+        mask = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
+        scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
+    out = ops.softmax(scores.astype(mx.float32)).astype(v.dtype) @ v
+    return out.reshape(B, H, L, D)
+
+
+def resolve_attention(impl: str) -> str:
+    """Turn 'auto' into a concrete implementation for this device."""
+    return kernels.resolve_auto() if impl == "auto" else impl
+
+
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, *, scale: float, causal: bool = True, impl: str = "auto"
+) -> mx.array:
+    """Scaled dot-product attention. q: (B, H, L, D); k, v: (B, Hkv, S, D) with H % Hkv == 0."""
+    impl = resolve_attention(impl)
+    if impl == "fast":
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
+    if impl == "reference" or q.shape[2] != k.shape[2]:
+        if causal and q.shape[2] == k.shape[2] >= SPLIT_MIN_LEN:
+            return causal_halves_attention(q, k, v, scale=scale)
+        # Decoding with a KV cache (L != S) is a tiny matmul: the plain path is the right one.
+        return reference_attention(q, k, v, scale=scale, causal=causal)
+    if impl == "flash":
+        return kernels.flash_attention(q, k, v, scale=scale, causal=causal)
+    if impl == "tiled":
+        return kernels.tiled_attention(q, k, v, scale=scale, causal=causal)
+    raise MlxllmError(f"Unknown attention implementation {impl!r}; choose one of {', '.join(ATTENTION_IMPLS)}.")

@@ -1,0 +1,228 @@
+"""The benchmark's workers: one process per implementation, driven over stdin/stdout with JSON lines.
+
+Each worker builds its model and step, warms up (compiles), then runs measured windows on request.
+This file is loaded by its path (not imported as part of the package), so that a PyTorch worker
+never imports mlxllm, MLX or the BLAS mlxllm loads: two BLAS thread pools in one process would
+compete for the same cores.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+COMPILED_MLX = ("mlxllm", "mlxllm-1stream")
+TORCH_REFERENCE = Path(__file__).resolve().with_name("torch_reference.py")
+
+
+def model_config(cfg: dict[str, Any]) -> Any:
+    """The benchmark config's mlxllm ModelConfig (imports mlxllm: MLX workers and the driver only)."""
+    from mlxllm.config import ModelConfig
+
+    return ModelConfig(vocab_size=cfg["vocab_size"], n_layers=cfg["n_layers"], d_model=cfg["d_model"],
+                       n_heads=cfg["n_heads"], max_seq_len=cfg["seq_len"], attention=cfg.get("attention", "auto"))
+
+
+def _rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _mlx_worker(impl: str, cfg: dict[str, Any]):
+    import mlxllm  # noqa: F401 - loads the optimized BLAS before mlx.core
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import numpy as np
+
+    from mlxllm import step as step_mod
+    from mlxllm.config import TrainConfig
+    from mlxllm.cpu.streams import blas_threads_for, stream_count
+    from mlxllm.model import build_model
+
+    mc = model_config(cfg)
+    tc = TrainConfig(batch_size=cfg["batch_size"], seq_len=cfg["seq_len"], compile=impl in COMPILED_MLX,
+                               cpu_streams=1 if impl == "mlxllm-1stream" else 0)
+    traces = [0]
+    real_loss_fn = step_mod.loss_fn
+    # A trace calls loss_fn once per stream the step is split over.
+    n_streams = stream_count(tc, mc) if impl in COMPILED_MLX else 1
+    per_trace = n_streams
+    calls = [0]
+
+    def counting_loss_fn(model, batch):
+        calls[0] += 1  # runs on every call uncompiled, only while tracing when compiled
+        traces[0] = calls[0] // per_trace
+        return real_loss_fn(model, batch)
+
+    mx.random.seed(0)
+    model = build_model(mc, seed=0)
+    optimizer = step_mod.make_optimizer(tc)
+    optimizer.init(model.trainable_parameters())
+    rng = np.random.default_rng(0)
+    B, T = cfg["batch_size"], cfg["seq_len"]
+
+    if impl in COMPILED_MLX:
+        from mlxllm.memory import configure_cache
+
+        configure_cache()  # as mlxllm.trainer.train does
+        # The compiled step looks loss_fn up in mlxllm.step when it traces; the counter stays in place.
+        step_mod.loss_fn = counting_loss_fn
+        step_fn = step_mod.make_step(model, optimizer, tc)
+
+        def next_batch():  # the training loop's layout: (grad_accum, B, T + 1)
+            return mx.array(rng.integers(0, mc.vocab_size, (1, B, T + 1), dtype=np.int32))
+
+        def run(n: int, batch):
+            if n == 0:
+                return batch
+            with blas_threads_for(n_streams):  # as training runs the step
+                for i in range(n):
+                    optimizer.learning_rate = step_mod.lr_at(tc, i, 0.5)
+                    loss, _ = step_fn(batch)
+                    mx.async_eval(loss, model.parameters(), optimizer.state)
+                    batch = next_batch()  # built on the host while the step runs
+                # The whole last step, not just its loss: the loss is ready after the forward, and the
+                # backward and update left running would fall outside this window, into the next
+                # worker's (another process, on the same cores).
+                mx.eval(loss, model.parameters(), optimizer.state)
+            return batch
+    else:
+        grad_fn = nn.value_and_grad(model, counting_loss_fn)
+
+        def next_batch():
+            return mx.array(rng.integers(0, mc.vocab_size, (B, T + 1), dtype=np.int32))
+
+        def run(n: int, batch):
+            for _ in range(n):  # mx.eval every step: nothing is left pending
+                loss, grads = grad_fn(model, batch)
+                grads, _ = optim.clip_grad_norm(grads, tc.grad_clip)
+                optimizer.update(model, grads)
+                mx.eval(loss, model.parameters(), optimizer.state)
+                batch = next_batch()
+            return batch
+
+    def memory() -> dict[str, float]:
+        return {"peak_mem_mb": mx.get_peak_memory() / 2**20, "active_mem_mb": mx.get_active_memory() / 2**20,
+                "max_rss_mb": _rss_mb()}
+
+    return run, next_batch, traces, memory
+
+
+def _torch_worker(impl: str, cfg: dict[str, Any]):
+    import importlib.util
+
+    import numpy as np
+    import torch
+
+    spec = importlib.util.spec_from_file_location("torch_reference", TORCH_REFERENCE)
+    torch_reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(torch_reference)
+    step, _ = torch_reference.make_trainer(cfg, compile=impl == "torch-compile")  # cfg carries hidden_dim
+    rng = np.random.default_rng(0)
+    B, T = cfg["batch_size"], cfg["seq_len"]
+    traces = [0]  # torch.compile's own counter is read below
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover
+        counters = None
+
+    def next_batch():
+        return torch.from_numpy(rng.integers(0, cfg["vocab_size"], (B, T + 1), dtype=np.int64))
+
+    def run(n: int, batch):
+        if n == 0:
+            return batch
+        for _ in range(n):
+            loss = step(batch)
+            batch = next_batch()
+        loss.item()
+        if counters is not None and impl == "torch-compile":
+            traces[0] = int(sum(counters["stats"].get(k, 0) for k in ("unique_graphs",)))
+        return batch
+
+    def memory() -> dict[str, float]:
+        return {"peak_mem_mb": float("nan"), "active_mem_mb": float("nan"), "max_rss_mb": _rss_mb()}
+
+    return run, next_batch, traces, memory
+
+
+def worker_main(impl: str, cfg: dict[str, Any], warmup: int) -> None:
+    """Build, warm up, then answer 'window N' / 'memory' / 'quit' lines on stdin with JSON on stdout."""
+    out = sys.stdout
+    sys.stdout = sys.stderr  # library chatter must not corrupt the protocol
+    t0 = time.perf_counter()
+    build = _torch_worker if impl.startswith("torch") else _mlx_worker
+    run, next_batch, traces, memory = build(impl, cfg)
+    batch = next_batch()
+    batch = run(1, batch)  # the first step compiles
+    first = time.perf_counter() - t0
+    batch = run(max(0, warmup - 1), batch)
+    out.write(json.dumps({"ready": True, "first_step_s": first, "traces": traces[0], **memory()}) + "\n")
+    out.flush()
+    done = warmup
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "quit":
+            break
+        n = int(cmd[1])
+        t = time.perf_counter()
+        c = time.process_time()
+        batch = run(n, batch)
+        dt = time.perf_counter() - t
+        done += n
+        reply = {"seconds": dt, "steps": n, "tokens_per_s": n * cfg["batch_size"] * cfg["seq_len"] / dt,
+                 "cpu_per_wall": (time.process_time() - c) / dt, "traces": traces[0], "steps_done": done, **memory()}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+class Worker:
+    def __init__(self, impl: str, cfg: dict[str, Any], warmup: int):
+        self.impl = impl
+        # This file by its path: importing it as mlxllm.bench.workers would import the package (see above).
+        boot = ("import importlib.util as u, sys; s = u.spec_from_file_location('mlxllm_bench_worker', sys.argv[1]); "
+                "m = u.module_from_spec(s); s.loader.exec_module(m); m.main(sys.argv[2:])")
+        cmd = [sys.executable, "-c", boot, str(Path(__file__).resolve()), "--worker", impl, json.dumps(cfg), str(warmup)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ready: dict[str, Any] | None = None
+
+    def _reply(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.impl} worker exited (code {self.proc.wait()}); see its output above")
+        return json.loads(line)
+
+    def wait_ready(self) -> dict[str, Any]:
+        self.ready = self._reply()
+        return self.ready
+
+    def window(self, steps: int) -> dict[str, Any]:
+        self.proc.stdin.write(f"window {steps}\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+
+
+def main(argv: list[str]) -> None:
+    """A worker process: `--worker IMPL CONFIG_JSON WARMUP`."""
+    impl, cfg, warmup = argv[1], json.loads(argv[2]), int(argv[3])
+    worker_main(impl, cfg, warmup)

@@ -1,0 +1,130 @@
+"""The training step and evaluation: AdamW with warmup and cosine decay, the whole step compiled
+with the model's and the optimizer's state, split over streams where that keeps more cores busy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map, tree_reduce
+
+from mlxllm import ops
+from mlxllm.config import TrainConfig
+from mlxllm.cpu.streams import data_streams, split_over, spread, spread_updates, stream_count
+from mlxllm.model import Transformer
+
+
+def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Linear warmup over warmup_steps, then cosine from learning_rate down to the floor."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    floor = cfg.learning_rate * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.learning_rate - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def loss_fn(model: Transformer, batch: mx.array) -> mx.array:
+    """Mean next-token cross-entropy of a (B, L + 1) batch of token windows."""
+    logits = model(batch[:, :-1]).astype(mx.float32)
+    return ops.cross_entropy(logits, batch[:, 1:])
+
+
+def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
+    return optim.AdamW(
+        learning_rate=cfg.learning_rate, betas=[cfg.beta1, cfg.beta2], weight_decay=cfg.weight_decay
+    )
+
+
+def _cast(params: Any, dtype: mx.Dtype) -> Any:
+    return params if dtype == mx.float32 else tree_map(lambda p: p.astype(dtype), params)
+
+
+def make_step(model: Transformer, optimizer: optim.Optimizer, cfg: TrainConfig) -> Callable:
+    """One optimizer step over `grad_accum` micro-batches, compiled with model and optimizer state.
+
+    Takes batches of shape (grad_accum, batch_size, seq_len + 1); returns (mean loss, gradient norm).
+    Run it within `cpu.streams.blas_threads_for(stream_count(cfg, model.config))`."""
+    compute = getattr(mx, cfg.dtype)
+    streams = data_streams(stream_count(cfg, model.config))
+
+    def loss_of(params: Any, batch: mx.array) -> mx.array:
+        model.update(_cast(params, compute))  # bf16 compute on fp32 master weights
+        return loss_fn(model, batch)
+
+    grad_fn = mx.value_and_grad(loss_of)
+
+    def grads_of(batch: mx.array) -> tuple[mx.array, Any]:
+        params = model.trainable_parameters()
+        # Gradients first, so that spread maps each parameter to the same stream here as in apply.
+        grads, loss = split_over(streams, lambda b: grad_fn(params, b)[::-1], batch)
+        model.update(params)
+        return loss, grads
+
+    def apply(loss: mx.array, grads: Any) -> tuple[mx.array, mx.array]:
+        if cfg.grad_accum > 1:
+            loss, grads = loss / cfg.grad_accum, spread(streams, lambda g: g / cfg.grad_accum, grads)
+        # optim.clip_grad_norm, with its per-parameter work spread over the streams.
+        norm = mx.sqrt(tree_reduce(mx.add, spread(streams, lambda g: g.square().sum(), grads)))
+        scale = mx.minimum(cfg.grad_clip / (norm + 1e-6), 1.0)
+        grads = spread(streams, lambda g: g * scale, grads)
+        with spread_updates(optimizer, streams):
+            optimizer.update(model, grads)
+        return loss, norm
+
+    # The step draws no random numbers (no dropout; batches come from (seed, step)), so the
+    # state is the model and the optimizer, and a checkpoint of both resumes exactly.
+    state = [model.state, optimizer.state]
+    if cfg.grad_accum == 1:
+        def step(batches: mx.array) -> tuple[mx.array, mx.array]:
+            return apply(*grads_of(batches[0]))
+
+        return mx.compile(step, inputs=state, outputs=state) if cfg.compile else step
+
+    # Micro-batches are evaluated one after another (async_eval between them), so one micro-batch's
+    # activations are alive at a time, as the memory estimate assumes; traced as one graph, MLX
+    # would run parts of them side by side.
+    micro = mx.compile(grads_of, inputs=model.state) if cfg.compile else grads_of
+    update = mx.compile(apply, inputs=state, outputs=state) if cfg.compile else apply
+
+    def accumulated_step(batches: mx.array) -> tuple[mx.array, mx.array]:
+        total, grads = micro(batches[0])
+        for i in range(1, cfg.grad_accum):
+            mx.async_eval(total, grads)
+            loss, g = micro(batches[i])
+            total, grads = total + loss, spread(streams, mx.add, grads, g)
+        return update(total, grads)
+
+    return accumulated_step
+
+
+def make_eval(model: Transformer, cfg: TrainConfig) -> Callable:
+    """The mean loss of one validation batch, compiled, in the training dtype."""
+    compute = getattr(mx, cfg.dtype)
+    streams = data_streams(stream_count(cfg, model.config))
+
+    def loss_at(batch: mx.array) -> mx.array:
+        if compute == mx.float32:
+            return loss_fn(model, batch)
+        params = model.trainable_parameters()
+        model.update(_cast(params, compute))
+        loss = loss_fn(model, batch)
+        model.update(params)
+        return loss
+
+    def evaluate(batch: mx.array) -> mx.array:
+        return split_over(streams, loss_at, batch)
+
+    return mx.compile(evaluate, inputs=model.state) if cfg.compile else evaluate
+
+
+def evaluate(eval_fn: Callable, batches: list[np.ndarray], bytes_per_token: float) -> dict[str, float]:
+    """Validation loss, perplexity and bits per byte over the batches."""
+    losses = []
+    for b in batches:  # one batch after another: as one graph, MLX would run them side by side
+        losses.append(eval_fn(mx.array(b)))
+        mx.async_eval(losses[-1])
+    loss = mx.mean(mx.stack(losses)).item()
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": loss / math.log(2) / bytes_per_token}

@@ -1,0 +1,180 @@
+"""The search spec: a TOML file with a [base] run config, a [space] to search, a [budget] and [search]
+settings, read and checked; every problem is an MlxllmError that says what to change."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from mlxllm.config import RunConfig, apply_overrides, load_config, read_toml
+from mlxllm.errors import MlxllmError
+from mlxllm_search.space import (
+    BUDGET_KINDS, CAPS, OBJECTIVES, PRUNERS, SAMPLERS, SPACE_KEYS, Budget, Caps, Choice, Dimension, Range, SearchSpec,
+    Settings, Space,
+)
+
+
+def _dimension(key: str, v: Any, integer: bool, where: str) -> Dimension:
+    if isinstance(v, list):
+        if not v:
+            raise MlxllmError(f"[space] {key} in {where} is an empty list: give at least one choice, e.g. {key} = [2, 4].")
+        if any(isinstance(x, bool) or not isinstance(x, (int, float)) or (integer and not isinstance(x, int)) or x <= 0 for x in v):
+            kind = "positive integers" if integer else "positive numbers"
+            raise MlxllmError(f"[space] {key} in {where} must list {kind} (got {v}).")
+        return Choice(tuple(dict.fromkeys(v)))
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return _dimension(key, [v], integer, where)
+    if isinstance(v, dict):
+        unknown = set(v) - {"min", "max", "log"}
+        if unknown or "min" not in v or "max" not in v:
+            raise MlxllmError(f"[space] {key} in {where} must be a list of choices or a table {{ min = .., max = .., log = false }} (got {v}).")
+        low, high = v["min"], v["max"]
+        if integer and not (isinstance(low, int) and isinstance(high, int)):
+            raise MlxllmError(f"[space] {key} in {where} is a whole number: min and max must be integers (got {low}, {high}).")
+        if not (isinstance(low, (int, float)) and isinstance(high, (int, float))) or low <= 0:
+            raise MlxllmError(f"[space] {key} in {where} needs positive numbers for min and max (got {low}, {high}).")
+        if low > high:
+            raise MlxllmError(f"[space] {key} in {where} has min {low} > max {high}: the range is empty. Swap them.")
+        return Range(float(low) if not integer else low, float(high) if not integer else high, bool(v.get("log", False)), integer)
+    raise MlxllmError(f"[space] {key} in {where} must be a list of choices or a {{ min, max }} table (got {v!r}).")
+
+
+def _table(d: dict[str, Any], name: str, keys: tuple[str, ...], where: str) -> dict[str, Any]:
+    t = d.get(name, {})
+    if not isinstance(t, dict):
+        raise MlxllmError(f"[{name}] in {where} must be a table.")
+    unknown = sorted(set(t) - set(keys))
+    if unknown:
+        raise MlxllmError(f"Unknown key(s) {', '.join(unknown)} in [{name}] of {where}. Valid keys: {', '.join(keys)}.")
+    return t
+
+
+def _base(d: dict[str, Any], path: Path | None, where: str) -> RunConfig:
+    t = _table(d, "base", ("config", "model", "tokenizer", "train"), where)
+    if "config" in t:
+        cfg = Path(t["config"])
+        cfg = cfg if cfg.is_absolute() or path is None else path.parent / cfg
+        base = load_config(cfg).to_dict()
+    else:
+        base = load_config(None).to_dict()
+    for section in ("model", "tokenizer", "train"):
+        base[section].update(t.get(section, {}))
+    return RunConfig.from_dict(apply_overrides(base, []))
+
+
+def _absolute(data: str | None, path: Path | None) -> str | None:
+    """Corpus paths made absolute (relative ones from the spec file's folder if not from here), so runs work from anywhere."""
+    if data is None or Path(data).is_absolute():
+        return data
+    for root in (Path.cwd(), path.parent if path else None):
+        if root is not None and (root / data).exists():
+            return str((root / data).resolve())
+    return data
+
+
+def _space(d: dict[str, Any], where: str) -> Space:
+    s = _table(d, "space", SPACE_KEYS, where)
+    for key in ("n_layers", "head_dim", "n_heads"):
+        if key not in s:
+            raise MlxllmError(f"[space] in {where} has no {key}: give its choices (e.g. {key} = [2, 4]) or a {{ min, max }} range.")
+    dims = {k: _dimension(k, s[k], k != "mlp_ratio" and k != "learning_rate", where) for k in s if k != "kv_group"}
+    kv = s.get("kv_group", [1])
+    kv = [kv] if isinstance(kv, int) else kv
+    if not isinstance(kv, list) or not kv or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in kv):
+        raise MlxllmError(f"[space] kv_group in {where} must list positive integers, query heads per KV head (got {kv!r}); 1 is plain multi-head attention.")
+    space = Space(kv_group=tuple(dict.fromkeys(kv)), **dims)
+    odd = [h for h in space.head_dim.candidates() if h % 2]
+    if odd or (isinstance(space.head_dim, Range) and space.head_dim.low != space.head_dim.high):
+        if isinstance(space.head_dim, Range):
+            raise MlxllmError(f"[space] head_dim in {where} must be a list of even sizes (rotary embeddings need even head dims), e.g. head_dim = [16, 32], not a range.")
+        raise MlxllmError(f"[space] head_dim in {where} holds odd sizes {odd}: rotary embeddings need even head dims. Use e.g. head_dim = [16, 32].")
+    heads = space.n_heads.candidates() if isinstance(space.n_heads, Choice) or space.n_heads.high - space.n_heads.low <= 64 else []
+    lonely = [h for h in heads if not space.kv_groups(h)]
+    if lonely:
+        raise MlxllmError(
+            f"[space] in {where}: no kv_group in {list(space.kv_group)} divides n_heads = {lonely}, so those head counts cannot be built. "
+            "Add 1 to kv_group (plain multi-head attention) or drop those head counts."
+        )
+    if isinstance(space.n_heads, Range) and 1 not in space.kv_group:
+        raise MlxllmError(f"[space] in {where}: with a wide n_heads range, kv_group must include 1 so that every head count can be built.")
+    return space
+
+
+def _budget(d: dict[str, Any], base: RunConfig, where: str) -> Budget:
+    b = _table(d, "budget", ("kind", "amount", "eval_interval"), where)
+    kind, amount = b.get("kind", "steps"), b.get("amount")
+    if kind not in BUDGET_KINDS:
+        raise MlxllmError(f"[budget] kind in {where} must be one of {', '.join(BUDGET_KINDS)} (got {kind!r}).")
+    if amount is None:
+        amount = {"steps": base.train.max_steps, "tokens": base.train.max_tokens, "seconds": base.train.max_seconds}[kind]
+    if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount <= 0:
+        raise MlxllmError(f"[budget] amount in {where} must be a positive number of {kind} (got {amount!r}).")
+    eval_interval = b.get("eval_interval", base.train.eval_interval)
+    if not isinstance(eval_interval, int) or eval_interval < 1:
+        raise MlxllmError(f"[budget] eval_interval in {where} must be a positive number of steps (got {eval_interval!r}).")
+    return Budget(kind, amount, eval_interval)
+
+
+def _objectives(t: dict[str, Any], where: str) -> tuple[str, ...]:
+    objectives = t.get("objectives", ["val_loss"])
+    objectives = [objectives] if isinstance(objectives, str) else list(objectives)
+    bad = [o for o in objectives if o not in OBJECTIVES]
+    if bad or "val_loss" not in objectives or len(set(objectives)) != len(objectives):
+        raise MlxllmError(
+            f"[search] objectives in {where} must include val_loss, once, plus any of {', '.join(o for o in OBJECTIVES if o != 'val_loss')} "
+            f"(got {objectives})."
+        )
+    return ("val_loss", *(o for o in objectives if o != "val_loss"))
+
+
+def _settings(d: dict[str, Any], where: str) -> Settings:
+    t = _table(d, "search", ("objectives", "pruner", "sampler", "trials", "seed", "caps", "startup_trials"), where)
+    for key, valid in (("pruner", PRUNERS), ("sampler", SAMPLERS)):
+        if t.get(key, valid[0]) not in valid:
+            raise MlxllmError(f"[search] {key} in {where} must be one of {', '.join(valid)} (got {t[key]!r}).")
+    caps_d = t.get("caps", {})
+    if not isinstance(caps_d, dict) or set(caps_d) - set(CAPS):
+        raise MlxllmError(f"[search.caps] in {where} takes {', '.join(CAPS)} (got {caps_d!r}).")
+    if any(not isinstance(v, (int, float)) or v <= 0 for v in caps_d.values()):
+        raise MlxllmError(f"[search.caps] in {where} must be positive numbers (got {caps_d}).")
+    if "params" in caps_d:
+        caps_d = {**caps_d, "params": int(caps_d["params"])}
+    trials = t.get("trials", 20)
+    if not isinstance(trials, int) or trials < 1:
+        raise MlxllmError(f"[search] trials in {where} must be a positive integer (got {trials!r}).")
+    startup = t.get("startup_trials", 10)
+    if not isinstance(startup, int) or startup < 0:
+        raise MlxllmError(f"[search] startup_trials in {where} must be a non-negative integer (got {startup!r}).")
+    return Settings(_objectives(t, where), t.get("pruner", "hyperband"), t.get("sampler", "tpe"), trials, t.get("seed"),
+                    Caps(**caps_d), startup)
+
+
+def parse_spec(d: dict[str, Any], path: Path | None = None, *, data: str | None = None) -> SearchSpec:
+    """Validate a search spec (as read from TOML); every problem is an MlxllmError saying what to change."""
+    where = str(path) if path else "the search spec"
+    unknown = sorted(set(d) - {"name", "base", "space", "budget", "search"})
+    if unknown:
+        raise MlxllmError(f"Unknown table(s) or key(s) {', '.join(unknown)} in {where}. Valid: name, [base], [space], [budget], [search].")
+    base = _base(d, path, where)
+    base = replace(base, train=replace(base.train, data=_absolute(str(data) if data is not None else base.train.data, path)))
+    space = _space(d, where)
+    budget = _budget(d, base, where)
+    base = replace(base, train=budget.apply(base.train))
+    settings = _settings(d, where)
+    spec = SearchSpec(d.get("name") or (path.stem if path else "search"), base, space, budget, settings, str(path or ""))
+    steps = budget.steps(spec.tokens_per_step)
+    if steps is not None and steps < budget.eval_interval:
+        raise MlxllmError(
+            f"The budget of {budget.amount:g} {budget.kind} ({steps} steps of {spec.tokens_per_step:,} tokens) is shorter than one "
+            f"evaluation interval ({budget.eval_interval} steps), so no trial would be evaluated before it ends and nothing could "
+            "be pruned. Raise [budget] amount or lower [budget] eval_interval."
+        )
+    return spec
+
+
+def load_spec(path: str | Path, *, data: str | None = None) -> SearchSpec:
+    """Read a search spec TOML (see configs/search/)."""
+    path = Path(path)
+    d = read_toml(path, "Search spec", "configs/search/ has examples (tiny.toml, shakespeare.toml).")
+    return parse_spec(d, path, data=data)
