@@ -1,30 +1,40 @@
-"""A run directory on disk: its checkpoints, one directory per step, written under a temporary name
-and renamed into place, and the checks that guard it (overwriting, resuming with other settings).
+"""Checkpoints: one directory per step, written under a temporary name, flushed to the disk, and
+renamed into place, with a checksum of every file, so that neither a crash nor a power cut leaves a
+checkpoint that looks complete but is not.
 
 step_00000100/
   model.safetensors      weights (fp32 master copy)
   optimizer.safetensors  optimizer state (moments, step count, learning rate)
-  state.json             step, tokens seen, elapsed time, data seed, validation loss
+  state.json             step, tokens seen, elapsed time, data seed, validation loss, files' SHA-256
   config.toml            the resolved run config
-  tokenizer.*            the tokenizer the model was trained with
+  tokenizer*             the tokenizer the model was trained with
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
+import signal
+import sys
 from pathlib import Path
-from dataclasses import fields
 from typing import Any
 
 import mlx.core as mx
 
-from mlxllm.config import RunConfig, load_config
 from mlxllm.errors import MlxllmError
 
 PREFIX = "step_"
+DAMAGED = ".damaged-"  # a checkpoint that failed its checksums, set aside (not deleted) at resume
+
+
+def crash_point(where: str, step: int) -> None:
+    """Tests' hook: MLXLLM_CRASH_AT=where:step kills this process here with SIGKILL, at an exact point,
+    as a power cut or the OOM killer would."""
+    if os.environ.get("MLXLLM_CRASH_AT") == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -43,6 +53,37 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / "state.json").read_text())
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def damaged_file(ckpt: Path) -> str | None:
+    """The first file of the checkpoint that is missing or fails its recorded checksum, else None."""
+    try:
+        sums = read_state(ckpt).get("files", {})
+    except (OSError, ValueError):
+        return "state.json"
+    for name, want in sums.items():
+        if not (ckpt / name).is_file() or _sha256(ckpt / name) != want:
+            return name
+    return None
+
+
+def check(ckpt: Path) -> None:
+    """Refuse a damaged checkpoint, naming the file."""
+    bad = damaged_file(ckpt)
+    if bad is not None:
+        raise MlxllmError(
+            f"The checkpoint {ckpt} is damaged: {bad} is missing or does not match the checksum recorded when it "
+            "was written (a crash or a disk problem). Use another checkpoint (--checkpoint latest, or one of "
+            f"{ckpt.parent}), or resume the run, which falls back to the last good one."
+        )
+
+
 def best_checkpoint(run_dir: Path) -> Path | None:
     scored = [(read_state(p).get("val_loss"), p) for p in list_checkpoints(run_dir)]
     scored = [(v, p) for v, p in scored if v is not None]
@@ -52,6 +93,41 @@ def best_checkpoint(run_dir: Path) -> Path | None:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     cks = list_checkpoints(run_dir)
     return cks[-1] if cks else None
+
+
+def choose(path: Path, which: str = "best") -> Path:
+    """The checkpoint directory path names: itself, or a run directory's best (or latest) one."""
+    path = Path(path)
+    if (path / "model.safetensors").exists() and (path / "state.json").exists():
+        return path
+    if not path.is_dir():
+        raise MlxllmError(f"{path} is not a run directory. Pass the --out directory of a finished `mlxllm train`.")
+    chosen = (best_checkpoint(path) if which == "best" else None) or latest_checkpoint(path)
+    if chosen is None:
+        raise MlxllmError(f"{path} holds no checkpoint yet. Train first (`mlxllm train --out {path}`), or check the path.")
+    return chosen
+
+
+def latest_good(run_dir: Path) -> Path | None:
+    """The newest checkpoint that passes its checksums; damaged newer ones are set aside, with a warning."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        bad = damaged_file(ckpt)
+        if bad is None:
+            return ckpt
+        aside = ckpt.with_name(DAMAGED + ckpt.name)
+        shutil.rmtree(aside, ignore_errors=True)
+        ckpt.rename(aside)
+        print(f"Warning: checkpoint {ckpt.name} is damaged ({bad} fails its checksum); it was moved to {aside.name} "
+              "and training resumes from the one before.", file=sys.stderr)
+    return None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(
@@ -71,16 +147,25 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        crash_point("checkpoint", step)
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), optimizer_state)
         for f in extra_files:
             shutil.copy2(f, tmp / f.name)
-        with open(tmp / "state.json", "w") as fh:
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in names:
+            _fsync(tmp / name)
+        state = {**state, "files": {name: _sha256(tmp / name) for name in names}}
+        with open(tmp / "state.json", "w") as fh:  # written last: a checkpoint without it is ignored
             json.dump(state, fh, indent=1)
             fh.flush()
             os.fsync(fh.fileno())
+        _fsync(tmp)
+        old = root / f".old-{final.name}-{os.getpid()}"
         if final.exists():  # the same step saved again (a resumed run that stopped at once)
-            shutil.rmtree(final)
+            os.rename(final, old)
         os.rename(tmp, final)
+        _fsync(root)  # the rename itself reaches the disk
+        shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         why = "the disk is full" if e.errno == errno.ENOSPC else str(e)
@@ -102,40 +187,3 @@ def prune(run_dir: Path, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Make run_dir; an earlier run in it is replaced only with overwrite, continued only with resume."""
-    holds_run = run_dir.exists() and any((run_dir / n).exists() for n in ("config.toml", "checkpoints", "metrics.jsonl"))
-    if holds_run and overwrite:
-        shutil.rmtree(run_dir)
-    elif holds_run and not resume:
-        raise MlxllmError(
-            f"{run_dir} already holds a training run. Pass --resume to continue it, --overwrite to replace it, "
-            "or choose another directory with --out."
-        )
-    elif run_dir.exists() and not run_dir.is_dir():
-        raise MlxllmError(f"{run_dir} is a file, not a directory. Choose another --out.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def check_resume(ckpt: Path, run: RunConfig, data_key: str) -> None:
-    """Refuse to resume the checkpoint with another corpus, tokenizer or model shape than it was trained with."""
-    run_dir = ckpt.parent.parent
-    saved = load_config(ckpt / "config.toml")
-    # The token cache key covers the corpus content and the tokenizer settings.
-    if saved.tokenizer != run.tokenizer or read_state(ckpt).get("data") != data_key:
-        raise MlxllmError(
-            f"Cannot resume {run_dir}: its tokenizer or corpus differs from this one "
-            f"(checkpoint: {saved.tokenizer}, data={saved.train.data!r}; now: {run.tokenizer}, data={run.train.data!r}). "
-            "Resume with the same --data (unchanged) and tokenizer settings, or start a new run with --out or --overwrite."
-        )
-    if saved.model != run.model:
-        diff = [
-            f"{f.name}: checkpoint {getattr(saved.model, f.name)!r}, now {getattr(run.model, f.name)!r}"
-            for f in fields(saved.model)
-            if getattr(saved.model, f.name) != getattr(run.model, f.name)
-        ]
-        raise MlxllmError(
-            f"Cannot resume {run_dir}: the model shape does not match the checkpoint ({'; '.join(diff)}). "
-            "Resume with the run's own config (it is saved as config.toml in the run directory), "
-            "or start a new run with --out or --overwrite."
-        )

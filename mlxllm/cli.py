@@ -45,12 +45,15 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 @friendly
 def train(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config (see configs/).")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Text file, folder of .txt/.md files, or glob.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option(
+        "--data", "-d", help="Text file, folder of .txt/.md files, or glob (repeatable).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: the config's train.out_dir).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
     seconds: Annotated[Optional[float], typer.Option(help="Stop after this much training time.")] = None,
     tokens: Annotated[Optional[int], typer.Option(help="Stop after this many training tokens.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key: section.key=value.")] = None,
+    init_from: Annotated[Optional[str], typer.Option(
+        "--init-from", help="Start from this model: an mlxllm run or checkpoint, or an mlx-lm / Hugging Face Llama directory.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
@@ -61,8 +64,10 @@ def train(
     from mlxllm.trainer import train as run_training
 
     overrides = list(set_ or [])
-    for key, value in (("train.data", data), ("train.out_dir", out), ("train.max_steps", steps),
-                       ("train.max_seconds", seconds), ("train.max_tokens", tokens)):
+    if data:
+        overrides.append(f"train.data={json.dumps(data[0] if len(data) == 1 else data)}")
+    for key, value in (("train.out_dir", out), ("train.max_steps", steps),
+                       ("train.max_seconds", seconds), ("train.max_tokens", tokens), ("train.init_from", init_from)):
         if value is not None:
             overrides.append(f"{key}={json.dumps(str(value)) if isinstance(value, (str, Path)) else value}")
     run = load_config(config, overrides)
@@ -95,22 +100,51 @@ def generate_cmd(
     print(prompt + generate(model, tok, prompt, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
 
 
+@app.command("export")
+@friendly
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (or one checkpoint directory).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The model directory to write (must not exist yet).")],
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
+    quantize: Annotated[Optional[int], typer.Option(help="4 or 8 bits, in mlx-lm's quantized format.")] = None,
+    format_: Annotated[str, typer.Option("--format", help="hf (mlx-lm and transformers) or gguf (llama.cpp).")] = "hf",
+    checkpoint: Annotated[str, typer.Option(help="best or latest.")] = "best",
+) -> None:
+    """Write a trained model as a directory that mlx-lm, transformers or llama.cpp load."""
+    from mlxllm.export import ExportOptions, export
+
+    written = export(run_dir, out, ExportOptions(which=checkpoint, dtype=dtype, quantize=quantize, format=format_))
+    print(f"Exported {run_dir} to {written}")
+
+
+@app.command("plot")
+@friendly
+def plot_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write (default: RUN_DIR/loss_curves.png).")] = None,
+) -> None:
+    """Plot a run's losses, bits per byte and tokens/s against steps, from its metrics.jsonl."""
+    from mlxllm.plot import plot_metrics
+
+    path = plot_metrics(run_dir / "metrics.jsonl", out or run_dir / "loss_curves.png")
+    print(f"wrote {path}")
+
+
 @tokenizer_app.command("train")
 @friendly
 def tokenizer_train(
-    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Text file, folder or glob.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="Text file, folder or glob (repeatable).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the tokenizer to.")] = Path("tokenizer"),
     kind: Annotated[str, typer.Option(help="bpe or byte.")] = "bpe",
     vocab_size: Annotated[int, typer.Option(help="Number of BPE pieces.")] = 2048,
 ) -> None:
     """Train a tokenizer on its own and save it."""
     from mlxllm.config import TokenizerConfig
-    from mlxllm.data import read_blocks, resolve_corpus
+    from mlxllm.corpus import open_corpus
+    from mlxllm.data import corpus_lines
     from mlxllm.tokenizer import train_tokenizer
 
-    files = resolve_corpus(data)
-    lines = (line for f in files for block in read_blocks(f) for line in block.split("\n"))
-    tok = train_tokenizer(lines, TokenizerConfig(kind=kind, vocab_size=vocab_size))
+    tok = train_tokenizer(corpus_lines(open_corpus(data)), TokenizerConfig(kind=kind, vocab_size=vocab_size))
     out.mkdir(parents=True, exist_ok=True)
     tok.save(out)
     print(f"Saved a {kind} tokenizer with {tok.vocab_size} tokens to {out}")

@@ -21,7 +21,7 @@ from mlxllm.errors import MlxllmError
 
 SECTIONS = ("model", "tokenizer", "train")
 ATTENTION_IMPLS = ("auto", "fast", "flash", "tiled", "reference")
-TOKENIZER_KINDS = ("bpe", "byte")
+TOKENIZER_KINDS = ("bpe", "byte", "hf")  # hf: a pretrained model's tokenizer.json (train.init_from)
 DTYPES = ("float32", "bfloat16")
 
 
@@ -126,8 +126,11 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str | None = None  # a file, a folder or a glob; None: the built-in corpus
+    data: str | tuple[str, ...] | None = None  # files, folders or globs; None: the built-in corpus
     out_dir: str = "runs/default"
+    # Start from this model (an mlxllm run or checkpoint, or an mlx-lm / Hugging Face Llama directory):
+    # its shape, weights and tokenizer; the [model] and [tokenizer] tables are then not used.
+    init_from: str | None = None
     batch_size: int = 16
     seq_len: int | None = None  # None: the model's max_seq_len
     grad_accum: int = 1
@@ -156,6 +159,8 @@ class TrainConfig:
     sample_prompt: str = ""
 
     def __post_init__(self) -> None:
+        if isinstance(self.data, list):  # from TOML: kept as a tuple, so that the config stays hashable
+            object.__setattr__(self, "data", tuple(self.data))
         positive = ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval", "keep_last")
         problems = [
             f"{name} must be a positive integer (got {getattr(self, name)!r})"
@@ -284,6 +289,8 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {v!r} as TOML")
 
 

@@ -6,30 +6,18 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlxllm import checkpoint as ckpt
-from mlxllm.config import load_config
-from mlxllm.errors import MlxllmError
+from mlxllm import pretrained
 from mlxllm.model import Transformer
-from mlxllm.tokenizer import Tokenizer, load_tokenizer
+from mlxllm.tokenizer import Tokenizer
 
 
 def load(path: str | Path, which: str = "best") -> tuple[Transformer, Tokenizer]:
-    """Model and tokenizer from a run directory ('best' or 'latest' checkpoint) or a checkpoint directory."""
-    path = Path(path)
-    if (path / "model.safetensors").exists():
-        chosen = path
-    else:
-        if not path.is_dir():
-            raise MlxllmError(f"{path} is not a run directory. Pass the --out directory of a finished `mlxllm train`.")
-        chosen = (ckpt.best_checkpoint(path) if which == "best" else None) or ckpt.latest_checkpoint(path)
-        if chosen is None:
-            raise MlxllmError(f"{path} holds no checkpoint yet. Train first (`mlxllm train --out {path}`), or check the path.")
-    run = load_config(chosen / "config.toml")
-    model = Transformer(run.model)
-    model.load_weights(str(chosen / "model.safetensors"))
-    mx.eval(model.parameters())
+    """Model and tokenizer from a run directory ('best' or 'latest' checkpoint), a checkpoint directory,
+    or an mlx-lm / Hugging Face Llama directory."""
+    found = pretrained.find(path, which)
+    model = pretrained.build(found)
     model.eval()
-    return model, load_tokenizer(chosen)
+    return model, found.tokenizer
 
 
 def sample_next(logits: mx.array, temperature: float, top_k: int | None, top_p: float | None, key: mx.array) -> mx.array:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Iterable, Iterator
@@ -22,6 +23,7 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
     def save(self, directory: Path) -> None: ...
+    def fingerprint(self) -> str: ...  # names the tokenizer in the token cache's key
 
 
 class ByteTokenizer:
@@ -38,6 +40,9 @@ class ByteTokenizer:
 
     def save(self, directory: Path) -> None:
         (directory / "tokenizer.json").write_text(json.dumps({"kind": "byte"}))
+
+    def fingerprint(self) -> str:
+        return "byte"
 
 
 class SentencePieceTokenizer:
@@ -57,6 +62,54 @@ class SentencePieceTokenizer:
         (directory / "tokenizer.model").write_bytes(self.proto)
         (directory / "tokenizer.json").write_text(json.dumps({"kind": "bpe", "vocab_size": self.vocab_size}))
 
+    def fingerprint(self) -> str:
+        return "sentencepiece:" + hashlib.sha256(self.proto).hexdigest()
+
+
+class HFTokenizer:
+    """An imported model's own Hugging Face tokenizer.json, through the tokenizers library."""
+
+    def __init__(self, text: str, eos_id: int):
+        from tokenizers import Tokenizer as HFT
+
+        self.text = text
+        self.tk = HFT.from_str(text)
+        self.vocab_size = self.tk.get_vocab_size()
+        self.eos_id = eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def save(self, directory: Path) -> None:
+        (directory / "tokenizer.json").write_text(self.text)
+        config = {"eos_token": self.tk.id_to_token(self.eos_id)}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+    def fingerprint(self) -> str:
+        return "tokenizers:" + hashlib.sha256(self.text.encode()).hexdigest()
+
+
+# sentencepiece drops every training "sentence" longer than its max_sentence_length (4,192 bytes by
+# default), which leaves nothing to learn from in minified text, JSON lines or CJK prose without
+# line breaks. Longer lines are cut into pieces of at most SENTENCE_CHARS characters (at a space
+# where there is one), each at most 4 bytes a character within MAX_SENTENCE_BYTES.
+SENTENCE_CHARS = 2048
+MAX_SENTENCE_BYTES = 4 * SENTENCE_CHARS
+
+
+def training_sentences(line: str) -> Iterator[str]:
+    """line in pieces sentencepiece trains on: no longer than SENTENCE_CHARS characters."""
+    while len(line) > SENTENCE_CHARS:
+        cut = line.rfind(" ", SENTENCE_CHARS // 2, SENTENCE_CHARS)
+        cut = cut if cut > 0 else SENTENCE_CHARS
+        yield line[:cut]
+        line = line[cut:]
+    if line:
+        yield line
+
 
 def train_tokenizer(lines: Iterator[str], cfg: TokenizerConfig) -> Tokenizer:
     """Train on an iterator of lines (sampled by sentencepiece, so a huge corpus is fine)."""
@@ -65,7 +118,8 @@ def train_tokenizer(lines: Iterator[str], cfg: TokenizerConfig) -> Tokenizer:
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=(line for line in lines if line.strip()),
+            sentence_iterator=(piece for line in lines if line.strip() for piece in training_sentences(line)),
+            max_sentence_length=MAX_SENTENCE_BYTES,
             model_writer=model,
             model_type="bpe",
             vocab_size=cfg.vocab_size,
@@ -96,14 +150,50 @@ def train_tokenizer(lines: Iterator[str], cfg: TokenizerConfig) -> Tokenizer:
     return SentencePieceTokenizer(model.getvalue())
 
 
+def _hf_eos(directory: Path, text: str) -> int:
+    """The end-of-sequence id of a Hugging Face tokenizer: from config.json, else tokenizer_config.json."""
+    def read(name: str) -> dict:
+        try:
+            return json.loads((directory / name).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    eos = read("config.json").get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    if isinstance(eos, int):
+        return eos
+    token = read("tokenizer_config.json").get("eos_token")
+    token = token.get("content") if isinstance(token, dict) else token
+    from tokenizers import Tokenizer as HFT
+
+    eos = HFT.from_str(text).token_to_id(token) if isinstance(token, str) else None
+    if eos is None:
+        raise MlxllmError(
+            f"The tokenizer in {directory} names no end-of-sequence token (eos_token_id in config.json or eos_token in "
+            "tokenizer_config.json), which training and generation need. Add one and try again."
+        )
+    return eos
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """The tokenizer saved in directory: mlxllm's own, or a Hugging Face tokenizer.json."""
     directory = Path(directory)
     meta_path = directory / "tokenizer.json"
     if not meta_path.exists():
+        if (directory / "tokenizer.model").exists():  # a sentencepiece model on its own
+            return SentencePieceTokenizer((directory / "tokenizer.model").read_bytes())
         raise MlxllmError(f"No tokenizer in {directory} (tokenizer.json is missing). Is this an mlxllm run directory?")
-    kind = json.loads(meta_path.read_text()).get("kind")
+    text = meta_path.read_text()
+    try:
+        meta = json.loads(text)
+    except ValueError:
+        raise MlxllmError(f"{meta_path} is not valid JSON. Restore the tokenizer files from the model's source.") from None
+    kind = meta.get("kind") if isinstance(meta, dict) else None
     if kind == "byte":
         return ByteTokenizer()
     if kind == "bpe":
         return SentencePieceTokenizer((directory / "tokenizer.model").read_bytes())
+    if isinstance(meta, dict) and "model" in meta:  # Hugging Face's format
+        return HFTokenizer(text, _hf_eos(directory, text))
     raise MlxllmError(f"Unknown tokenizer kind {kind!r} in {meta_path}.")

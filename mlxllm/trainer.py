@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxllm import checkpoint as ckpt
 from mlxllm import data as data_mod
+from mlxllm import pretrained, rundir
 from mlxllm.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig, dump_toml
 from mlxllm.cpu.streams import blas_threads_for, stream_count
 from mlxllm.data import TokenData
@@ -23,6 +24,7 @@ from mlxllm.device import peak_flops
 from mlxllm.errors import MlxllmError
 from mlxllm.memory import check_fits, configure_cache, describe as describe_memory, estimate_memory, set_wired_limit
 from mlxllm.model import Transformer, build_model
+from mlxllm.pretrained import Pretrained
 from mlxllm.progress import Reporter
 from mlxllm.step import evaluate, lr_at, make_eval, make_optimizer, make_step
 
@@ -61,6 +63,7 @@ class _Run:
     best_val: float | None = None
     last_good: Path | None = None
     start: float = field(default_factory=time.perf_counter)
+    lock: IO[str] | None = None  # the run directory's, held while training
 
     @property
     def cfg(self) -> TrainConfig:
@@ -102,41 +105,89 @@ class _Run:
         state = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed(), "seed": self.cfg.seed,
                  "data": self.data.directory.name, "val_loss": val.get("val_loss"), "val_bpb": val.get("val_bpb"),
                  "best_val_loss": self.best_val}
-        extra_files = [self.run_dir / "config.toml", *sorted(self.run_dir.glob("tokenizer.*"))]
+        extra_files = [self.run_dir / "config.toml", *sorted(self.run_dir.glob("tokenizer*"))]
         weights, opt_state = dict(tree_flatten(self.model.parameters())), dict(tree_flatten(self.optimizer.state))
         self.last_good = ckpt.save_checkpoint(self.run_dir, self.step, weights, opt_state, state, extra_files)
         ckpt.prune(self.run_dir, self.cfg.keep_last)
 
 
-def _open_run(run: RunConfig, resume: bool, overwrite: bool, data: TokenData | None, quiet: bool) -> _Run:
-    """Check the settings, tokenize the corpus, and build the model (or restore it from the last checkpoint)."""
-    cfg = run.train
-    seq_len = cfg.seq_len or run.model.max_seq_len
+def _pretrained(run: RunConfig, latest: Path | None) -> Pretrained | None:
+    """The model a run starts from (train.init_from); when resuming, as its own checkpoint holds it."""
+    if not run.train.init_from:
+        if run.tokenizer.kind == "hf":
+            raise MlxllmError("tokenizer.kind = hf means a pretrained model's own tokenizer: set train.init_from "
+                              "(--init-from PATH) to that model, or choose tokenizer.kind = bpe or byte.")
+        return None
+    source = pretrained.find(latest or run.train.init_from)
+    if source.quantization:
+        raise MlxllmError(f"{source.source} is quantized, and a quantized model cannot be trained further. "
+                          "Start from the unquantized model (export it without --quantize).")
+    return source
+
+
+def _with_source(run: RunConfig, latest: Path | None) -> tuple[RunConfig, Pretrained | None]:
+    """The run with its starting model's shape and tokenizer (train.init_from), checked."""
+    source = _pretrained(run, latest)
+    if source is not None:  # its shape and tokenizer; the device's attention as configured here
+        run = replace(run, model=replace(source.config, attention=run.model.attention), tokenizer=source.tokenizer_config)
+    seq_len = run.train.seq_len or run.model.max_seq_len
     if seq_len > run.model.max_seq_len:
         raise MlxllmError(f"train.seq_len ({seq_len}) exceeds model.max_seq_len ({run.model.max_seq_len}); raise max_seq_len or shorten seq_len.")
-    run_dir = Path(cfg.out_dir)
-    ckpt.prepare_run_dir(run_dir, resume, overwrite)
+    return run, source
+
+
+def _build_run(run: RunConfig, source: Pretrained | None, latest: Path | None, data: TokenData | None,
+               quiet: bool) -> _Run:
+    """Tokenize the corpus and build the model (or restore it from the last checkpoint)."""
+    cfg, run_dir = run.train, Path(run.train.out_dir)
+    seq_len = cfg.seq_len or run.model.max_seq_len
     if data is None:
-        data = data_mod.prepare(cfg.data, run.tokenizer, val_fraction=cfg.val_fraction, quiet=quiet)
+        data = data_mod.prepare(cfg.data, run.tokenizer, val_fraction=cfg.val_fraction, quiet=quiet,
+                                tokenizer=source.tokenizer if source else None)
     data_mod.check_length(data, seq_len)
-    run = replace(run, model=replace(run.model, vocab_size=data.tokenizer.vocab_size))
+    if source is None:
+        run = replace(run, model=replace(run.model, vocab_size=data.tokenizer.vocab_size))
     check_fits(_memory(run, seq_len), cfg.batch_size, seq_len)  # refuses, with a suggestion, what cannot fit
     set_wired_limit()  # Apple silicon: keep the working set wired, as mlx-lm does
     configure_cache()  # CPU: reuse freed activation buffers instead of page-faulting them back every step
 
-    latest = ckpt.latest_checkpoint(run_dir) if resume else None
     if latest is not None:
-        ckpt.check_resume(latest, run, data.directory.name)
+        rundir.check_resume(latest, run, data.directory.name)
     data.tokenizer.save(run_dir)
     (run_dir / "config.toml").write_text(dump_toml(run))
 
     mx.random.seed(cfg.seed)
-    model = build_model(run.model, seed=cfg.seed)
+    if source is not None and latest is None:
+        model = pretrained.build(source, attention=run.model.attention)
+    else:
+        model = build_model(run.model, seed=cfg.seed)
     optimizer = make_optimizer(cfg)
     optimizer.init(model.trainable_parameters())
     r = _Run(run, run_dir, data, seq_len, model, optimizer)
     if latest is not None:
         r.restore(latest)
+    rundir.keep_metrics_until(run_dir, r.step)  # rows logged after that checkpoint come again
+    return r
+
+
+def _open_run(run: RunConfig, resume: bool, overwrite: bool, data: TokenData | None, quiet: bool) -> _Run:
+    """Lock the run directory, check the settings, and set the run up; nothing is written (or
+    replaced) before the settings pass their checks."""
+    run_dir, source = Path(run.train.out_dir), None
+    if not resume:
+        run, source = _with_source(run, None)
+    lock = rundir.lock_run_dir(run_dir, resume, overwrite)
+    try:
+        latest = ckpt.latest_good(run_dir) if resume and not overwrite else None
+        if resume:
+            run, source = _with_source(run, latest)
+        if overwrite:
+            rundir.clear(run_dir)
+        r = _build_run(run, source, latest, data, quiet)
+    except BaseException:
+        lock.close()
+        raise
+    r.lock = lock
     return r
 
 
@@ -221,6 +272,7 @@ def _loop(r: _Run, reporter: Reporter, callback: Callback | None, peak: float) -
                 r.save(out.last_val)
                 window = _Window(time.perf_counter())  # evaluation and saving are not training time
             reporter.log(metrics)
+            ckpt.crash_point("step", r.step)
             if at_eval and callback is not None and callback(metrics):
                 out.stopped_by = "callback"
                 break
@@ -263,14 +315,17 @@ def train(
         model=model_config or ModelConfig(), train=train_config or TrainConfig(), tokenizer=tokenizer_config or TokenizerConfig()
     )
     r = _open_run(run, resume, overwrite, data, quiet=not show_progress)
-    peak, _ = peak_flops(r.cfg.dtype)  # measured (once per machine) with the BLAS's own thread count
-    reporter = Reporter(r.run_dir, r.total_steps, start_step=r.step, show=show_progress)
-    reporter.message(_describe(r))
     try:
-        with blas_threads_for(stream_count(r.cfg, r.run.model)):
-            out = _loop(r, reporter, callback, peak)
+        peak, _ = peak_flops(r.cfg.dtype)  # measured (once per machine) with the BLAS's own thread count
+        reporter = Reporter(r.run_dir, r.total_steps, start_step=r.step, show=show_progress)
+        reporter.message(_describe(r))
+        try:
+            with blas_threads_for(stream_count(r.cfg, r.run.model)):
+                out = _loop(r, reporter, callback, peak)
+        finally:
+            reporter.close()
     finally:
-        reporter.close()
+        r.lock.close()
     result = TrainResult(
         run_dir=r.run_dir, step=r.step, tokens=r.tokens, elapsed=r.elapsed(), val_loss=out.last_val.get("val_loss"),
         val_bpb=out.last_val.get("val_bpb"), best_val_loss=r.best_val, tokens_per_sec=out.tokens_per_sec,

@@ -1,9 +1,11 @@
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mlxllm import MlxllmError
+from mlxllm import corpus as corpus_mod
 from mlxllm import data as data_mod
 from mlxllm.config import TokenizerConfig
 
@@ -15,13 +17,13 @@ def test_file_folder_and_glob(tmp_path: Path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.md").write_text("beta\n")
     (tmp_path / "sub" / "c.bin").write_bytes(b"\0\1")
-    assert data_mod.resolve_corpus(tmp_path / "a.txt") == [tmp_path / "a.txt"]
-    assert data_mod.resolve_corpus(tmp_path) == [tmp_path / "a.txt", tmp_path / "sub" / "b.md"]
-    assert data_mod.resolve_corpus(str(tmp_path / "**" / "*.md")) == [tmp_path / "sub" / "b.md"]
+    assert corpus_mod.resolve_corpus(tmp_path / "a.txt") == [tmp_path / "a.txt"]
+    assert corpus_mod.resolve_corpus(tmp_path) == [tmp_path / "a.txt", tmp_path / "sub" / "b.md"]
+    assert corpus_mod.resolve_corpus(str(tmp_path / "**" / "*.md")) == [tmp_path / "sub" / "b.md"]
 
 
 def test_default_corpus_is_offline_and_sizeable():
-    files = data_mod.default_corpus()
+    files = corpus_mod.default_corpus()
     assert files and all(f.exists() for f in files)
     assert sum(f.stat().st_size for f in files) >= 1_000_000
 
@@ -44,11 +46,11 @@ def test_tokens_cached_by_content_and_split_deterministic(corpus: Path, tmp_path
 
 
 def test_streams_corpus_larger_than_a_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(data_mod, "BLOCK_BYTES", 1000)  # many blocks, as with a corpus larger than RAM
+    monkeypatch.setattr(corpus_mod, "BLOCK_BYTES", 1000)  # many blocks, as with a corpus larger than RAM
     path = tmp_path / "big.txt"
     lines = [f"line {i} of the corpus" for i in range(2000)]
     path.write_text("\n".join(lines) + "\n")
-    blocks = list(data_mod.read_blocks(path))
+    blocks = list(corpus_mod.read_blocks(path))
     assert len(blocks) > 40 and "".join(blocks) == path.read_text()
     d = data_mod.prepare(path, BYTE)
     total = len(d.train) + len(d.val)
@@ -85,9 +87,9 @@ def test_bad_corpora_are_explained(tmp_path: Path, content: bytes, needle: str):
 
 def test_missing_corpus(tmp_path: Path):
     with pytest.raises(MlxllmError, match="does not exist"):
-        data_mod.resolve_corpus(tmp_path / "nope.txt")
+        corpus_mod.resolve_corpus(tmp_path / "nope.txt")
     with pytest.raises(MlxllmError, match="no text files"):
-        data_mod.resolve_corpus(tmp_path)
+        corpus_mod.resolve_corpus(tmp_path)
 
 
 def test_corpus_shorter_than_a_context_window(tmp_path: Path):
@@ -96,3 +98,26 @@ def test_corpus_shorter_than_a_context_window(tmp_path: Path):
     d = data_mod.prepare(path, BYTE)
     with pytest.raises(MlxllmError, match="too short"):
         data_mod.check_length(d, 64)
+
+
+def test_a_folder_skips_binary_files_and_decodes_other_encodings(tmp_path: Path, capsys: pytest.CaptureFixture):
+    (tmp_path / "a.txt").write_text("plain UTF-8 text, café\n" * 50)
+    (tmp_path / "blob.txt").write_bytes(b"PK\x03\x04\0\0binary" * 20)
+    (tmp_path / "latin.txt").write_bytes("café crème, naïve\n".encode("latin-1") * 50)
+    d = data_mod.prepare(tmp_path, BYTE, quiet=True)
+    warning = capsys.readouterr().err
+    assert "blob.txt" in warning and "latin.txt (cp1252)" in warning and "a.txt" not in warning.replace("latin.txt", "")
+    text = np.concatenate([np.asarray(d.train), np.asarray(d.val)])
+    decoded = bytes(int(t) for t in text if t < 256).decode()
+    assert "café crème, naïve" in decoded and "binary" not in decoded  # the Latin-1 file, as text
+    assert json.loads((d.directory / "meta.json").read_text())["skipped"] == [str(tmp_path / "blob.txt")]
+    several = corpus_mod.resolve_corpus([tmp_path / "a.txt", str(tmp_path / "*.txt")])
+    assert several == [tmp_path / "a.txt", tmp_path / "latin.txt"]  # each file once, binary left out
+
+
+def test_a_very_long_line_is_cut_between_characters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(corpus_mod, "BLOCK_BYTES", 100)
+    path = tmp_path / "one-line.txt"
+    path.write_text("日本語のテキスト🎉 " * 200)  # no line break, multi-byte characters
+    blocks = list(corpus_mod.read_blocks(path))
+    assert len(blocks) > 3 and "".join(blocks) == path.read_text()

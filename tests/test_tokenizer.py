@@ -1,11 +1,13 @@
+import random
 from pathlib import Path
 
 import pytest
+from conftest import make_corpus, tiny_configs
 from typer.testing import CliRunner
 
-from mlxllm import MlxllmError
+from mlxllm import MlxllmError, train
 from mlxllm.config import TokenizerConfig
-from mlxllm.tokenizer import ByteTokenizer, load_tokenizer, train_tokenizer
+from mlxllm.tokenizer import ByteTokenizer, load_tokenizer, train_tokenizer, training_sentences
 
 
 def test_bpe_round_trips_unseen_text_through_byte_fallback(corpus: Path, tmp_path: Path):
@@ -42,3 +44,28 @@ def test_tokenizer_train_command(corpus: Path, tmp_path: Path):
     assert result.exit_code == 0, result.output
     tok = load_tokenizer(out)
     assert tok.decode(tok.encode("a dog finds")) == "a dog finds"
+
+
+def _one_line(kind: str) -> str:
+    if kind == "english":  # ~300 KB of sentences, single spaces, no line break
+        return make_corpus(7000).replace("\n", " ")
+    rng = random.Random(0)  # ~256 KB of Japanese, emoji and accented words, no line break
+    words = ["日本語", "のテキスト", "東京", "は", "美しい", "🎉", "🐍", "café", "naïve", "crème", "señor", "。"]
+    return "".join(rng.choice(words) for _ in range(40_000))
+
+
+@pytest.mark.parametrize("kind", ["english", "cjk"])
+def test_a_corpus_of_one_long_line_trains_with_bpe(tmp_path: Path, kind: str):
+    text = _one_line(kind)
+    path = tmp_path / "one-line.txt"
+    path.write_text(text)
+    assert "\n" not in text and len(text.encode()) > 250_000
+    m, t, _ = tiny_configs(path, tmp_path / "run", max_steps=30, eval_interval=15)
+    result = train(m, t, TokenizerConfig(kind="bpe", vocab_size=512), show_progress=False)
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
+    tok = load_tokenizer(tmp_path / "run")
+    assert tok.vocab_size > 300  # merges were learned, not just the byte pieces
+    pieces = list(training_sentences(text))
+    assert len(pieces) > 10 and "".join(pieces) == text
+    if kind == "english":  # cut at spaces: the line encodes as its pieces do
+        assert tok.encode(text) == [i for p in pieces for i in tok.encode(p)]
