@@ -48,3 +48,24 @@ def attention(
     if impl == "tiled":
         return kernels.tiled_attention(q, k, v, scale=scale, causal=causal)
     raise MlxllmError(f"Unknown attention implementation {impl!r}; choose one of {', '.join(ATTENTION_IMPLS)}.")
+
+
+def decode_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, visible: mx.array) -> mx.array:
+    """Attention of L new tokens over whole KV-cache buffers, for a traced decode step.
+
+    q: (B, H, L, D); k, v: (B, Hkv, S, D) buffers, of which each query attends to the positions
+    `visible` (L, S) marks: its own and those before it that hold tokens. Shapes do not depend on
+    the position, so a compiled step is traced once per buffer size, not once per token."""
+    if kernels.gpu_backend() is not None:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=visible)
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    if Hkv != H:  # group the query heads instead of repeating K/V in memory
+        q = q.reshape(B, Hkv, H // Hkv, L, D)
+        k, v = k[:, :, None], v[:, :, None]
+    # On the CPU every op of a one-token step costs more in dispatch than in arithmetic: the scale
+    # and mask are one fused kernel and MLX's own softmax one more (the mlxllm.cpu fast exp that
+    # training uses would be several).
+    scores = mx.where(visible, (q @ k.swapaxes(-1, -2)) * scale, mx.array(-mx.inf, q.dtype))
+    out = mx.softmax(scores.astype(mx.float32), axis=-1).astype(v.dtype) @ v
+    return out.reshape(B, H, L, D)

@@ -159,17 +159,18 @@ def info() -> None:
     from mlxllm.config import ModelConfig, TrainConfig
     from mlxllm.cpu import blas
     from mlxllm.cpu.streams import stream_count
-    from mlxllm.device import backend, device_name, peak_flops
+    from mlxllm.device import backend, describe_cpu, device_name, peak_flops
 
     peak, source = peak_flops()
     print(f"mlx {mx.__version__}, device {device_name()} ({backend()})")
+    print(f"CPU: {describe_cpu()}")
     print(f"BLAS: {blas.describe()}")
     print(f"peak fp32 matmul: {peak / 1e9:,.0f} GFLOP/s ({source})")
     big = ModelConfig(vocab_size=65, n_layers=4, d_model=256, n_heads=4, max_seq_len=256)
     streams = stream_count(TrainConfig(), big)
     print(f"training streams (train.cpu_streams=0; a 4 x 256 model, context 256, batch 16): {streams}")
-    if sys.platform.startswith("linux") and not blas.loaded:
-        print(blas.HINT)
+    if blas.warning():
+        err.print("[bold yellow]Warning:[/] " + escape(blas.warning()), highlight=False, soft_wrap=True)
 
 
 @bench_app.command("attention")
@@ -200,6 +201,32 @@ def bench_train_cmd(ctx: typer.Context) -> None:
     from mlxllm.bench.train import main as bench_main
 
     bench_main(list(ctx.args))
+
+
+@bench_app.command("generate")
+@friendly
+def bench_generate_cmd(
+    run: Annotated[Optional[Path], typer.Option(help="A trained run directory (default: a random init of the default architecture, vocab 2048).")] = None,
+    tokens: Annotated[int, typer.Option(help="New tokens per run.")] = 200,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random ids).")] = 32,
+    rounds: Annotated[int, typer.Option(help="Measured rounds of each implementation (median reported).")] = 5,
+    layers: Annotated[Optional[int], typer.Option(help="Random init: n_layers.")] = None,
+    d_model: Annotated[Optional[int], typer.Option(help="Random init: d_model.")] = None,
+    heads: Annotated[Optional[int], typer.Option(help="Random init: n_heads.")] = None,
+    kv_heads: Annotated[Optional[int], typer.Option(help="Random init: n_kv_heads.")] = None,
+    vocab: Annotated[Optional[int], typer.Option(help="Random init: vocab_size.")] = None,
+    context: Annotated[Optional[int], typer.Option(help="Random init: max_seq_len.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random init and the prompt.")] = 0,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+) -> None:
+    """Generation speed side by side: mlxllm's decoding and mlx-lm's on the same weights, prompt and decode tokens/s."""
+    from mlxllm.bench.generate import architecture, main as bench_main
+
+    cfg = architecture({"n_layers": layers, "d_model": d_model, "n_heads": heads, "n_kv_heads": kv_heads,
+                        "vocab_size": vocab, "max_seq_len": context})
+    if run is not None and cfg is not None:
+        raise MlxllmError("--run uses the run's own architecture; drop --layers/--d-model/--heads/--kv-heads/--vocab/--context.")
+    bench_main(run, cfg, json_path=json_path, prompt_tokens=prompt_tokens, tokens=tokens, rounds=rounds, seed=seed)
 
 
 def _load_plugins() -> None:

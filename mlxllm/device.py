@@ -68,14 +68,44 @@ def device_name() -> str:
     return f"{kind}:{info().get('device_name', 'gpu')}"
 
 
-def _cpu_model() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The first value of a /proc/cpuinfo field (Linux), else None."""
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == field:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "unknown"
+    return None
+
+
+def _cpu_model() -> str:
+    return _cpuinfo("model name") or _apple_chip() or platform.processor() or "unknown"
+
+
+# fp32 lanes of one vector FMA, by the widest SIMD the CPU reports.
+_SIMD_LANES = (("avx512f", "AVX-512", 16), ("avx2", "AVX2", 8), ("sse2", "SSE2", 4))
+
+
+def cpu_facts() -> dict[str, Any]:
+    """The CPU's model, SIMD level, cores, clock and theoretical fp32 peak (cores x 2 FMA units x lanes
+    x 2 FLOPs x clock; None where the clock or the SIMD level cannot be read)."""
+    flags = set((_cpuinfo("flags") or "").split())
+    simd, lanes = next(((name, n) for flag, name, n in _SIMD_LANES if flag in flags), (None, None))
+    if simd is None and platform.machine() in ("arm64", "aarch64"):
+        simd, lanes = "NEON", 4
+    mhz = _cpuinfo("cpu MHz")
+    ghz = float(mhz) / 1000 if mhz else None
+    cores, has_fma = usable_cores(), "fma" in flags or simd == "NEON"
+    peak = cores * 2 * lanes * 2 * ghz * 1e9 if lanes and ghz and has_fma else None
+    return {"model": _cpu_model(), "simd": simd or "unknown", "cores": cores, "ghz": ghz, "theoretical_peak": peak}
+
+
+def describe_cpu() -> str:
+    f = cpu_facts()
+    clock = f"{f['ghz']:.2f} GHz" if f["ghz"] else "clock unknown"
+    peak = f", theoretical fp32 peak {f['theoretical_peak'] / 1e9:,.0f} GFLOP/s" if f["theoretical_peak"] else ""
+    return f"{f['model']} ({f['simd']}, {f['cores']} cores, {clock}{peak})"
 
 
 def _apple_chip() -> str | None:
@@ -128,4 +158,9 @@ def peak_flops(dtype: str = "float32") -> tuple[float, str]:
         cached[key] = measure_matmul_flops(dtype=getattr(mx, dtype))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cached, indent=1))
+    theory = cpu_facts()["theoretical_peak"] if kind == "cpu" else None
+    # MFU is against what the machine can do, not what the BLAS in use does: a slow BLAS (or a
+    # single-threaded one) must not make its own slowness look like full use.
+    if theory and theory > cached[key]:
+        return theory, "theoretical (cores x FMA width x clock)"
     return cached[key], "measured 1024x1024 matmul"

@@ -12,10 +12,11 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxllm import ops
-from mlxllm.attention import attention
+from mlxllm.attention import attention, decode_attention
 from mlxllm.config import ModelConfig
 from mlxllm.errors import MlxllmError
 
@@ -23,23 +24,79 @@ __all__ = ["KVCache", "ModelConfig", "Transformer", "build_model", "init_weights
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, for one layer."""
+    """Keys and values of the tokens seen so far, for one layer.
 
-    def __init__(self) -> None:
+    They live in buffers (B, Hkv, capacity, D) that grow `step` positions at a time and are written
+    in place, so a decoded token costs one small write instead of a copy of everything before it.
+    `update` appends at `offset` and returns the keys and values so far (a prompt, any eager call).
+    A cache made by `fixed` is for a traced decode step instead: it writes at a position held in an
+    array and attends over the whole buffers with a mask, so that the step's shapes, and with them
+    its compiled graph, are the same at every position.
+    """
+
+    step = 256
+
+    def __init__(self, step: int | None = None) -> None:
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
+        self.offset = 0  # tokens written
+        self.at: mx.array | None = None  # `fixed` only: (1,) int32, where the new tokens go
+        self.visible: mx.array | None = None  # `fixed` only: (L, capacity) bool, what they attend to
+        if step is not None:
+            self.step = step
+
+    @classmethod
+    def fixed(cls, keys: mx.array, values: mx.array, at: mx.array, visible: mx.array) -> KVCache:
+        """A cache over whole buffers that writes the next L tokens from position `at` (a (1,) int32
+        array) and lets them attend to the positions `visible` marks (see `visible_mask`)."""
+        cache = cls()
+        cache.keys, cache.values, cache.at, cache.visible = keys, values, at, visible
+        return cache
+
+    @staticmethod
+    def visible_mask(offset: int, length: int, capacity: int) -> mx.array:
+        """(length, capacity): True where the token at offset + i may attend (positions <= its own)."""
+        return mx.array(np.arange(capacity)[None] <= offset + np.arange(length)[:, None])
 
     @property
-    def offset(self) -> int:
+    def capacity(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
+    @property
+    def position(self) -> int | mx.array:
+        """Position of the next token: `offset`, or the array `at` in a `fixed` cache."""
+        return self.offset if self.at is None else self.at
+
+    def reserve(self, n: int) -> None:
+        """Grow the buffers (once there are any) so that n more tokens fit."""
+        if self.keys is not None and self.offset + n > self.capacity:
+            self._grow(self.offset + n, self.keys, self.values)
+
+    def _grow(self, needed: int, k: mx.array, v: mx.array) -> None:
+        # New buffers of `needed` positions rounded up to whole steps, shaped and typed like k and v,
+        # holding the tokens so far.
+        B, H, _, D = k.shape
+        size = -(-needed // self.step) * self.step
+        keys, values = mx.zeros((B, H, size, D), k.dtype), mx.zeros((B, H, size, v.shape[3]), v.dtype)
+        if self.offset:
+            keys[..., : self.offset, :] = self.keys[..., : self.offset, :]
+            values[..., : self.offset, :] = self.values[..., : self.offset, :]
+        self.keys, self.values = keys, values
+
     def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        if self.keys is None:
-            self.keys, self.values = k, v
-        else:
-            self.keys = mx.concatenate([self.keys, k], axis=2)
-            self.values = mx.concatenate([self.values, v], axis=2)
-        return self.keys, self.values
+        """Write k, v (B, Hkv, L, D) after the tokens so far; the keys and values to attend to (in a
+        `fixed` cache, the whole buffers)."""
+        if self.at is not None:
+            self.keys = mx.slice_update(self.keys, k, self.at, axes=(2,))
+            self.values = mx.slice_update(self.values, v, self.at, axes=(2,))
+            return self.keys, self.values
+        start, end = self.offset, self.offset + k.shape[2]
+        if end > self.capacity:
+            self._grow(end, k, v)
+        self.keys[..., start:end, :] = k
+        self.values[..., start:end, :] = v
+        self.offset = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
 
 
 class Attention(nn.Module):
@@ -60,13 +117,27 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        # Llama's rotate-half layout keeps q_proj/k_proj in checkpoint order.
-        offset = None if cache is None else cache.offset
-        q, k = ops.rope(q, base=self.rope_theta, offset=offset), ops.rope(k, base=self.rope_theta, offset=offset)
         if cache is not None:
-            k, v = cache.update(k, v)
+            return self.o_proj(self._cached(q, k, v, cache))
+        # Llama's rotate-half layout keeps q_proj/k_proj in checkpoint order.
+        q, k = ops.rope(q, base=self.rope_theta, offset=None), ops.rope(k, base=self.rope_theta, offset=None)
         out = attention(q, k, v, scale=self.scale, causal=True, impl=self.impl)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _cached(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache) -> mx.array:
+        """The new tokens' attention to the cached ones and themselves, (B, L, H * D)."""
+        B, L = q.shape[:2]
+        position = cache.position
+        end = position + L if isinstance(position, int) else cache.capacity  # bounds the positions
+        q = ops.rope_at(q, base=self.rope_theta, offset=position, end=end)
+        k = ops.rope_at(k, base=self.rope_theta, offset=position, end=end)
+        keys, values = cache.update(k, v)
+        if cache.visible is None:
+            out = attention(q, keys, values, scale=self.scale, causal=True, impl=self.impl)
+        else:
+            out = decode_attention(q, keys, values, scale=self.scale, visible=cache.visible)
+        # (B, H, L, D) -> (B, L, H * D); with one token, the same memory order.
+        return out.reshape(B, L, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B, L, -1)
 
 
 class MLP(nn.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxllm.cpu import fastexp, layers
 
@@ -36,8 +37,18 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
 
 
 def prepare_rope(max_len: int, dims: int, base: float) -> None:
-    """Make the rotary table that `rope` reads for whole sequences, outside any traced function."""
+    """Make the rotary tables that `rope` and `rope_at` read, outside any traced function."""
     layers.prepare_rope_table(max_len, dims, float(base))
+    tables = _DECODE_ROPE.get((dims, float(base)))
+    if _cpu() and (tables is None or tables[0].shape[0] < max_len):
+        cos, sin = layers._ROPE_TABLES[(dims, float(base))]  # the table just made: equal values
+        # Per position, the factors of x's halves and of its swapped halves: (max_len, 2, dims / 2).
+        tables = mx.stack([cos, cos], axis=1), mx.stack([-sin, sin], axis=1)
+        mx.eval(tables)
+        _DECODE_ROPE[(dims, float(base))] = tables
+
+
+_DECODE_ROPE: dict[tuple[int, float], tuple[mx.array, mx.array]] = {}
 
 
 def rope(x: mx.array, *, base: float, offset: int | None) -> mx.array:
@@ -48,3 +59,47 @@ def rope(x: mx.array, *, base: float, offset: int | None) -> mx.array:
         return layers.sequence_rope(float(base))(x)
     return mx.fast.rope(x.transpose(0, 2, 1, 3), x.shape[-1], traditional=False, base=base, scale=1.0,
                         offset=offset or 0)
+
+
+def rope_at(x: mx.array, *, base: float, offset: int | mx.array, end: int) -> mx.array:
+    """`rope` for tokens at positions offset, offset + 1, ... (decoding with a KV cache): x (B, L, H, D)
+    -> (B, H, L, D). offset is an int or a (1,) int32 array, so that one traced decode step serves
+    every position; end bounds offset + L.
+
+    On the CPU, mx.fast.rope is its unfused definition, which computes cos and sin of every angle
+    again on every call; here they are gathered from the tables `prepare_rope` made (equal values),
+    with the same ops for every layer of a step, which the compiler then merges into one."""
+    B, L, H, D = x.shape
+    tables = _DECODE_ROPE.get((D, float(base))) if _cpu() else None
+    if tables is None or tables[0].shape[0] < end:
+        return mx.fast.rope(x.transpose(0, 2, 1, 3), D, traditional=False, base=base, scale=1.0,
+                            offset=offset if isinstance(offset, int) else offset[0])
+    if isinstance(offset, int):
+        positions = mx.arange(offset, offset + L)
+    else:  # one token: the very same array in every layer
+        positions = offset if L == 1 else offset + mx.arange(L, dtype=offset.dtype)
+    cos, sin = (mx.take(t, positions, axis=0).astype(x.dtype) for t in tables)  # (L, 2, D/2)
+    # (B, H, L, 2, D/2); with one token, a reshape is the transpose.
+    x5 = x.reshape(B, H, L, 2, D // 2) if L == 1 else x.reshape(B, L, H, 2, D // 2).transpose(0, 2, 1, 3, 4)
+    # rotate-half, (x1 c - x2 s, x2 c + x1 s): one kernel, reading the halves swapped via a reversed view
+    return (x5 * cos + x5[..., ::-1, :] * sin).reshape(B, H, L, D)
+
+
+# Weights up to this many bytes in all get a decoding copy (decode_layout); larger models decode
+# from their own weights rather than hold every weight twice.
+DECODE_LAYOUT_MAX_BYTES = 1 << 30
+
+
+def decode_layout(params: dict) -> dict:
+    """The parameter tree a one-token decode step should read: `params`, or on the CPU each 2-D
+    weight w as the transpose of a contiguous copy of w.T. Linear layers compute x @ w.T: with w.T
+    contiguous the CPU BLAS reads it in its own order, where for w's rows it first repacks the
+    whole matrix, for a single row of x the larger part of the work. Same values (copied and
+    evaluated here, once)."""
+    flat = tree_flatten(params)
+    weights = [w for _, w in flat if w.ndim == 2]
+    if not _cpu() or not weights or sum(w.nbytes for w in weights) > DECODE_LAYOUT_MAX_BYTES:
+        return params
+    copies = [(k, mx.contiguous(w.T).T if w.ndim == 2 else w) for k, w in flat]
+    mx.eval([w for _, w in copies])
+    return tree_unflatten(copies)

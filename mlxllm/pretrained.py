@@ -54,8 +54,9 @@ def _from_hf(directory: Path) -> Pretrained:
         d = json.loads(where.read_text())
     except (OSError, ValueError) as e:
         raise MlxllmError(f"{where} could not be read as JSON ({e}). Is {directory} a model directory?") from None
-    config = hf_config.from_hf(d, str(where))
     weights = _read_weights(directory)
+    # Without the key, transformers and mlx-lm assume opposite defaults: the weights say which it is.
+    config = hf_config.from_hf({"tie_word_embeddings": "lm_head.weight" not in weights, **d}, str(where))
     if config.tie_embeddings:
         weights.pop("lm_head.weight", None)  # some exports write the tied matrix twice
     return Pretrained(config, weights, load_tokenizer(directory), d.get("quantization"), directory)

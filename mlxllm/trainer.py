@@ -4,6 +4,7 @@ compiled step, evaluate and checkpoint on schedule, and report."""
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,7 @@ from mlxllm import checkpoint as ckpt
 from mlxllm import data as data_mod
 from mlxllm import pretrained, rundir
 from mlxllm.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig, dump_toml
+from mlxllm.cpu import blas
 from mlxllm.cpu.streams import blas_threads_for, stream_count
 from mlxllm.data import TokenData
 from mlxllm.device import peak_flops
@@ -314,6 +316,8 @@ def train(
     run = RunConfig(
         model=model_config or ModelConfig(), train=train_config or TrainConfig(), tokenizer=tokenizer_config or TokenizerConfig()
     )
+    if blas.warning():  # said even when quiet: it can cost a run 20x its time
+        print("Warning: " + blas.warning(), file=sys.stderr)
     r = _open_run(run, resume, overwrite, data, quiet=not show_progress)
     try:
         peak, _ = peak_flops(r.cfg.dtype)  # measured (once per machine) with the BLAS's own thread count

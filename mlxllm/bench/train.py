@@ -68,6 +68,12 @@ def executed_matmul_flops_per_token(cfg: dict[str, Any]) -> float:
     return 3 * (2 * linear + attention)  # backward is twice the forward
 
 
+def _theoretical_peak() -> float:
+    from mlxllm.device import cpu_facts
+
+    return cpu_facts()["theoretical_peak"] or 0.0
+
+
 def measure_peak(seconds: float = 1.0) -> float:
     import mlxllm  # noqa: F401
 
@@ -115,7 +121,7 @@ def run_benchmark(
             for w in workers:
                 w.close()
         peaks.append(measure_peak())
-        peak = peak_flops or max(peaks)
+        peak = peak_flops or max(max(peaks), _theoretical_peak())
         for w in workers:
             ws = rounds[w.impl]
             tps = statistics.median(r["tokens_per_s"] for r in ws)
@@ -133,7 +139,11 @@ def run_benchmark(
     if show:
         print_table(results, notes)
     if json_path:
-        Path(json_path).write_text(json.dumps({"results": results, "notes": notes, "peak_flops_runs": peaks}, indent=1))
+        from mlxllm.cpu import blas
+        from mlxllm.device import cpu_facts
+
+        Path(json_path).write_text(json.dumps({"results": results, "notes": notes, "peak_flops_runs": peaks,
+                                               "cpu": cpu_facts(), "blas": blas.describe()}, indent=1))
     return results
 
 
@@ -193,13 +203,17 @@ def print_table(results: list[dict[str, Any]], notes: list[str] = ()) -> None:
         console.print(t)
         r0 = rows[0]
         console.print(
-            f"  matmul peak for MFU: {r0['peak_flops'] / 1e9:.0f} GFLOP/s (fp32 1024^2; measured in this run: "
-            f"{r0['peak_measured'] / 1e9:.0f}); "
+            f"  peak for MFU: {r0['peak_flops'] / 1e9:.0f} GFLOP/s (the larger of the fp32 1024^2 matmul measured in "
+            f"this run, {r0['peak_measured'] / 1e9:.0f}, and the CPU's theoretical peak); "
             f"model FLOPs/token {r0['model_flops_per_token'] / 1e6:.2f}M (ModelConfig.flops_per_token, as training "
             f"reports MFU), executed matmul FLOPs/token {r0['exec_flops_per_token'] / 1e6:.2f}M (mlxllm's attention path, "
             f"applied to every row); "
             f"tokens/s is the median of {len(r0['tokens_per_s_windows'])} interleaved windows"
         )
+    from mlxllm.cpu import blas
+    from mlxllm.device import describe_cpu
+
+    console.print(f"  CPU: {describe_cpu()}; BLAS: {blas.describe()}", highlight=False)
     for n in notes:
         console.print(f"[yellow]{n}[/yellow]")
 
