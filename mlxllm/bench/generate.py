@@ -19,6 +19,7 @@ import importlib.util
 import json
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from mlxllm import hf_config
 from mlxllm.config import ModelConfig
 from mlxllm.errors import MlxllmError
 from mlxllm.model import Transformer, build_model
@@ -34,7 +36,7 @@ from mlxllm.model import Transformer, build_model
 IMPLS = ("mlxllm", "mlx-lm")
 IMPL_NOTES = {
     "mlxllm": "mlxllm.generate.stream_ids (the decoding `mlxllm generate` runs)",
-    "mlx-lm": "mlx_lm.generate.generate_step on mlx_lm.models.llama.Model with the same weights",
+    "mlx-lm": "mlx_lm.generate.generate_step on the same weights, exported and loaded by mlx_lm.utils.load_model",
 }
 
 
@@ -58,17 +60,14 @@ def benchmark_model(run: str | Path | None, cfg: ModelConfig | None, seed: int =
 
 
 def mlx_lm_twin(model: Transformer) -> Any:
-    """An mlx-lm Llama model holding `model`'s weights."""
-    from mlx_lm.models.llama import Model, ModelArgs
+    """mlx-lm's own model, loaded by mlx-lm from `model` written as `mlxllm export` writes it."""
+    from mlx_lm.utils import load_model
 
-    c = model.config
-    args = ModelArgs(model_type="llama", hidden_size=c.d_model, num_hidden_layers=c.n_layers,
-                     intermediate_size=c.hidden_dim, num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads,
-                     rms_norm_eps=c.norm_eps, vocab_size=c.vocab_size, rope_theta=c.rope_theta,
-                     tie_word_embeddings=c.tie_embeddings, max_position_embeddings=c.max_seq_len, head_dim=c.head_dim)
-    twin = Model(args)
-    twin.load_weights(list(tree_flatten(model.parameters())), strict=True)
-    mx.eval(twin.parameters())
+    with tempfile.TemporaryDirectory() as d:
+        mx.save_safetensors(str(Path(d) / "model.safetensors"), dict(tree_flatten(model.parameters())))
+        config = hf_config.to_hf(model.config, dtype="float32", eos_id=0)
+        (Path(d) / "config.json").write_text(json.dumps(config))
+        twin, _ = load_model(Path(d))  # not lazy: the weights are read before the folder goes
     twin.eval()
     return twin
 
