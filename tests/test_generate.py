@@ -10,7 +10,7 @@ from mlxllm.generate import generate_ids, sample_next
 from mlxllm.model import KVCache, build_model
 
 
-def _without_cache(model, prompt, n, temperature, seed=0):
+def _without_cache(model, prompt, n, temperature, seed=0, top_k=None, top_p=None):
     """generate_ids's window and sampling, with the whole window run again for every token."""
     window = model.config.max_seq_len
     ids, key, start = list(prompt), mx.random.key(seed), max(0, len(prompt) - window)
@@ -19,7 +19,7 @@ def _without_cache(model, prompt, n, temperature, seed=0):
         if len(ids) - start > window:
             start = len(ids) - window // 2
         logits = model(mx.array([ids[start:]]))[:, -1]
-        ids.append(sample_next(logits, temperature, None, None, sub).item())
+        ids.append(sample_next(logits, temperature, top_k, top_p, sub).item())
     return ids[len(prompt):]
 
 
@@ -65,19 +65,6 @@ def test_load_explains_a_wrong_path(tmp_path: Path):
         load(tmp_path)
 
 
-def _reference(model, prompt, n, temperature, top_k=None, top_p=None, seed=0):
-    """_without_cache with top-k / top-p: the whole window run again for every token."""
-    window = model.config.max_seq_len
-    ids, key, start = list(prompt), mx.random.key(seed), max(0, len(prompt) - window)
-    for _ in range(n):
-        key, sub = mx.random.split(key)
-        if len(ids) - start > window:
-            start = len(ids) - window // 2
-        logits = model(mx.array([ids[start:]]))[:, -1]
-        ids.append(sample_next(logits, temperature, top_k, top_p, sub).item())
-    return ids[len(prompt):]
-
-
 def _lively(cfg: ModelConfig, seed: int = 5):
     model = build_model(cfg, seed=seed)
     for i, layer in enumerate((model.model.embed_tokens, model.lm_head)):
@@ -95,11 +82,11 @@ def test_cache_growing_past_its_step_and_restarting_gives_the_ids_of_no_cache(mo
     # 50 tokens: the window of 30 fills, decoding restarts from its last 15, and fills it again.
     for temperature, top_k, top_p, seed in ((0.0, None, None, 0), (1.0, None, None, 7), (0.9, 8, 0.9, 3)):
         cached = generate_ids(model, prompt, 50, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        assert cached == _reference(model, prompt, 50, temperature, top_k, top_p, seed), (temperature, top_k, top_p)
+        assert cached == _without_cache(model, prompt, 50, temperature, seed=seed, top_k=top_k, top_p=top_p), (temperature, top_k, top_p)
     assert len(set(cached)) > 3
     # A prompt longer than the window starts from its last max_seq_len ids.
     long_prompt = [(7 * i) % 61 for i in range(40)]
-    assert generate_ids(model, long_prompt, 12, temperature=0) == _reference(model, long_prompt, 12, 0.0)
+    assert generate_ids(model, long_prompt, 12, temperature=0) == _without_cache(model, long_prompt, 12, 0.0)
 
 
 def test_prefill_then_decode_equals_a_full_forward(monkeypatch):
@@ -153,9 +140,9 @@ def test_rope_at_equals_mx_fast_rope_at_int_and_array_offsets():
 def test_decoding_follows_the_models_current_weights():
     model = _lively(ModelConfig(**SMALL, max_seq_len=24))
     prompt = [1, 2, 3]
-    assert generate_ids(model, prompt, 10, temperature=0) == _reference(model, prompt, 10, 0.0)
+    assert generate_ids(model, prompt, 10, temperature=0) == _without_cache(model, prompt, 10, 0.0)
     model.lm_head.weight = mx.random.normal(model.lm_head.weight.shape, key=mx.random.key(42))
-    assert generate_ids(model, prompt, 10, temperature=0) == _reference(model, prompt, 10, 0.0)
+    assert generate_ids(model, prompt, 10, temperature=0) == _without_cache(model, prompt, 10, 0.0)
 
 
 def test_bench_generate_reports_mlxllm_and_mlx_lm(tmp_path: Path):
