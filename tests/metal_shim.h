@@ -11,6 +11,10 @@
 // This holds for kernels that use `threadgroup` only to declare shared arrays (ours do).
 #pragma once
 
+// macOS's <ucontext.h> refuses to declare its (deprecated) functions unless _XOPEN_SOURCE is set.
+#if defined(__APPLE__) && !defined(_XOPEN_SOURCE)
+#define _XOPEN_SOURCE 700
+#endif
 #include <ucontext.h>
 
 #include <algorithm>

@@ -225,3 +225,34 @@ def test_configure_cache_raises_the_cpu_cache_limit(monkeypatch):
         assert configure_cache() is None
     finally:
         mx.set_cache_limit(before)
+
+
+def test_the_pytorch_reference_is_mlxllms_model():
+    """The benchmark's PyTorch rows compare like with like: same parameter count and, with mlxllm's
+    weights copied in, the same logits."""
+    torch = pytest.importorskip("torch", reason="PyTorch (CPU) is not installed; .ci/run installs it")
+    import importlib.util
+
+    from mlx.utils import tree_flatten
+
+    from mlxllm.bench.workers import TORCH_REFERENCE, model_config
+
+    spec = importlib.util.spec_from_file_location("torch_reference", TORCH_REFERENCE)
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    cfg = {"vocab_size": 65, "n_layers": 2, "d_model": 64, "n_heads": 4, "seq_len": 32, "batch_size": 2}
+    mc = model_config(cfg)
+    _, tmodel = ref.make_trainer({**cfg, "hidden_dim": mc.hidden_dim})
+    assert sum(p.numel() for p in tmodel.parameters()) == mc.num_params()
+    ours = build_model(mc, seed=1)
+    names = {k.replace("model.", "", 1).replace("self_attn.", "").replace("mlp.", ""): v
+             for k, v in tree_flatten(ours.parameters())}
+    with torch.no_grad():
+        for name, p in tmodel.named_parameters():
+            p.copy_(torch.from_numpy(np.array(names.pop(name))))
+    assert not names  # every mlxllm parameter has its PyTorch twin
+    ids = np.random.default_rng(0).integers(0, 65, (2, 32))
+    with torch.no_grad():
+        want = tmodel(torch.from_numpy(ids)).numpy()
+    got = np.array(ours(mx.array(ids.astype(np.int32))))
+    assert np.abs(got - want).max() < 1e-4
