@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
