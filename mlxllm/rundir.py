@@ -65,13 +65,16 @@ def _clear_leftovers(run_dir: Path) -> None:
                 p.rename(final)
 
 
+def holds_run(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any((run_dir / n).exists() for n in ("config.toml", "checkpoints", "metrics.jsonl"))
+
+
 def lock_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> IO[str]:
     """Make and lock run_dir, refusing an earlier run in it unless it is to be continued (resume) or
     replaced (overwrite, then `clear`). Returns the lock, held until it is closed."""
     if run_dir.exists() and not run_dir.is_dir():
         raise MlxllmError(f"{run_dir} is a file, not a directory. Choose another --out.")
-    holds_run = run_dir.exists() and any((run_dir / n).exists() for n in ("config.toml", "checkpoints", "metrics.jsonl"))
-    if holds_run and not (resume or overwrite):
+    if holds_run(run_dir) and not (resume or overwrite):
         raise MlxllmError(
             f"{run_dir} already holds a training run. Pass --resume to continue it, --overwrite to replace it, "
             "or choose another directory with --out."
@@ -83,7 +86,10 @@ def lock_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> IO[str]:
 
 
 def clear(run_dir: Path) -> None:
-    """Remove the earlier run in a locked run_dir (train --overwrite)."""
+    """Remove the earlier run in a locked run_dir (train --overwrite); a directory that holds no run
+    (the user's own files) is left as it is."""
+    if not holds_run(run_dir):
+        return
     for p in run_dir.iterdir():
         if p.name != LOCK:  # the lock stays: another process must keep seeing it
             shutil.rmtree(p) if p.is_dir() else p.unlink()

@@ -111,3 +111,18 @@ def test_a_second_trainer_is_refused_and_a_dead_ones_lock_does_not_stick(corpus:
     m, t, k = tiny_configs(corpus, out, max_steps=ckpt.read_state(ckpt.latest_checkpoint(out))["step"] + 5,
                            eval_interval=10)
     assert train(m, t, k, show_progress=False, resume=True).step > 0
+
+
+def test_overwrite_replaces_a_run_but_never_a_folder_that_holds_none(corpus: Path, tmp_path: Path):
+    mine = tmp_path / "my-files"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("irreplaceable")
+    m, t, k = tiny_configs(corpus, mine, max_steps=2, eval_interval=2)
+    train(m, t, k, show_progress=False, overwrite=True)
+    assert (mine / "thesis.txt").read_text() == "irreplaceable"
+    (tmp_path / "run").mkdir()
+    m, t, k = tiny_configs(corpus, tmp_path / "run", max_steps=2, eval_interval=2)
+    train(m, t, k, show_progress=False)
+    (tmp_path / "run" / "stale.txt").write_text("from the old run")
+    train(m, t, k, show_progress=False, overwrite=True)
+    assert not (tmp_path / "run" / "stale.txt").exists() and ckpt.latest_checkpoint(tmp_path / "run")
