@@ -131,6 +131,9 @@ class TrainConfig:
     # Start from this model (an mlxllm run or checkpoint, or an mlx-lm / Hugging Face Llama directory):
     # its shape, weights and tokenizer; the [model] and [tokenizer] tables are then not used.
     init_from: str | None = None
+    # LoRA (with init_from): train adapters of this rank on the projections, the model frozen; 0: off.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
     batch_size: int = 16
     seq_len: int | None = None  # None: the model's max_seq_len
     grad_accum: int = 1
@@ -167,6 +170,10 @@ class TrainConfig:
             for name in positive
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1
         ]
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            problems.append(f"lora_rank must be 0 (off) or a positive integer (got {self.lora_rank!r})")
+        elif self.lora_rank and not self.init_from:
+            problems.append("lora_rank needs init_from: LoRA adapts a pretrained model (--init-from PATH)")
         if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 1):
             problems.append(f"seq_len must be a positive integer (got {self.seq_len!r})")
         if not isinstance(self.cpu_streams, int) or self.cpu_streams < 0:

@@ -30,16 +30,19 @@ def _dtype_name(dtype: Any) -> str:
 
 
 def estimate_memory(model_cfg: ModelConfig, batch_size: int, seq_len: int, dtype: Any = "float32",
-                    grad_accum: int = 1) -> dict[str, float]:
-    """Bytes needed by one training step: weights, grads, optimizer, activations, total (all floats)."""
+                    grad_accum: int = 1, trainable: int | None = None) -> dict[str, float]:
+    """Bytes needed by one training step: weights, grads, optimizer, activations, total (all floats).
+    trainable: how many parameters get gradients (LoRA's adapters), when not all of them."""
     name = _dtype_name(dtype)
     act_bytes = DTYPE_BYTES[name]
     n = model_cfg.num_params()
     d, f, L, H, V = model_cfg.d_model, model_cfg.hidden_dim, model_cfg.n_layers, model_cfg.n_heads, model_cfg.vocab_size
     kv = model_cfg.kv_heads * model_cfg.head_dim
-    weights = 4 * n + (act_bytes * n if name != "float32" else 0)  # fp32 master + compute copy
-    grads = 4 * n
-    optimizer = 2 * 4 * n  # AdamW: first and second moments in fp32
+    adapters = trainable or 0  # LoRA's, beside the frozen weights
+    trained = n if trainable is None else trainable
+    weights = 4 * (n + adapters) + (act_bytes * n if name != "float32" else 0)  # fp32 master + compute copy
+    grads = 4 * trained
+    optimizer = 2 * 4 * trained  # AdamW: first and second moments in fp32
     tokens = batch_size * seq_len  # micro-batch: grad_accum micro-batches run one after another
     per_token_layer = 6 * d + 2 * d + 4 * kv + 4 * f + 3 * H * seq_len  # see the module docstring
     activations = L * tokens * per_token_layer * act_bytes + tokens * (d * act_bytes + 3 * V * 4)

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxllm import checkpoint as ckpt
-from mlxllm import hf_config
+from mlxllm import hf_config, lora
 from mlxllm.config import ModelConfig, TokenizerConfig, load_config
 from mlxllm.errors import MlxllmError
 from mlxllm.model import Transformer
@@ -64,8 +64,11 @@ def _from_hf(directory: Path) -> Pretrained:
 
 def _from_checkpoint(chosen: Path) -> Pretrained:
     ckpt.check(chosen)  # a damaged file is named, not loaded
-    config = load_config(chosen / "config.toml").model
-    return Pretrained(config, dict(mx.load(str(chosen / "model.safetensors"))), load_tokenizer(chosen), None, chosen)
+    run = load_config(chosen / "config.toml")
+    weights = dict(mx.load(str(chosen / "model.safetensors")))
+    if run.train.lora_rank:  # a LoRA run: its adapters merged into the model's own weights
+        weights = lora.merged(weights, run.train.lora_alpha / run.train.lora_rank)
+    return Pretrained(run.model, weights, load_tokenizer(chosen), None, chosen)
 
 
 def find(path: str | Path, which: str = "best") -> Pretrained:

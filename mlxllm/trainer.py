@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxllm import checkpoint as ckpt
 from mlxllm import data as data_mod
-from mlxllm import pretrained, rundir
+from mlxllm import lora, pretrained, rundir
 from mlxllm.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig, dump_toml
 from mlxllm.cpu import blas
 from mlxllm.cpu.streams import blas_threads_for, stream_count
@@ -163,6 +163,8 @@ def _build_run(run: RunConfig, source: Pretrained | None, latest: Path | None, d
         model = pretrained.build(source, attention=run.model.attention)
     else:
         model = build_model(run.model, seed=cfg.seed)
+    if cfg.lora_rank:
+        lora.apply(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
     optimizer = make_optimizer(cfg)
     optimizer.init(model.trainable_parameters())
     r = _Run(run, run_dir, data, seq_len, model, optimizer)
@@ -194,7 +196,9 @@ def _open_run(run: RunConfig, resume: bool, overwrite: bool, data: TokenData | N
 
 
 def _memory(run: RunConfig, seq_len: int) -> dict[str, float]:
-    return estimate_memory(run.model, run.train.batch_size, seq_len, run.train.dtype, run.train.grad_accum)
+    t = run.train
+    trainable = lora.trainable_params(run.model, t.lora_rank) if t.lora_rank else None
+    return estimate_memory(run.model, t.batch_size, seq_len, t.dtype, t.grad_accum, trainable=trainable)
 
 
 def _describe(r: _Run) -> str:

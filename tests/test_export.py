@@ -224,3 +224,41 @@ def test_a_llama_saved_by_transformers_loads_with_equal_logits(exports, tmp_path
     with torch.no_grad():
         want = hf_model(torch.tensor([ids])).logits.numpy()
     assert np.abs(np.array(model(mx.array([ids]))) - want).max() < 1e-5
+
+
+def test_lora_fine_tuning_trains_adapters_only_and_merges_on_load_and_export(exports, tmp_path):
+    from mlx.utils import tree_flatten
+
+    from mlxllm import lora, pretrained
+
+    _, hf = exports[("bpe", False, 4)]
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(f"Line {i}: the quick brown fox jumps over {i % 7} lazy dogs." for i in range(3000)))
+    m, t, k = tiny_configs(other, tmp_path / "lora", max_steps=30, eval_interval=15, init_from=str(hf),
+                           lora_rank=4, learning_rate=1e-2)
+    result = train(m, t, k, show_progress=False)
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
+    last = max((tmp_path / "lora" / "checkpoints").iterdir())
+    saved = dict(mx.load(str(last / "model.safetensors")))
+    start = dict(mx.load(str(hf / "model.safetensors")))
+    base = {n.replace(".base.weight", ".weight"): w for n, w in saved.items() if not n.endswith((".lora_a", ".lora_b"))}
+    assert base.keys() == start.keys() and all(mx.array_equal(base[n], start[n]).item() for n in start)  # frozen
+    assert any(mx.abs(w).max().item() > 0 for n, w in saved.items() if n.endswith(".lora_b"))  # the adapters learned
+    assert set(mx.load(str(last / "optimizer.safetensors"))) <= {f"{n}.{s}" for n in saved if "lora_" in n
+                                                                  for s in ("m", "v")} | {"step", "learning_rate"}
+
+    adapted = pretrained.build(pretrained.find(hf))  # the model as training ran it: frozen weights + adapters
+    lora.apply(adapted, 4, t.lora_alpha)
+    adapted.load_weights(list(saved.items()))
+    ids = load(hf)[1].encode(TEXT)
+    want = np.array(adapted(mx.array([ids])))
+    merged, _ = load(tmp_path / "lora")
+    assert np.abs(np.array(merged(mx.array([ids]))) - want).max() < 1e-4
+    lm_model, _ = mlx_lm.load(str(export(tmp_path / "lora", tmp_path / "lora-hf")))
+    assert np.abs(np.array(lm_model(mx.array([ids]))) - want).max() < 1e-4
+    assert len(tree_flatten(merged.parameters())) == len(start)  # plain Llama weights, no adapters left
+
+
+def test_lora_without_a_pretrained_model_is_refused(corpus, tmp_path):
+    with pytest.raises(MlxllmError, match="lora_rank needs init_from"):
+        tiny_configs(corpus, tmp_path / "x", lora_rank=4)
