@@ -11,13 +11,20 @@ from mlxllm.cpu.halves import SPLIT_MIN_LEN, causal_halves_attention
 from mlxllm.errors import MlxllmError
 
 
+def _grouped(q: mx.array, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """Query heads grouped by the K/V head they share, instead of K/V repeated in memory."""
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    if Hkv == H:
+        return q, k, v
+    return q.reshape(B, Hkv, H // Hkv, L, D), k[:, :, None], v[:, :, None]
+
+
 def reference_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, causal: bool) -> mx.array:
     """Plain MLX ops. q: (B, H, L, D); k, v: (B, Hkv, S, D); queries aligned to the end of keys."""
     B, H, L, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    if Hkv != H:  # group the query heads instead of repeating K/V in memory
-        q = q.reshape(B, Hkv, H // Hkv, L, D)
-        k, v = k[:, :, None], v[:, :, None]
+    S = k.shape[2]
+    q, k, v = _grouped(q, k, v)
     scores = (q * scale) @ k.swapaxes(-1, -2)
     if causal:
         mask = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
@@ -59,10 +66,7 @@ def decode_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, vis
     if kernels.gpu_backend() is not None:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=visible)
     B, H, L, D = q.shape
-    Hkv = k.shape[1]
-    if Hkv != H:  # group the query heads instead of repeating K/V in memory
-        q = q.reshape(B, Hkv, H // Hkv, L, D)
-        k, v = k[:, :, None], v[:, :, None]
+    q, k, v = _grouped(q, k, v)
     # On the CPU every op of a one-token step costs more in dispatch than in arithmetic: the scale
     # and mask are one fused kernel and MLX's own softmax one more (the mlxllm.cpu fast exp that
     # training uses would be several).

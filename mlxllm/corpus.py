@@ -64,12 +64,6 @@ def _expand(spec: str) -> tuple[list[Path], bool]:
     )
 
 
-def resolve_corpus(spec: Spec) -> list[Path]:
-    """The files of a file, a folder (its text files, recursively), a glob, or a list of those;
-    None means the default corpus."""
-    return open_corpus(spec, quiet=True).files
-
-
 def _sniff(path: Path) -> str | None:
     """The encoding of a file found in a folder: utf-8, or a fallback; None for a binary file."""
     decoder = codecs.getincrementaldecoder("utf-8")()

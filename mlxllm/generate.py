@@ -137,12 +137,11 @@ def stream_ids(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
-    ahead: int = PIPELINE_DEPTH,
 ) -> Iterator[int]:
     """The ids `generate_ids` returns, one at a time, as they are decoded.
 
     The model sees the most recent ids up to its context window; past it, decoding restarts from the
-    window's most recent half. Up to `ahead` steps are queued (mx.async_eval) before the oldest
+    window's most recent half. Up to PIPELINE_DEPTH steps are queued (mx.async_eval) before the oldest
     token is read: each step takes the previous one's token as a lazy array, so the host builds and
     queues the next graphs while the device computes, and the device never waits for the host."""
     window = model.config.max_seq_len
@@ -165,7 +164,7 @@ def stream_ids(
             token, key = decoder.decode(cache, queued[-1] if queued else mx.array(ids[-1:]), key)
         mx.async_eval(token, key)
         queued.append(token)
-        if len(queued) > ahead:
+        if len(queued) > PIPELINE_DEPTH:
             ids.append(queued.popleft().item())
             yield ids[-1]
     while queued:

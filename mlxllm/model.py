@@ -120,7 +120,7 @@ class Attention(nn.Module):
         if cache is not None:
             return self.o_proj(self._cached(q, k, v, cache))
         # Llama's rotate-half layout keeps q_proj/k_proj in checkpoint order.
-        q, k = ops.rope(q, base=self.rope_theta, offset=None), ops.rope(k, base=self.rope_theta, offset=None)
+        q, k = ops.rope(q, base=self.rope_theta), ops.rope(k, base=self.rope_theta)
         out = attention(q, k, v, scale=self.scale, causal=True, impl=self.impl)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 

@@ -41,7 +41,7 @@ def prepare_rope(max_len: int, dims: int, base: float) -> None:
     layers.prepare_rope_table(max_len, dims, float(base))
     tables = _DECODE_ROPE.get((dims, float(base)))
     if _cpu() and (tables is None or tables[0].shape[0] < max_len):
-        cos, sin = layers._ROPE_TABLES[(dims, float(base))]  # the table just made: equal values
+        cos, sin = layers.rope_table(dims, float(base))  # the table just made: equal values
         # Per position, the factors of x's halves and of its swapped halves: (max_len, 2, dims / 2).
         tables = mx.stack([cos, cos], axis=1), mx.stack([-sin, sin], axis=1)
         mx.eval(tables)
@@ -51,14 +51,12 @@ def prepare_rope(max_len: int, dims: int, base: float) -> None:
 _DECODE_ROPE: dict[tuple[int, float], tuple[mx.array, mx.array]] = {}
 
 
-def rope(x: mx.array, *, base: float, offset: int | None) -> mx.array:
-    """Llama's rotate-half rotary embedding of x: (B, L, H, D), returned as (B, H, L, D).
-
-    offset None: a whole sequence from position 0 (training); else positions from offset (decoding)."""
-    if offset is None and _cpu():
+def rope(x: mx.array, *, base: float) -> mx.array:
+    """Llama's rotate-half rotary embedding of a whole sequence from position 0 (training and the
+    forward without a cache): x (B, L, H, D) -> (B, H, L, D). With a KV cache: `rope_at`."""
+    if _cpu():
         return layers.sequence_rope(float(base))(x)
-    return mx.fast.rope(x.transpose(0, 2, 1, 3), x.shape[-1], traditional=False, base=base, scale=1.0,
-                        offset=offset or 0)
+    return mx.fast.rope(x.transpose(0, 2, 1, 3), x.shape[-1], traditional=False, base=base, scale=1.0, offset=0)
 
 
 def rope_at(x: mx.array, *, base: float, offset: int | mx.array, end: int) -> mx.array:

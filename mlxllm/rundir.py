@@ -101,14 +101,16 @@ def keep_metrics_until(run_dir: Path, step: int) -> None:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
+    kept, lines = [], path.read_text().splitlines()
+    for line in lines:
         try:
             row = json.loads(line)
         except ValueError:
             continue
         if row.get("step", 0) <= step:
             kept.append(line)
+    if len(kept) == len(lines):
+        return
     tmp = path.with_suffix(".jsonl.tmp")
     with open(tmp, "w") as f:
         f.write("".join(line + "\n" for line in kept))

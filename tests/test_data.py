@@ -18,9 +18,9 @@ def test_file_folder_and_glob(tmp_path: Path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.md").write_text("beta\n")
     (tmp_path / "sub" / "c.bin").write_bytes(b"\0\1")
-    assert corpus_mod.resolve_corpus(tmp_path / "a.txt") == [tmp_path / "a.txt"]
-    assert corpus_mod.resolve_corpus(tmp_path) == [tmp_path / "a.txt", tmp_path / "sub" / "b.md"]
-    assert corpus_mod.resolve_corpus(str(tmp_path / "**" / "*.md")) == [tmp_path / "sub" / "b.md"]
+    assert corpus_mod.open_corpus(tmp_path / "a.txt", quiet=True).files == [tmp_path / "a.txt"]
+    assert corpus_mod.open_corpus(tmp_path, quiet=True).files == [tmp_path / "a.txt", tmp_path / "sub" / "b.md"]
+    assert corpus_mod.open_corpus(str(tmp_path / "**" / "*.md"), quiet=True).files == [tmp_path / "sub" / "b.md"]
 
 
 def test_default_corpus_is_offline_and_sizeable():
@@ -88,9 +88,9 @@ def test_bad_corpora_are_explained(tmp_path: Path, content: bytes, needle: str):
 
 def test_missing_corpus(tmp_path: Path):
     with pytest.raises(MlxllmError, match="does not exist"):
-        corpus_mod.resolve_corpus(tmp_path / "nope.txt")
+        corpus_mod.open_corpus(tmp_path / "nope.txt", quiet=True).files
     with pytest.raises(MlxllmError, match="no text files"):
-        corpus_mod.resolve_corpus(tmp_path)
+        corpus_mod.open_corpus(tmp_path, quiet=True).files
 
 
 def test_corpus_shorter_than_a_context_window(tmp_path: Path):
@@ -112,7 +112,7 @@ def test_a_folder_skips_binary_files_and_decodes_other_encodings(tmp_path: Path,
     decoded = bytes(int(t) for t in text if t < 256).decode()
     assert "café crème, naïve" in decoded and "binary" not in decoded  # the Latin-1 file, as text
     assert json.loads((d.directory / "meta.json").read_text())["skipped"] == [str(tmp_path / "blob.txt")]
-    several = corpus_mod.resolve_corpus([tmp_path / "a.txt", str(tmp_path / "*.txt")])
+    several = corpus_mod.open_corpus([tmp_path / "a.txt", str(tmp_path / "*.txt")], quiet=True).files
     assert several == [tmp_path / "a.txt", tmp_path / "latin.txt"]  # each file once, binary left out
     m, t, k = tiny_configs(tmp_path, tmp_path / "run", max_steps=4, eval_interval=4, seq_len=16, eval_batches=1)
     assert train(m, t, k, show_progress=False).step == 4  # and the folder trains

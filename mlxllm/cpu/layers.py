@@ -40,6 +40,11 @@ def prepare_rope_table(length: int, dims: int, base: float) -> None:
         _ROPE_TABLES[(dims, base)] = table
 
 
+def rope_table(dims: int, base: float) -> tuple[mx.array, mx.array] | None:
+    """The cos/sin table prepare_rope_table made for (dims, base), if it has."""
+    return _ROPE_TABLES.get((dims, base))
+
+
 def _rotate(x5: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     """Llama's rotate-half rotation of x5 = (..., 2, D/2) halves: (x1 c - x2 s, x2 c + x1 s), as
     one elementwise kernel that reads the halves swapped through a reversed view (no concatenate)."""
