@@ -59,6 +59,7 @@ def train(
 ) -> None:
     """Train a tokenizer and a model on text, evaluate, checkpoint and print a sample."""
     from mlxllm.config import load_config
+    from mlxllm.distributed import current
     from mlxllm.generate import generate, load
     from mlxllm.trainer import train as run_training
 
@@ -71,7 +72,7 @@ def train(
             overrides.append(f"{key}={json.dumps(str(value)) if isinstance(value, (str, Path)) else value}")
     run = load_config(config, overrides)
     result = run_training(run.model, run.train, run.tokenizer, resume=resume, overwrite=overwrite, show_progress=not quiet)
-    if run.train.sample_tokens > 0:
+    if run.train.sample_tokens > 0 and current().primary:  # rank 0 holds the run directory
         model, tok = load(result.run_dir)
         text = generate(model, tok, run.train.sample_prompt, run.train.sample_tokens, temperature=0.8, top_k=50, seed=run.train.seed)
         Console().print("[bold]Sample:[/]")
@@ -159,9 +160,13 @@ def info() -> None:
     from mlxllm.cpu import blas
     from mlxllm.cpu.streams import stream_count
     from mlxllm.device import backend, describe_cpu, device_name, peak_flops
+    from mlxllm.distributed import group
 
-    peak, source = peak_flops()
+    g = group()  # under mlx.launch, every process prints its own place in the group
+    peak, source = g.in_turn(peak_flops, "measuring the machine")
     print(f"mlx {mx.__version__}, device {device_name()} ({backend()})")
+    print(f"group: {g.describe()}" + (f", backend {g.backend}" if g.size > 1 else
+                                      " (start several with mlx.launch to train data-parallel)"))
     print(f"CPU: {describe_cpu()}")
     print(f"BLAS: {blas.describe()}")
     print(f"peak fp32 matmul: {peak / 1e9:,.0f} GFLOP/s ({source})")

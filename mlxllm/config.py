@@ -158,6 +158,8 @@ class TrainConfig:
     # Each micro-batch is split over this many CPU streams, one thread each, gradients averaged.
     # 0: one per core on the Linux CPU backend (batch_size and model size permitting), else 1.
     cpu_streams: int = 0
+    # Data-parallel (under mlx.launch): the dtype the gradients are averaged in across processes.
+    allreduce_dtype: str = "float32"
     sample_tokens: int = 200
     sample_prompt: str = ""
 
@@ -182,6 +184,8 @@ class TrainConfig:
             problems.append(f"batch_size ({self.batch_size}) must be a multiple of cpu_streams ({self.cpu_streams})")
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if self.allreduce_dtype not in ("float32", "bfloat16"):
+            problems.append(f"allreduce_dtype must be float32 or bfloat16 (got {self.allreduce_dtype!r})")
         if not self.learning_rate > 0:
             problems.append(f"learning_rate must be positive (got {self.learning_rate})")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -15,6 +15,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlxllm.cpu import blas
+from mlxllm.distributed import current
 
 # Apple GPU peak FP32 TFLOP/s by chip (Apple's figures for the largest GPU of each chip; bf16/fp16 run
 # at the same rate on these GPUs). Looked up by the chip name the system reports.
@@ -34,8 +35,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MLXLLM_CACHE_DIR") or Path.home() / ".cache" / "mlxllm")
 
 
-def usable_cores() -> int:
+def machine_cores() -> int:
+    """The cores this process may run on (its affinity), shared with any other process of its group here."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def usable_cores() -> int:
+    """This process's cores: its share where several processes of a training group run on this machine."""
+    return max(1, machine_cores() // current().local_size)
 
 
 def backend() -> str:
@@ -96,7 +103,7 @@ def cpu_facts() -> dict[str, Any]:
         simd, lanes = "NEON", 4
     mhz = _cpuinfo("cpu MHz")
     ghz = float(mhz) / 1000 if mhz else None
-    cores, has_fma = usable_cores(), "fma" in flags or simd == "NEON"
+    cores, has_fma = machine_cores(), "fma" in flags or simd == "NEON"
     peak = cores * 2 * lanes * 2 * ghz * 1e9 if lanes and ghz and has_fma else None
     return {"model": _cpu_model(), "simd": simd or "unknown", "cores": cores, "ghz": ghz, "theoretical_peak": peak}
 

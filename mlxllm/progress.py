@@ -26,8 +26,9 @@ def _fmt(metrics: dict[str, Any]) -> str:
 class Reporter:
     """Shows training progress and appends every logged figure to metrics.jsonl."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, show: bool = True):
-        self.metrics_file = open(Path(run_dir) / "metrics.jsonl", "a")
+    def __init__(self, run_dir: Path | None, total_steps: int, start_step: int = 0, show: bool = True):
+        """run_dir None: show, but write no metrics (a data-parallel process other than rank 0)."""
+        self.metrics_file = open(Path(run_dir) / "metrics.jsonl", "a") if run_dir is not None else None
         self.show = show
         self.console = Console(stderr=False)
         self.live = show and self.console.is_terminal
@@ -45,8 +46,9 @@ class Reporter:
             self.console.print(text, highlight=False, soft_wrap=True)
 
     def log(self, metrics: dict[str, Any]) -> None:
-        self.metrics_file.write(json.dumps(metrics) + "\n")
-        self.metrics_file.flush()
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(metrics) + "\n")
+            self.metrics_file.flush()
         self.last.update(metrics)
         if self.live:
             self.progress.update(self.task, completed=metrics["step"], info=_fmt(self.last))
@@ -56,7 +58,8 @@ class Reporter:
     def close(self) -> None:
         if self.live:
             self.progress.stop()
-        self.metrics_file.close()
+        if self.metrics_file is not None:
+            self.metrics_file.close()
 
     def summary(self, rows: dict[str, str]) -> None:
         if not self.show:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map, tree_reduce
@@ -15,6 +16,7 @@ from mlx.utils import tree_map, tree_reduce
 from mlxllm import ops
 from mlxllm.config import TrainConfig
 from mlxllm.cpu.streams import data_streams, split_over, spread, spread_updates, stream_count
+from mlxllm.distributed import Group
 from mlxllm.model import Transformer
 
 
@@ -42,11 +44,22 @@ def _cast(params: Any, dtype: mx.Dtype) -> Any:
     return params if dtype == mx.float32 else tree_map(lambda p: p.astype(dtype), params)
 
 
-def make_step(model: Transformer, optimizer: optim.Optimizer, cfg: TrainConfig) -> Callable:
+def _averaged(grads: Any, group: Group, dtype: mx.Dtype) -> Any:
+    """The gradients averaged over the group's processes, sent as `dtype` (bfloat16 halves the bytes)."""
+    if group.size == 1:
+        return grads
+    if dtype == mx.float32:
+        return nn.average_gradients(grads, group.handle)
+    sent = nn.average_gradients(tree_map(lambda g: g.astype(dtype), grads), group.handle)
+    return tree_map(lambda g: g.astype(mx.float32), sent)
+
+
+def make_step(model: Transformer, optimizer: optim.Optimizer, cfg: TrainConfig, group: Group = Group()) -> Callable:
     """One optimizer step over `grad_accum` micro-batches, compiled with model and optimizer state.
 
-    Takes batches of shape (grad_accum, batch_size, seq_len + 1); returns (mean loss, gradient norm).
-    Run it within `cpu.streams.blas_threads_for(stream_count(cfg, model.config))`."""
+    Takes batches of shape (grad_accum, batch_size, seq_len + 1), this process's rows of the global
+    batch; returns (mean loss, gradient norm) over the whole group. `cfg.batch_size` is the rows per
+    process. Run it within `cpu.streams.blas_threads_for(stream_count(cfg, model.config))`."""
     compute = getattr(mx, cfg.dtype)
     streams = data_streams(stream_count(cfg, model.config))
 
@@ -66,6 +79,12 @@ def make_step(model: Transformer, optimizer: optim.Optimizer, cfg: TrainConfig) 
     def apply(loss: mx.array, grads: Any) -> tuple[mx.array, mx.array]:
         if cfg.grad_accum > 1:
             loss, grads = loss / cfg.grad_accum, spread(streams, lambda g: g / cfg.grad_accum, grads)
+        # One all-reduce per step; each process's rows are an equal share, so the mean of the means
+        # is the mean over the global batch, as one process would compute it.
+        grads, loss = _averaged(grads, group, getattr(mx, cfg.allreduce_dtype)), group.mean(loss)
+        if group.size > 1 and cfg.max_seconds:  # a schedule on the clock follows rank 0's clock
+            lr = optimizer.learning_rate
+            optimizer.learning_rate = group.sum(lr if group.primary else mx.zeros_like(lr))
         # optim.clip_grad_norm, with its per-parameter work spread over the streams.
         norm = mx.sqrt(tree_reduce(mx.add, spread(streams, lambda g: g.square().sum(), grads)))
         scale = mx.minimum(cfg.grad_clip / (norm + 1e-6), 1.0)
@@ -120,11 +139,12 @@ def make_eval(model: Transformer, cfg: TrainConfig) -> Callable:
     return mx.compile(evaluate, inputs=model.state) if cfg.compile else evaluate
 
 
-def evaluate(eval_fn: Callable, batches: list[np.ndarray], bytes_per_token: float) -> dict[str, float]:
-    """Validation loss, perplexity and bits per byte over the batches."""
+def evaluate(eval_fn: Callable, batches: list[np.ndarray], bytes_per_token: float,
+             group: Group = Group()) -> dict[str, float]:
+    """Validation loss, perplexity and bits per byte over the batches (each process its rows of each)."""
     losses = []
     for b in batches:  # one batch after another: as one graph, MLX would run them side by side
-        losses.append(eval_fn(mx.array(b)))
+        losses.append(eval_fn(mx.array(group.rows(b))))
         mx.async_eval(losses[-1])
-    loss = mx.mean(mx.stack(losses)).item()
+    loss = group.mean(mx.mean(mx.stack(losses))).item()
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": loss / math.log(2) / bytes_per_token}

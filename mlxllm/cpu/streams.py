@@ -23,6 +23,7 @@ from mlx.utils import tree_map
 from mlxllm.config import ModelConfig, TrainConfig
 from mlxllm.cpu import blas
 from mlxllm.device import usable_cores
+from mlxllm.distributed import current
 
 # Below this many FLOPs per stream and micro-batch, splitting costs more than it gains (see
 # benchmarks/README.md for the measurements behind it).
@@ -74,7 +75,8 @@ def blas_threads_for(n_streams: int) -> Iterator[None]:
     """Within: each BLAS call uses cores // n_streams threads (with n_streams > 1 on the CPU), so
     the streams do not oversubscribe the cores; the previous setting is restored after."""
     before = blas.threads()
-    if n_streams > 1 and mx.default_device().type == mx.DeviceType.cpu:
+    shared = current().local_size > 1  # other processes of a training group use the other cores
+    if (n_streams > 1 or shared) and mx.default_device().type == mx.DeviceType.cpu:
         blas.set_threads(max(1, usable_cores() // n_streams))
     try:
         yield

@@ -1,0 +1,242 @@
+"""A training run's state while it trains (config, data, model, optimizer, counters), and setting it
+up: checks first, then the run directory, the token data, the model, or the checkpoint it resumes.
+
+In a data-parallel group every process holds the whole state; rank 0 alone touches the run
+directory (lock, checkpoints, metrics), and the others take its model, optimizer and counters."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any
+
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlxllm import checkpoint as ckpt
+from mlxllm import data as data_mod
+from mlxllm import lora, pretrained, rundir
+from mlxllm.config import RunConfig, TrainConfig, dump_toml
+from mlxllm.data import TokenData
+from mlxllm.distributed import Group
+from mlxllm.errors import MlxllmError
+from mlxllm.memory import check_fits, configure_cache, estimate_memory, set_wired_limit
+from mlxllm.model import Transformer, build_model
+from mlxllm.pretrained import Pretrained
+from mlxllm.step import make_optimizer
+
+
+@dataclass
+class Run:
+    """One training run while it trains: what it was given, what it built, and how far it is."""
+
+    run: RunConfig
+    run_dir: Path
+    data: TokenData
+    seq_len: int
+    model: Transformer
+    optimizer: optim.Optimizer
+    group: Group = field(default_factory=Group)
+    step: int = 0
+    tokens: int = 0
+    elapsed_before: float = 0.0  # training time of the runs this one resumes
+    best_val: float | None = None
+    last_good: Path | None = None
+    start: float = field(default_factory=time.perf_counter)
+    lock: IO[str] | None = None  # the run directory's, held while training (rank 0)
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.run.train
+
+    @property
+    def local_cfg(self) -> TrainConfig:
+        """The settings of this process's share: batch_size is its rows of the global batch."""
+        return replace(self.cfg, batch_size=self.cfg.batch_size // self.group.size)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.seq_len * self.cfg.grad_accum
+
+    @property
+    def total_steps(self) -> int:
+        if self.cfg.max_tokens is None:
+            return self.cfg.max_steps
+        return min(self.cfg.max_steps, math.ceil(self.cfg.max_tokens / self.tokens_per_step))
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start
+
+    def progress(self) -> float:
+        p = self.step / self.total_steps
+        return max(p, self.elapsed() / self.cfg.max_seconds) if self.cfg.max_seconds else p
+
+    def batch(self) -> mx.array:
+        """This process's rows of the next step's global batch, a pure function of (seed, step)."""
+        c = self.cfg
+        rows = data_mod.train_batch(self.data, c.seed, self.step, c.batch_size, self.seq_len, c.grad_accum)
+        return mx.array(self.group.rows(rows, axis=1))
+
+    def restore(self, latest: Path) -> None:
+        state = ckpt.read_state(latest)
+        self.model.load_weights(str(latest / "model.safetensors"))
+        self.optimizer.state = tree_unflatten(list(mx.load(str(latest / "optimizer.safetensors")).items()))
+        self.step, self.tokens, self.elapsed_before = state["step"], state["tokens"], state["elapsed"]
+        self.best_val, self.last_good = state.get("best_val_loss"), latest
+        mx.eval(self.model.parameters(), self.optimizer.state)
+
+    def share(self) -> None:
+        """Every process continues from rank 0's model, optimizer and counters: its checkpoint (which
+        the others need not be able to read) or its freshly built model."""
+        g = self.group
+        if g.size == 1:
+            return
+        self.model.update(g.broadcast(self.model.parameters()))
+        self.optimizer.state = g.broadcast(self.optimizer.state)
+        counts = g.broadcast(mx.array([self.step, self.tokens], dtype=mx.int64)).tolist()
+        best = math.nan if self.best_val is None else self.best_val
+        elapsed, best = g.broadcast(mx.array([self.elapsed_before, best], dtype=mx.float32)).tolist()
+        self.step, self.tokens, self.elapsed_before = int(counts[0]), int(counts[1]), elapsed
+        self.best_val = None if math.isnan(best) else best
+
+    def save(self, val: dict[str, float]) -> None:
+        if val and (self.best_val is None or val["val_loss"] < self.best_val):
+            self.best_val = val["val_loss"]
+        if not self.group.primary:
+            return
+        state = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed(), "seed": self.cfg.seed,
+                 "data": self.data.directory.name, "val_loss": val.get("val_loss"), "val_bpb": val.get("val_bpb"),
+                 "best_val_loss": self.best_val}
+        extra_files = [self.run_dir / "config.toml", *sorted(self.run_dir.glob("tokenizer*"))]
+        weights, opt_state = dict(tree_flatten(self.model.parameters())), dict(tree_flatten(self.optimizer.state))
+        self.last_good = ckpt.save_checkpoint(self.run_dir, self.step, weights, opt_state, state, extra_files)
+        ckpt.prune(self.run_dir, self.cfg.keep_last)
+
+
+def memory(run: RunConfig, seq_len: int, group: Group = Group()) -> dict[str, float]:
+    """The estimate for this machine: each of its processes holds the model, optimizer state and the
+    activations of its rows."""
+    t = run.train
+    trainable = lora.trainable_params(run.model, t.lora_rank) if t.lora_rank else None
+    est = estimate_memory(run.model, t.batch_size // group.size, seq_len, t.dtype, t.grad_accum, trainable=trainable)
+    return {k: v * group.local_size for k, v in est.items()}
+
+
+def _pretrained(run: RunConfig, latest: Path | None) -> Pretrained | None:
+    """The model a run starts from (train.init_from); when resuming, as its own checkpoint holds it."""
+    if not run.train.init_from:
+        if run.tokenizer.kind == "hf":
+            raise MlxllmError("tokenizer.kind = hf means a pretrained model's own tokenizer: set train.init_from "
+                              "(--init-from PATH) to that model, or choose tokenizer.kind = bpe or byte.")
+        return None
+    source = pretrained.find(latest or run.train.init_from)
+    if source.quantization:
+        raise MlxllmError(f"{source.source} is quantized, and a quantized model cannot be trained further. "
+                          "Start from the unquantized model (export it without --quantize).")
+    return source
+
+
+def _with_source(run: RunConfig, latest: Path | None) -> tuple[RunConfig, Pretrained | None]:
+    """The run with its starting model's shape and tokenizer (train.init_from), checked."""
+    source = _pretrained(run, latest)
+    if source is not None:  # its shape and tokenizer; the device's attention as configured here
+        run = replace(run, model=replace(source.config, attention=run.model.attention), tokenizer=source.tokenizer_config)
+    seq_len = run.train.seq_len or run.model.max_seq_len
+    if seq_len > run.model.max_seq_len:
+        raise MlxllmError(f"train.seq_len ({seq_len}) exceeds model.max_seq_len ({run.model.max_seq_len}); raise max_seq_len or shorten seq_len.")
+    return run, source
+
+
+def _check_split(cfg: TrainConfig, g: Group) -> None:
+    if cfg.batch_size % g.size:
+        fits = [n for n in (cfg.batch_size - cfg.batch_size % g.size, cfg.batch_size + g.size - cfg.batch_size % g.size) if n]
+        raise MlxllmError(
+            f"train.batch_size ({cfg.batch_size}) is the global batch and must split evenly over the {g.size} "
+            f"processes of the group: use a multiple of {g.size} (e.g. {' or '.join(map(str, fits))}), or start "
+            "a number of processes that divides it. Nothing was written."
+        )
+
+
+def _prepare_data(run: RunConfig, source: Pretrained | None, quiet: bool, g: Group) -> TokenData:
+    cfg = run.train
+
+    def prepare() -> TokenData:
+        return data_mod.prepare(cfg.data, run.tokenizer, val_fraction=cfg.val_fraction, quiet=quiet or not g.primary,
+                                tokenizer=source.tokenizer if source else None)
+
+    data = g.in_turn(prepare, "tokenizing the corpus")
+    g.check_same(data.directory.name, "tokenized data (corpus and tokenizer)")
+    return data
+
+
+def _build(run: RunConfig, source: Pretrained | None, latest: Path | None, data: TokenData | None,
+           quiet: bool, g: Group) -> Run:
+    """Tokenize the corpus and build the model (or restore it from the last checkpoint)."""
+    cfg, run_dir = run.train, Path(run.train.out_dir)
+    seq_len = cfg.seq_len or run.model.max_seq_len
+    data = data if data is not None else _prepare_data(run, source, quiet, g)
+    data_mod.check_length(data, seq_len)
+    if source is None:
+        run = replace(run, model=replace(run.model, vocab_size=data.tokenizer.vocab_size))
+    check_fits(memory(run, seq_len, g), cfg.batch_size // g.size, seq_len)  # refuses, with a suggestion, what cannot fit
+    set_wired_limit()  # Apple silicon: keep the working set wired, as mlx-lm does
+    configure_cache()  # CPU: reuse freed activation buffers instead of page-faulting them back every step
+
+    def write_settings() -> None:
+        if latest is not None:
+            rundir.check_resume(latest, run, data.directory.name)
+        data.tokenizer.save(run_dir)
+        (run_dir / "config.toml").write_text(dump_toml(run))
+
+    g.together(write_settings if g.primary else None, "checking the run directory")
+    mx.random.seed(cfg.seed)
+    if source is not None and latest is None:
+        model = pretrained.build(source, attention=run.model.attention)
+    else:
+        model = build_model(run.model, seed=cfg.seed)
+    if cfg.lora_rank:
+        lora.apply(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+    optimizer = make_optimizer(cfg)
+    optimizer.init(model.trainable_parameters())
+    r = Run(run, run_dir, data, seq_len, model, optimizer, group=g)
+    if latest is not None:
+        r.restore(latest)
+    r.share()
+    if g.primary:
+        rundir.keep_metrics_until(run_dir, r.step)  # rows logged after that checkpoint come again
+    return r
+
+
+def open_run(run: RunConfig, resume: bool, overwrite: bool, data: TokenData | None, quiet: bool,
+             g: Group = Group()) -> Run:
+    """Lock the run directory, check the settings, and set the run up; nothing is written (or
+    replaced) before the settings pass their checks. Every process of a group calls it."""
+    run_dir, source = Path(run.train.out_dir), None
+    _check_split(run.train, g)
+    if not resume:
+        run, source = g.together(lambda: _with_source(run, None), "checking the settings")
+
+    def claim() -> tuple[IO[str], Path | None]:
+        lock = rundir.lock_run_dir(run_dir, resume, overwrite)
+        try:
+            return lock, (ckpt.latest_good(run_dir) if resume and not overwrite else None)
+        except BaseException:
+            lock.close()
+            raise
+
+    lock, latest = g.together(claim if g.primary else None, "opening the run directory") or (None, None)
+    try:
+        if resume:  # rank 0 from its checkpoint; the others from the settings, then rank 0's state
+            run, source = g.together(lambda: _with_source(run, latest), "checking the settings")
+        if overwrite and g.primary:
+            rundir.clear(run_dir)
+        r = _build(run, source, latest, data, quiet, g)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    r.lock = lock
+    return r
