@@ -1,36 +1,19 @@
 """The CUDA kernels compile to PTX for sm_90 with nvcc, for every dtype.
 
-The translation unit is the one `mx.fast.cuda_kernel` builds (see mlxllm/kernels/cuda.py), with one
-substitution: MLX's default header includes `mlx/backend/cuda/device/utils.cuh`, which the pip package does
-not ship, so STAND_IN provides what that header gives the kernels here (fp16/bf16 types, cuda::std limits
-for MLX's `inf` macro). Our kernels use nothing else from it.
-
-To keep nvcc to one run per dtype, the complete single-kernel units are concatenated into one file: the
-headers are include-guarded and the repeated macro definitions are identical, so each unit compiles as it
-would alone.
+The translation unit is the one `mx.fast.cuda_kernel` builds, with tests/cuda_tu.py's STAND_IN for MLX's
+device header; to keep nvcc to one run per dtype, the single-kernel units are concatenated into one file.
+tests/test_cuda_exec.py runs the same units on a GPU.
 """
 
 import mlxllm  # noqa: F401  (must precede mlx.core)
 
-import shutil
 import subprocess
 
 import mlx.core as mx
 import pytest
 
+from cuda_tu import NVCC, STAND_IN
 from mlxllm.kernels.cuda import translation_unit
-
-NVCC = shutil.which("nvcc")
-
-STAND_IN = """
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <cuda/std/limits>
-#include <cooperative_groups.h>
-
-#define inf cuda::std::numeric_limits<float>::infinity()
-
-"""
 
 # (head dim, causal, query heads per K/V head): the largest shared-memory case and a small non-causal one.
 VARIANTS = [(128, True, 2), (64, True, 1), (32, False, 4)]
