@@ -1,12 +1,15 @@
 """Load a TOML config, override a few keys, and train: what `mlxllm train --config` does.
 
     python examples/config_file.py configs/tiny.toml
+    MLXLLM_EXAMPLE_STEPS=10 python examples/config_file.py configs/tiny.toml   # a quick try
 """
 
+import os
 import sys
 
 from mlxllm import load_config, train
 
-run = load_config(sys.argv[1] if len(sys.argv) > 1 else "configs/tiny.toml", ["train.max_steps=100"])
+steps = os.environ.get("MLXLLM_EXAMPLE_STEPS", "100")
+run = load_config(sys.argv[1] if len(sys.argv) > 1 else "configs/tiny.toml", [f"train.max_steps={steps}"])
 result = train(run.model, run.train, run.tokenizer, overwrite=True)
 print(result.run_dir, result.val_loss)

@@ -1,16 +1,19 @@
 """Train a small model on a text file with the Python API, then sample from it.
 
     python examples/train_and_sample.py path/to/text.txt
+    MLXLLM_EXAMPLE_STEPS=10 python examples/train_and_sample.py path/to/text.txt   # a quick try
 """
 
+import os
 import sys
 
 from mlxllm import ModelConfig, TokenizerConfig, TrainConfig, generate, load, train
 
 data = sys.argv[1] if len(sys.argv) > 1 else None  # None: the built-in corpus
+steps = int(os.environ.get("MLXLLM_EXAMPLE_STEPS", "200"))
 result = train(
     ModelConfig(n_layers=4, d_model=256, n_heads=4, max_seq_len=256),
-    TrainConfig(data=data, out_dir="runs/example", max_steps=200, eval_interval=50),
+    TrainConfig(data=data, out_dir="runs/example", max_steps=steps, eval_interval=50),
     TokenizerConfig(kind="bpe", vocab_size=2048),
     overwrite=True,
 )

@@ -201,7 +201,7 @@ def bench_attention_cmd(
                    add_help_option=False)
 @friendly
 def bench_train_cmd(ctx: typer.Context) -> None:
-    """Training speed side by side: mlxllm compiled, plain MLX, PyTorch eager and compiled (--help for options)."""
+    """Training speed side by side: mlxllm compiled, plain MLX, PyTorch eager, compiled and compiled whole step (--help for options)."""
     from mlxllm.bench.train import main as bench_main
 
     bench_main(list(ctx.args))

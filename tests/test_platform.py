@@ -1,25 +1,63 @@
+import json
 import os
 import platform
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
 
 from mlxllm.cpu import blas as _blas
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Marker environments of the machines one `pip install mlxllm` has to serve (Python 3.11).
+PLATFORMS = {
+    "linux-x86_64": {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix"},
+    "linux-aarch64": {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "aarch64", "os_name": "posix"},
+    "darwin-arm64": {"sys_platform": "darwin", "platform_system": "Darwin", "platform_machine": "arm64", "os_name": "posix"},
+}
+# What each must get: the MLX build (its extras) and whether the pip-only MKL comes along.
+WANTED = {"linux-x86_64": ({"cpu"}, True), "linux-aarch64": ({"cpu"}, False), "darwin-arm64": (set(), False)}
+
+
+def _built_requirements() -> list[Requirement]:
+    """The Requires-Dist pip builds from this tree, as `pip install .` would install it."""
+    import importlib.util
+
+    report = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed", "--quiet",
+         "--report", "-", *(["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []), str(ROOT)],
+        capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    (item,) = json.loads(report.stdout)["install"]
+    assert item["metadata"]["name"] == "mlxllm"
+    return [Requirement(r) for r in item["metadata"]["requires_dist"]]
+
+
 def test_one_install_for_mac_and_linux():
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert "mlx>=0.32.4; sys_platform == 'darwin'" in deps
-    assert "mlx[cpu]>=0.32.4; sys_platform == 'linux'" in deps
+    """The built wheel's requirements, with their markers evaluated for each platform as pip does."""
+    reqs = _built_requirements()
+    for platform_name, env in PLATFORMS.items():
+        full = {**default_environment(), "python_version": "3.11", "python_full_version": "3.11.9", **env, "extra": ""}
+        applies = [r for r in reqs if r.marker is None or r.marker.evaluate(full)]
+        names = [r.name for r in applies]
+        assert len(set(names)) == len(names), (platform_name, names)  # one MLX build, not two
+        extras, mkl = WANTED[platform_name]
+        (mlx,) = [r for r in applies if r.name == "mlx"]
+        assert mlx.extras == extras, (platform_name, str(mlx))
+        assert ("mkl" in names) == mkl, (platform_name, names)
+        assert {"numpy", "typer", "rich", "tokenizers", "sentencepiece"} <= set(names)
+        assert "tomli" not in names and "optuna" not in names  # 3.11 has tomllib; the search is an extra
+    # The MLX this project is tested with meets the floor the wheel asks for.
+    (linux_mlx,) = [r for r in reqs if r.name == "mlx" and "cpu" in r.extras]
+    assert linux_mlx.specifier.contains(version("mlx"))
+    old = {**default_environment(), **PLATFORMS["linux-x86_64"], "python_version": "3.10", "extra": ""}
+    assert any(r.name == "tomli" and r.marker.evaluate(old) for r in reqs)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS preload is for Linux only")

@@ -10,7 +10,10 @@ PyTorch workers load this file by its path, without importing mlxllm (or MLX and
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -89,25 +92,89 @@ class Llama(nn.Module):
         return self.norm(h) @ self.embed_tokens.weight.T  # tied output projection
 
 
-def make_trainer(cfg: dict, *, compile: bool = False, seed: int = 0):
-    """(step(batch) -> loss tensor, model). cfg has vocab_size, n_layers, d_model, n_heads, hidden_dim, seq_len."""
+MODES = ("eager", "compile", "compile-step")
+
+
+class Trainer(NamedTuple):
+    step: Callable[[torch.Tensor], torch.Tensor]  # one training step on a (B, T + 1) batch; returns the loss
+    model: Llama
+    optimizer: str  # which AdamW implementation: "fused" or "foreach"
+
+
+def make_adamw(params: list[nn.Parameter], cfg: dict, *, fused: bool) -> tuple[torch.optim.AdamW, str]:
+    """mlxllm's AdamW hyperparameters; PyTorch's fused kernel where asked for and this PyTorch has it on
+    the CPU (2.4 and later), else the multi-tensor (foreach) one. Both compute the same update."""
+    kwargs = dict(lr=cfg.get("learning_rate", 1e-3), betas=(0.9, 0.95), weight_decay=cfg.get("weight_decay", 0.1))
+    if fused:
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs), "fused"
+        except (RuntimeError, TypeError, ValueError):  # an older PyTorch: fused is for CUDA only
+            pass
+    return torch.optim.AdamW(params, foreach=True, **kwargs), "foreach"
+
+
+def make_trainer(cfg: dict, *, mode: str = "eager", seed: int = 0, backend: str = "inductor") -> Trainer:
+    """The training step, run as `mode` says: "eager"; "compile", torch.compile over the forward and loss
+    (backward, clipping and AdamW eager); "compile-step", torch.compile over the whole step. `backend`
+    is torch.compile's (the benchmark's is Inductor; "aot_eager" traces the same graphs without code
+    generation). cfg has vocab_size, n_layers, d_model, n_heads, hidden_dim, seq_len."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} (got {mode!r})")
     torch.manual_seed(seed)
     model = Llama(cfg["vocab_size"], cfg["n_layers"], cfg["d_model"], cfg["n_heads"], cfg["hidden_dim"], cfg["seq_len"])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.get("learning_rate", 1e-3), betas=(0.9, 0.95),
-                            weight_decay=cfg.get("weight_decay", 0.1), foreach=True)
+    params = list(model.parameters())
+    # The fused AdamW is marked torch.compiler.disable (a graph break, run outside the graph); compiled
+    # over the whole step, the foreach AdamW is traced and Inductor fuses its update itself.
+    opt, kind = make_adamw(params, cfg, fused=mode != "compile-step")
+    clip = cfg.get("grad_clip", 1.0)
 
     def loss_of(batch: torch.Tensor) -> torch.Tensor:
         logits = model(batch[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
 
-    fwd = torch.compile(loss_of) if compile else loss_of
+    if mode == "compile-step":
+        return Trainer(_compiled_whole_step(loss_of, params, opt, clip, backend), model, kind)
+    fwd = torch.compile(loss_of, backend=backend) if mode == "compile" else loss_of
 
     def step(batch: torch.Tensor) -> torch.Tensor:
         loss = fwd(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.get("grad_clip", 1.0))
+        torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         return loss.detach()
 
-    return step, model
+    return Trainer(step, model, kind)
+
+
+def _compiled_whole_step(loss_of: Callable, params: list[nn.Parameter], opt: torch.optim.Optimizer,
+                         clip: float, backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Forward, backward, clipping and the AdamW step under one torch.compile.
+
+    Dynamo traces loss.backward() into the graph only with trace_autograd_ops (PyTorch 2.13; without
+    it, the backward is a graph break and runs as AOTAutograd's compiled backward). The optimizer
+    step is a graph of its own: Optimizer.step graph-breaks on purpose (torch/optim/optimizer.py, so
+    that AOT sees the update as in-place), so the whole step is two graphs, not one. zero_grad stays
+    outside: Optimizer.zero_grad is on Dynamo's skip list, and a graph break between the forward and
+    the backward splits the graph the backward is traced into."""
+    import torch._dynamo
+
+    def train_step(batch: torch.Tensor) -> torch.Tensor:
+        loss = loss_of(batch)
+        value = loss.detach()  # detached before backward: a returned loss whose graph backward consumed graph-breaks
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        return value
+
+    compiled = torch.compile(train_step, backend=backend)
+    cfg = torch._dynamo.config
+    patch = cfg.patch(trace_autograd_ops=True) if hasattr(cfg, "trace_autograd_ops") else contextlib.nullcontext()
+
+    def step(batch: torch.Tensor) -> torch.Tensor:
+        for p in params:  # what opt.zero_grad(set_to_none=True) does
+            p.grad = None
+        with patch:
+            return compiled(batch)
+
+    return step

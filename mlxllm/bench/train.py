@@ -1,11 +1,15 @@
 """Training-speed benchmark: mlxllm's compiled step side by side with a plain MLX loop and PyTorch.
 
 Every implementation runs in its own worker process (so PyTorch's OpenMP threads and MLX's OpenBLAS
-threads never share a process, and each one's peak memory is its own). The workers are started and
-warmed up (compiled) first, then measured in interleaved windows: round 1 of every worker, round 2,
-... so a machine that gets busier or quieter half-way affects them all alike. tokens/s is the median
-over the windows. MFU is model FLOPs (ModelConfig.flops_per_token, the figure training reports)
+threads never share a process, and each one's peak memory is its own), with caches of its own: a fresh
+MLXLLM_CACHE_DIR (no recorded attention choice) and Inductor cache (no kernels compiled by an earlier
+run). The workers are started and warmed up (compiled) first, then measured in interleaved windows:
+round 1 of every worker, round 2, ... so a machine that gets busier or quieter half-way affects them
+all alike, the order rotated each round. The first round is a warm-up and is discarded; tokens/s is
+the median over the rest. MFU is model FLOPs (ModelConfig.flops_per_token, the figure training reports)
 times tokens/s over the fp32 matmul peak measured in this same run (mlxllm.device.measure_matmul_flops).
+PyTorch's AdamW is its fused CPU kernel where PyTorch has one (2.4+), except under torch.compile of
+the whole step, which traces the foreach AdamW (see torch_reference.make_trainer).
 
     mlxllm bench train
     mlxllm bench train --json out.json --steps 5 --windows 5
@@ -23,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from mlxllm.bench.workers import COMPILED_MLX, TORCH_REFERENCE, Worker, model_config
+from mlxllm.errors import MlxllmError
 
-IMPLS = ("torch-eager", "torch-compile", "mlxllm", "mlxllm-1stream", "mlx-plain")
+IMPLS = ("torch-eager", "torch-compile", "torch-compile-step", "mlxllm", "mlxllm-1stream", "mlx-plain")
 IMPL_NOTES = {
     "torch-eager": "PyTorch eager (mlxllm/bench/torch_reference.py)",
-    "torch-compile": "PyTorch torch.compile (forward+loss compiled)",
+    "torch-compile": "PyTorch torch.compile over the forward and loss",
+    "torch-compile-step": "PyTorch torch.compile over the whole step: forward, backward, clipping, AdamW",
     "mlxllm": "mlxllm.step.make_step (mx.compile, split over one CPU stream per core, as training runs it)",
     "mlxllm-1stream": "the same compiled step on one stream (train.cpu_streams=1), the baseline of the split",
     "mlx-plain": "plain MLX loop: nn.value_and_grad + clip + optimizer.update + mx.eval, no compile",
@@ -82,6 +88,66 @@ def measure_peak(seconds: float = 1.0) -> float:
     return measure_matmul_flops(seconds=seconds)
 
 
+def rotated(items: list[Any], k: int) -> list[Any]:
+    """`items` starting at position k (mod its length): who goes first changes from round to round."""
+    k %= max(len(items), 1)
+    return items[k:] + items[:k]
+
+
+def measure_rounds(workers: list[Worker], windows: int, steps: int, offset: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """One warm-up round, then `windows` measured rounds, each worker's window in turn, the order
+    rotated every round: the first window after a worker's idle wait (caches, page faults, the CPU
+    clocking up, PyTorch's allocator growing) is thrown away, and no implementation always runs right
+    after the same other one, or always first. Returns each worker's replies, the warm-up first."""
+    rounds: dict[str, list[dict[str, Any]]] = {w.impl: [] for w in workers}
+    for r in range(1 + windows):
+        for w in rotated(workers, offset + r):
+            time.sleep(0.2)  # let the previous worker's BLAS/OpenMP threads go idle
+            rounds[w.impl].append(w.window(steps))
+    return rounds
+
+
+def _bench_config(cfg: dict[str, Any], impls: list[str], steps: int, warmup: int, windows: int,
+                  offset: int) -> tuple[list[Worker], dict[str, list[dict[str, Any]]]]:
+    workers: list[Worker] = []
+    try:
+        # Started one at a time, so a compile does not compete with another; in a rotated order too.
+        for impl in rotated(list(impls), offset):
+            w = Worker(impl, cfg, warmup)
+            w.wait_ready()
+            workers.append(w)
+        workers.sort(key=lambda w: list(impls).index(w.impl))
+        return workers, measure_rounds(workers, windows, steps, offset)
+    finally:
+        for w in workers:
+            w.close()
+
+
+def _row(cfg: dict[str, Any], w: Worker, replies: list[dict[str, Any]], peak: float, peaks: list[float]) -> dict[str, Any]:
+    warm, ws = replies[0], replies[1:]
+    model_flops, exec_flops = model_config(cfg).flops_per_token(cfg["seq_len"]), executed_matmul_flops_per_token(cfg)
+    tps = statistics.median(r["tokens_per_s"] for r in ws)
+    compiled = w.impl in COMPILED_MLX or w.impl.startswith("torch-compile")
+    note = IMPL_NOTES[w.impl] + (f", {w.ready['optimizer']} AdamW" if "optimizer" in w.ready else "")
+    return {
+        "config": cfg["name"], "impl": w.impl, "note": note,
+        "model": {k: v for k, v in cfg.items() if k not in ("name", "hidden_dim")},
+        "tokens_per_s": tps, "tokens_per_s_windows": [r["tokens_per_s"] for r in ws],
+        "warmup_window": warm, "windows": ws,
+        "step_ms": 1000 * cfg["batch_size"] * cfg["seq_len"] / tps,
+        "mfu": tps * model_flops / peak, "exec_mfu": tps * exec_flops / peak,
+        "model_flops_per_token": model_flops, "peak_measured": max(peaks), "exec_flops_per_token": exec_flops,
+        "peak_flops": peak, "first_step_s": w.ready["first_step_s"], "traces": ws[-1]["traces"],
+        # Graphs traced after the first step: a recompile (the first step's own count is 1 for MLX,
+        # 2 for the whole PyTorch step, whose optimizer step is a graph of its own).
+        "recompiles": ws[-1]["traces"] - w.ready["first_traces"] if compiled else None,
+        "optimizer": w.ready.get("optimizer"), "attention": w.ready.get("attention"),
+        "cache_dir": w.ready["cache_dir"],
+        "peak_mem_mb": ws[-1]["peak_mem_mb"], "max_rss_mb": ws[-1]["max_rss_mb"],
+        "cpu_per_wall": statistics.median(r["cpu_per_wall"] for r in ws),
+    }
+
+
 def run_benchmark(
     configs: list[dict[str, Any]] | None = None,
     steps: int = 3,
@@ -92,50 +158,25 @@ def run_benchmark(
     show: bool = True,
     peak_flops: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Benchmark each config with each implementation; one result dict per (config, implementation)."""
+    """Benchmark each config with each implementation; one result dict per (config, implementation).
+    Each worker runs one warm-up window (discarded) and `windows` measured ones; tokens/s is their median."""
+    if windows < 1 or steps < 1:
+        raise MlxllmError(f"--windows and --steps must be at least 1 (got {windows} and {steps}).")
     configs = [dict(c) for c in (configs or DEFAULT_CONFIGS)]
     skip = torch_available()
     notes = []
+    impls = list(impls)
     if skip and any(i.startswith("torch") for i in impls):
         notes.append(f"PyTorch skipped: {skip}")
         impls = [i for i in impls if not i.startswith("torch")]
     peaks = [measure_peak()]  # measured before, between and after the configs; the best is the peak
     results: list[dict[str, Any]] = []
-    for cfg in configs:
-        mc = model_config(cfg)
-        cfg["hidden_dim"] = mc.hidden_dim  # the PyTorch workers never import mlxllm
-        model_flops = mc.flops_per_token(cfg["seq_len"])
-        exec_flops = executed_matmul_flops_per_token(cfg)
-        workers = []
-        try:
-            for impl in impls:  # one at a time, so compiling does not compete with another compile
-                w = Worker(impl, cfg, warmup)
-                w.wait_ready()
-                workers.append(w)
-            rounds: dict[str, list[dict[str, Any]]] = {w.impl: [] for w in workers}
-            for _ in range(windows):
-                for w in workers:
-                    time.sleep(0.2)  # let the previous worker's BLAS/OpenMP threads go idle
-                    rounds[w.impl].append(w.window(steps))
-        finally:
-            for w in workers:
-                w.close()
+    for i, cfg in enumerate(configs):
+        cfg["hidden_dim"] = model_config(cfg).hidden_dim  # the PyTorch workers never import mlxllm
+        workers, rounds = _bench_config(cfg, impls, steps, warmup, windows, offset=i)
         peaks.append(measure_peak())
         peak = peak_flops or max(max(peaks), _theoretical_peak())
-        for w in workers:
-            ws = rounds[w.impl]
-            tps = statistics.median(r["tokens_per_s"] for r in ws)
-            results.append({
-                "config": cfg["name"], "impl": w.impl, "note": IMPL_NOTES[w.impl], "model": {k: v for k, v in cfg.items() if k not in ("name", "hidden_dim")},
-                "tokens_per_s": tps, "tokens_per_s_windows": [r["tokens_per_s"] for r in ws],
-                "step_ms": 1000 * cfg["batch_size"] * cfg["seq_len"] / tps,
-                "mfu": tps * model_flops / peak, "exec_mfu": tps * exec_flops / peak,
-                "model_flops_per_token": model_flops, "peak_measured": max(peaks), "exec_flops_per_token": exec_flops, "peak_flops": peak,
-                "first_step_s": w.ready["first_step_s"], "traces": ws[-1]["traces"],
-                "recompiles": max(0, ws[-1]["traces"] - 1) if w.impl in (*COMPILED_MLX, "torch-compile") else None,
-                "peak_mem_mb": ws[-1]["peak_mem_mb"], "max_rss_mb": ws[-1]["max_rss_mb"],
-                "cpu_per_wall": statistics.median(r["cpu_per_wall"] for r in ws),
-            })
+        results += [_row(cfg, w, rounds[w.impl], peak, peaks) for w in workers]
     if show:
         print_table(results, notes)
     if json_path:
@@ -197,7 +238,7 @@ def print_table(results: list[dict[str, Any]], notes: list[str] = ()) -> None:
                 r["impl"], f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / base:.2f}x" if base else "-",
                 f"{r['step_ms']:.0f}", f"{r['mfu']:.1%}", f"{r['exec_mfu']:.1%}",
                 "-" if math.isnan(r["peak_mem_mb"]) else f"{r['peak_mem_mb']:.0f}", f"{r['max_rss_mb']:.0f}",
-                str(r["traces"]), "-" if r["recompiles"] is None else str(r["recompiles"]),
+                *(("-", "-") if r["recompiles"] is None else (str(r["traces"]), str(r["recompiles"]))),  # compiled rows only
                 f"{r['first_step_s']:.1f}", f"{r['cpu_per_wall']:.2f}",
             )
         console.print(t)
@@ -208,8 +249,13 @@ def print_table(results: list[dict[str, Any]], notes: list[str] = ()) -> None:
             f"model FLOPs/token {r0['model_flops_per_token'] / 1e6:.2f}M (ModelConfig.flops_per_token, as training "
             f"reports MFU), executed matmul FLOPs/token {r0['exec_flops_per_token'] / 1e6:.2f}M (mlxllm's attention path, "
             f"applied to every row); "
-            f"tokens/s is the median of {len(r0['tokens_per_s_windows'])} interleaved windows"
+            f"tokens/s is the median of {len(r0['tokens_per_s_windows'])} interleaved windows of "
+            f"{r0['windows'][0]['steps']} steps after a discarded warm-up window, the order rotated every round"
         )
+        used = [f"{r['impl']} {r['optimizer']}" for r in rows if r["optimizer"]]
+        used += [f"{r['impl']} {r['attention']}" for r in rows if r["attention"]]
+        if used:
+            console.print("  PyTorch AdamW / MLX attention: " + ", ".join(used), highlight=False)
     from mlxllm.cpu import blas
     from mlxllm.device import describe_cpu
 
@@ -227,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--impl", action="append", choices=IMPLS, help="which implementation(s) (default: all)")
     p.add_argument("--steps", type=int, default=3, help="steps per window")
     p.add_argument("--warmup", type=int, default=2, help="steps before measuring (the first one compiles)")
-    p.add_argument("--windows", type=int, default=4, help="measured windows per implementation (median reported)")
+    p.add_argument("--windows", type=int, default=4,
+                   help="measured windows per implementation, after one discarded warm-up window (median reported)")
     p.add_argument("--peak-gflops", type=float, default=None,
                    help="use this matmul peak for MFU instead of measuring it (e.g. one taken on a quiet machine)")
     p.add_argument("--attention", choices=("auto", "fast", "reference"), default=None, help="override model.attention")

@@ -9,13 +9,17 @@ compete for the same cores.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 COMPILED_MLX = ("mlxllm", "mlxllm-1stream")
+TORCH_MODES = {"torch-eager": "eager", "torch-compile": "compile", "torch-compile-step": "compile-step"}
 TORCH_REFERENCE = Path(__file__).resolve().with_name("torch_reference.py")
 
 
@@ -42,23 +46,23 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
     import numpy as np
 
     from mlxllm import step as step_mod
+    from mlxllm.attention import resolve_attention
     from mlxllm.config import TrainConfig
     from mlxllm.cpu.streams import blas_threads_for, stream_count
     from mlxllm.model import build_model
 
     mc = model_config(cfg)
     tc = TrainConfig(batch_size=cfg["batch_size"], seq_len=cfg["seq_len"], compile=impl in COMPILED_MLX,
-                               cpu_streams=1 if impl == "mlxllm-1stream" else 0)
+                     cpu_streams=1 if impl == "mlxllm-1stream" else 0)
     traces = [0]
     real_loss_fn = step_mod.loss_fn
     # A trace calls loss_fn once per stream the step is split over.
     n_streams = stream_count(tc, mc) if impl in COMPILED_MLX else 1
-    per_trace = n_streams
     calls = [0]
 
     def counting_loss_fn(model, batch):
         calls[0] += 1  # runs on every call uncompiled, only while tracing when compiled
-        traces[0] = calls[0] // per_trace
+        traces[0] = calls[0] // n_streams
         return real_loss_fn(model, batch)
 
     mx.random.seed(0)
@@ -112,7 +116,7 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
         return {"peak_mem_mb": mx.get_peak_memory() / 2**20, "active_mem_mb": mx.get_active_memory() / 2**20,
                 "max_rss_mb": _rss_mb()}
 
-    return run, next_batch, traces, memory
+    return run, next_batch, traces, memory, {"attention": resolve_attention(mc.attention)}
 
 
 def _torch_worker(impl: str, cfg: dict[str, Any]):
@@ -123,8 +127,10 @@ def _torch_worker(impl: str, cfg: dict[str, Any]):
 
     spec = importlib.util.spec_from_file_location("torch_reference", TORCH_REFERENCE)
     torch_reference = importlib.util.module_from_spec(spec)
+    sys.modules["torch_reference"] = torch_reference  # Dynamo looks traced code's module up by name
     spec.loader.exec_module(torch_reference)
-    step, _ = torch_reference.make_trainer(cfg, compile=impl == "torch-compile")  # cfg carries hidden_dim
+    trainer = torch_reference.make_trainer(cfg, mode=TORCH_MODES[impl])  # cfg carries hidden_dim
+    step = trainer.step
     rng = np.random.default_rng(0)
     B, T = cfg["batch_size"], cfg["seq_len"]
     traces = [0]  # torch.compile's own counter is read below
@@ -143,14 +149,14 @@ def _torch_worker(impl: str, cfg: dict[str, Any]):
             loss = step(batch)
             batch = next_batch()
         loss.item()
-        if counters is not None and impl == "torch-compile":
+        if counters is not None and impl != "torch-eager":
             traces[0] = int(sum(counters["stats"].get(k, 0) for k in ("unique_graphs",)))
         return batch
 
     def memory() -> dict[str, float]:
         return {"peak_mem_mb": float("nan"), "active_mem_mb": float("nan"), "max_rss_mb": _rss_mb()}
 
-    return run, next_batch, traces, memory
+    return run, next_batch, traces, memory, {"optimizer": trainer.optimizer}
 
 
 def worker_main(impl: str, cfg: dict[str, Any], warmup: int) -> None:
@@ -159,12 +165,13 @@ def worker_main(impl: str, cfg: dict[str, Any], warmup: int) -> None:
     sys.stdout = sys.stderr  # library chatter must not corrupt the protocol
     t0 = time.perf_counter()
     build = _torch_worker if impl.startswith("torch") else _mlx_worker
-    run, next_batch, traces, memory = build(impl, cfg)
+    run, next_batch, traces, memory, facts = build(impl, cfg)
     batch = next_batch()
     batch = run(1, batch)  # the first step compiles
-    first = time.perf_counter() - t0
+    first, first_traces = time.perf_counter() - t0, traces[0]
     batch = run(max(0, warmup - 1), batch)
-    out.write(json.dumps({"ready": True, "first_step_s": first, "traces": traces[0], **memory()}) + "\n")
+    out.write(json.dumps({"ready": True, "first_step_s": first, "first_traces": first_traces, "traces": traces[0],
+                          "cache_dir": os.environ.get("MLXLLM_CACHE_DIR"), **facts, **memory()}) + "\n")
     out.flush()
     done = warmup
     for line in sys.stdin:
@@ -172,25 +179,36 @@ def worker_main(impl: str, cfg: dict[str, Any], warmup: int) -> None:
         if not cmd or cmd[0] == "quit":
             break
         n = int(cmd[1])
+        started = time.time()  # the wall clock, comparable across the workers
         t = time.perf_counter()
         c = time.process_time()
         batch = run(n, batch)
         dt = time.perf_counter() - t
         done += n
-        reply = {"seconds": dt, "steps": n, "tokens_per_s": n * cfg["batch_size"] * cfg["seq_len"] / dt,
+        reply = {"started": started, "seconds": dt, "steps": n, "tokens_per_s": n * cfg["batch_size"] * cfg["seq_len"] / dt,
                  "cpu_per_wall": (time.process_time() - c) / dt, "traces": traces[0], "steps_done": done, **memory()}
         out.write(json.dumps(reply) + "\n")
         out.flush()
 
 
+def isolated_env(cache: Path) -> dict[str, str]:
+    """The environment of a worker whose caches are all its own, under `cache`: it neither reads the
+    user's (a recorded attention choice in MLXLLM_CACHE_DIR would change what 'auto' runs; Inductor's
+    compiled kernels from an earlier run would hide PyTorch's compile time) nor another worker's."""
+    return {**os.environ, "MLXLLM_CACHE_DIR": str(cache / "mlxllm"),
+            "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
+
+
 class Worker:
     def __init__(self, impl: str, cfg: dict[str, Any], warmup: int):
         self.impl = impl
+        self.cache = Path(tempfile.mkdtemp(prefix=f"mlxllm-bench-{impl}-"))
         # This file by its path: importing it as mlxllm.bench.workers would import the package (see above).
         boot = ("import importlib.util as u, sys; s = u.spec_from_file_location('mlxllm_bench_worker', sys.argv[1]); "
                 "m = u.module_from_spec(s); s.loader.exec_module(m); m.main(sys.argv[2:])")
         cmd = [sys.executable, "-c", boot, str(Path(__file__).resolve()), "--worker", impl, json.dumps(cfg), str(warmup)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=isolated_env(self.cache))
         self.ready: dict[str, Any] | None = None
 
     def _reply(self) -> dict[str, Any]:
@@ -218,6 +236,8 @@ class Worker:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.cache, ignore_errors=True)
 
 
 
