@@ -48,7 +48,7 @@ def _config(tmp_path: Path, corpus: Path, name: str, **train) -> Path:
                                n_kv_heads=model.n_kv_heads, max_seq_len=model.max_seq_len).items()),
              "[tokenizer]", 'kind = "byte"', "[train]"]
     for key in ("data", "out_dir", "batch_size", "learning_rate", "warmup_steps", "max_steps", "eval_interval",
-                "eval_batches", "log_interval", "sample_tokens", "max_seconds"):
+                "eval_batches", "log_interval", "sample_tokens", "max_seconds", "grad_accum"):
         if getattr(t, key) is not None:
             lines.append(f"{key} = {json.dumps(getattr(t, key))}")
     path = tmp_path / f"{name}.toml"
@@ -97,6 +97,14 @@ def test_two_processes_train_as_one_and_resume_in_one(tmp_path: Path, corpus: Pa
     resumed = _train(cut, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert _max_diff(_weights(tmp_path / "cut"), _weights(tmp_path / "single")) < 1e-5
+
+
+def test_grad_accum_composes_with_processes(tmp_path: Path, corpus: Path) -> None:
+    single = _train(_config(tmp_path, corpus, "single", grad_accum=2))
+    assert single.returncode == 0, single.stderr
+    both = _launch(2, "train", "--config", str(_config(tmp_path, corpus, "pair", grad_accum=2)), "--quiet")
+    assert "exited" not in both.stderr, both.stderr
+    assert _max_diff(_weights(tmp_path / "pair"), _weights(tmp_path / "single")) < 1e-5
 
 
 def _ring_env(rank: int, hostfile: Path, **extra: str) -> dict[str, str]:
