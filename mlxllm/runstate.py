@@ -10,7 +10,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import mlx.core as mx
 import mlx.optimizers as optim

@@ -108,3 +108,25 @@ def test_default_hyperband_prunes_hopeless_trials_before_the_full_budget(tmp_pat
     for t in trials:
         if t.state == TrialState.COMPLETE:
             assert max(t.intermediate_values) == BUDGET
+
+
+class _AlwaysPrune(optuna.pruners.BasePruner):
+    """A pruner that would stop every trial at every evaluation."""
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return True
+
+
+def test_a_trial_at_its_last_evaluation_is_finished_not_pruned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlxllm_search.run as run_mod
+
+    monkeypatch.setattr(run_mod, "make_pruner", lambda spec: _AlwaysPrune())
+    spec_path = write_spec(tmp_path)
+    spec_path.write_text(spec_path.read_text().replace(f"amount = {BUDGET}", f"amount = {2 * EVAL_EVERY}"))
+    trials = search(spec_path, out=tmp_path / "s", trials=2, show=False).study.get_trials()
+    # Each trial is pruned at its first evaluation (step 10), before its last (step 20).
+    for t in trials:
+        assert t.state == TrialState.PRUNED and max(t.intermediate_values) == EVAL_EVERY, t.intermediate_values
+    spec_path.write_text(spec_path.read_text().replace(f"eval_interval = {EVAL_EVERY}", f"eval_interval = {2 * EVAL_EVERY}"))
+    trials = search(spec_path, out=tmp_path / "t", trials=2, show=False).study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2  # its only evaluation is its last

@@ -28,19 +28,28 @@ def run_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Search directory (default: searches/<spec name>).")] = None,
     trials: Annotated[Optional[int], typer.Option(help="Total trials the study should hold; a resumed search adds the difference.")] = None,
     workers: Annotated[int, typer.Option(help="Worker processes on this machine, all sharing the study.")] = 1,
-    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL or journal file (default: a journal in --out).")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL or journal file (default: a journal in --out); "
+                                                     "postgresql://user@host/db shares the study between machines.")] = None,
     study_name: Annotated[Optional[str], typer.Option(help="Study name (default: the spec's name).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Sampler seed: a one-worker search is then reproducible.")] = None,
     seed_config: Annotated[Optional[list[Path]], typer.Option("--seed-config", help="A run config to try first (repeatable).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", "-d", help="Corpus, overriding the spec's train.data.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+    target_seconds: Annotated[Optional[float], typer.Option(help="Optimise for a run of this many seconds of training on this machine.")] = None,
+    target_steps: Annotated[Optional[int], typer.Option(help="Optimise for a run of this many optimizer steps.")] = None,
+    target_tokens: Annotated[Optional[int], typer.Option(help="Optimise for a run of this many training tokens.")] = None,
+    search_seconds: Annotated[Optional[float], typer.Option(help="The search's own wall-clock budget in seconds.")] = None,
 ) -> None:
     """Run (or resume) an architecture search; writes best.toml into the search directory."""
     _need_optuna()
     from mlxllm_search.run import search
 
+    given = [(k, v) for k, v in (("seconds", target_seconds), ("steps", target_steps), ("tokens", target_tokens)) if v is not None]
+    if len(given) > 1:
+        raise MlxllmError("Give one target: --target-seconds, --target-steps or --target-tokens, not several.")
     search(spec, out=out, trials=trials, workers=workers, storage=storage, study_name=study_name, seed=seed,
-           seed_configs=seed_config or (), data=data, show=not quiet)
+           seed_configs=seed_config or (), data=data, show=not quiet, target=given[0] if given else None,
+           search_seconds=search_seconds)
 
 
 @search_app.command("report")

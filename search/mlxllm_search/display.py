@@ -27,11 +27,17 @@ def describe(t: FrozenTrial) -> dict[str, str]:
     d_model, heads = m.get("d_model"), m.get("n_heads")
     last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
     loss = t.values[0] if t.values else t.user_attrs.get("val_loss", last)
-    note = t.user_attrs.get("rejected") or t.user_attrs.get("lost") or ""
+    note = t.user_attrs.get("rejected") or t.user_attrs.get("lost") or t.user_attrs.get("cut") or ""
+    # A target-aware trial's rungs are fractions of the target (its intermediate steps are ms or steps of it).
+    where = f"{t.user_attrs['rung']:.3g}" if "rung" in t.user_attrs else (
+        str(max(t.intermediate_values)) if t.intermediate_values else "")
     if t.state == TrialState.PRUNED and not note:
-        note = f"pruned@{max(t.intermediate_values)}" if t.intermediate_values else "pruned"
-    if t.state == TrialState.RUNNING and t.intermediate_values:
-        note = f"@{max(t.intermediate_values)}"
+        note = f"pruned@{where}" if where else "pruned"
+    if t.state == TrialState.RUNNING and where:
+        note = f"@{where}"
+    if "confirms" in t.user_attrs:
+        note = f"confirms #{t.user_attrs['confirms']}" + (f"; {note}" if note else "")
+    std = t.user_attrs.get("predicted_std")
     return {
         "#": str(t.number),
         "state": t.state.name.lower(),
@@ -46,12 +52,18 @@ def describe(t: FrozenTrial) -> dict[str, str]:
         "GB": _num(t.user_attrs.get("memory_gb"), ".3f"),
         "gen tok/s": _num(t.user_attrs.get("gen_tokens_per_sec"), ",.0f"),
         "note": str(note),
+        "pred@T": _num(t.user_attrs.get("predicted"), ".4f"),
+        "±": "-" if std is None or t.user_attrs.get("actual") is not None else format(std, ".3f"),
+        "meas@T": _num(t.user_attrs.get("actual"), ".4f"),
+        "at": _num(t.user_attrs.get("fraction"), ".2f"),
     }
 
 
 def table(trials: list[FrozenTrial], title: str, objectives: tuple[str, ...], marks: dict[int, str] | None = None) -> Table:
     # Measured costs beyond step time only when the search optimizes or caps them: the table must fit 80 columns.
     cols = ["#", "state", "L", "d", "h/kv", "mlp", "lr", "params", "loss", "ms/step", "note"]
+    if any("predicted" in t.user_attrs for t in trials):  # a target-aware search: the loss at the target
+        cols[8:9] = ["pred@T", "±", "meas@T", "at"]
     if "memory_gb" in objectives:
         cols.insert(-1, "GB")
     if "gen_tokens_per_sec" in objectives:
@@ -73,7 +85,10 @@ def leaderboard(study: optuna.Study, objectives: tuple[str, ...], shown: tuple[s
     front = {t.number for t in study.best_trials} if len(objectives) > 1 else set()
     infeasible = {t.number for t in done if any(v > 0 for v in t.constraints.values())}
     done.sort(key=lambda t: (t.number in infeasible, t.values[0]))
-    title = "Leaderboard (validation loss" + (", * = Pareto front over " + ", ".join(objectives) if front else "") + ")"
+    targeted = any("predicted" in t.user_attrs for t in done)
+    what = ("validation loss at the target: predicted (±1 sd) from the fraction trained (at), measured where it got there"
+            if targeted else "validation loss")
+    title = f"Leaderboard ({what}" + (", * = Pareto front over " + ", ".join(objectives) if front else "") + ")"
     marks = {t.number: "*" for t in done if t.number in front}
     marks.update({n: "over a cap" for n in infeasible})
     return table(done[:top], title, objectives + shown, marks)
@@ -114,6 +129,7 @@ class LiveTrials:
                 c = describe(t)
                 print(f"trial {c['#']:>3} {c['state']:<8} layers={c['L']} d_model={c['d']} heads/kv={c['h/kv']} "
                       f"mlp={c['mlp']} lr={c['lr']} params={c['params']} val_loss={c['loss']} step_ms={c['ms/step']}"
+                      + (f" predicted@target={c['pred@T']}±{c['±']} at={c['at']}" if c["pred@T"] != "-" else "")
                       + (f"  ({c['note']})" if c["note"] else ""), flush=True)
 
 

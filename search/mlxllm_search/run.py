@@ -22,8 +22,12 @@ from mlxllm.errors import MlxllmError
 from mlxllm_search.display import LiveTrials, leaderboard, objective_names
 from mlxllm_search.objective import Objective
 from mlxllm_search.space import SearchSpec, run_config
-from mlxllm_search.spec import load_spec
-from mlxllm_search.storage import Gate, counts, default_url, open_storage, sweep
+from mlxllm_search.spec import UNLIMITED_TRIALS, load_spec, make_target, with_target
+from mlxllm_search.storage import (POLL_S, counts, default_url, next_step, open_storage, sweep, taken_over,
+                                   trial_gate)
+from mlxllm_search.target import ETA, Deadlines, Target
+from mlxllm_search.targeted import (confirm, describe_plan, spent, target_best, target_header, time_for_a_trial,
+                                    too_many_free, uncounted)
 
 META_NAME = "search.json"
 BEST_NAME = "best.toml"
@@ -36,6 +40,8 @@ class SearchResult:
     best_config: Path | None  # best.toml, ready for `mlxllm train --config`
     best_trials: list[FrozenTrial]  # the Pareto front (the one best trial for a single objective)
     requeued: list[int] = field(default_factory=list)  # trials of dead workers that were queued again
+    seconds: float = 0.0  # wall clock this call spent
+    confirmed: list[int] = field(default_factory=list)  # trials continued towards the target to confirm them
 
 
 def make_sampler(spec: SearchSpec, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -50,6 +56,12 @@ def make_pruner(spec: SearchSpec) -> optuna.pruners.BasePruner:
     if name == "none" or spec.settings.multi:  # Optuna cannot prune on several objectives
         return optuna.pruners.NopPruner()
     first = spec.budget.eval_interval
+    plan = spec.plan
+    if plan is not None:  # rungs of the target: their resource is ms of the target run (or steps), as reported
+        first = plan.ticks(plan.fractions[0])
+        if name == "hyperband":
+            return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=plan.ticks(plan.fractions[-1]),
+                                                  reduction_factor=ETA)
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
     if name == "successive-halving":
@@ -88,26 +100,35 @@ def open_study(spec: SearchSpec, search_dir: Path, storage: str | None, study_na
 
 
 def _work(spec: SearchSpec, search_dir: Path, storage: str | None, study_name: str, target: int, seed: int | None,
-          data_dir: Path, live: LiveTrials | None = None) -> None:
-    """One worker: take trials until the study holds `target` of them (finished or running), each
-    trained on the token data prepared once in data_dir."""
+          data_dir: Path, live: LiveTrials | None = None, deadlines: Deadlines | None = None) -> None:
+    """One worker: take trials until the study holds `target` of them (finished or running; rejections
+    before training and confirmations not counted) or the search's time is up, each trained on the
+    token data prepared once in data_dir."""
+    deadlines = deadlines or Deadlines()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     study = open_study(spec, search_dir, storage, study_name, seed, create=False)
     sweep(study)
-    gate = Gate(search_dir / ".trial.lock")
+    gate = trial_gate(storage, search_dir, study_name)
     refresh = (lambda: live.update(study)) if live else None
-    objective = Objective(spec, search_dir, data_mod.open_prepared(data_dir), on_trial_start=gate.release, on_eval=refresh)
+    objective = Objective(spec, search_dir, data_mod.open_prepared(data_dir), on_trial_start=gate.release, on_eval=refresh,
+                          deadlines=deadlines)
     while True:
-        gate.acquire()
-        try:
-            finished, running = counts(study)
-            if finished + running >= target:
+        if not time_for_a_trial(spec, deadlines) or too_many_free(study, target):
+            return
+        with gate:
+            step = next_step(study, target + uncounted(study))
+            if step == "done":
                 return
-            # A diverged trial (MlxllmError from the trainer) is recorded as FAIL and the search goes on.
-            study.optimize(objective, n_trials=1, catch=(MlxllmError,), gc_after_trial=True)
-        finally:
-            gate.release()
+            try:
+                if step == "run":
+                    # A diverged trial (MlxllmError from the trainer) is recorded as FAIL and the search goes on.
+                    study.optimize(objective, n_trials=1, catch=(MlxllmError,), gc_after_trial=True)
+            except Exception:
+                if not taken_over(study):  # Optuna refuses a late trial's results with assorted errors
+                    raise
+        if step == "wait":
+            time.sleep(POLL_S)
         if refresh:
             refresh()
 
@@ -152,12 +173,15 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
 
 
 def write_best(study: optuna.Study, spec: SearchSpec, search_dir: Path) -> Path | None:
-    t = best_trial(study)
+    t = best_trial(study) if spec.target is None else target_best(study)
     if t is None:
         return None
     model = from_dict(ModelConfig, t.user_attrs["model"])
     run = run_config(spec, model, t.user_attrs["learning_rate"], search_dir / "best")
     path = search_dir / BEST_NAME
+    if spec.target is not None:  # the target's budget and schedule are the spec's base: run_config keeps them
+        path.write_text(target_header(study, spec, t, path) + dump_toml(run))
+        return path
     path.write_text(
         f"# Best configuration of search {study.study_name!r}: trial {t.number}, validation loss {t.values[0]:.4f} "
         f"after the search budget ({spec.budget.amount:g} {spec.budget.kind}).\n"
@@ -172,9 +196,11 @@ def _announce(console: LiveTrials, study: optuna.Study, spec: SearchSpec, storag
     console.console.print(
         f"Study [bold]{study.study_name}[/] in {storage or default_url(search_dir)}: {finished} trials done"
         + (f", {len(requeued)} lost trial(s) of dead workers queued again" if requeued else "")
-        + f"; running until it holds {target} ({max(0, target - finished - running)} more) with {workers} worker(s). "
-        f"Objectives: {objective_names(spec.settings.objectives)}; budget {spec.budget.amount:g} {spec.budget.kind} "
-        f"per trial; {n_fits} architectures within the caps.",
+        + (f"; running until it holds {target} ({max(0, target - finished - running)} more)" if target < UNLIMITED_TRIALS
+           else f"; running for {spec.settings.seconds:g} s") + f" with {workers} worker(s). "
+        f"Objectives: {objective_names(spec.settings.objectives)}; "
+        + (describe_plan(spec, workers) if spec.target else f"budget {spec.budget.amount:g} {spec.budget.kind} per trial")
+        + f"; {n_fits} architectures within the caps.",
         highlight=False,
     )
     if spec.space.params_of(spec.base) is None:
@@ -183,15 +209,15 @@ def _announce(console: LiveTrials, study: optuna.Study, spec: SearchSpec, storag
 
 
 def _run_workers(console: LiveTrials, study: optuna.Study, spec: SearchSpec, search_dir: Path, storage: str | None,
-                 target: int, workers: int, seed: int | None, data_dir: Path) -> None:
+                 target: int, workers: int, seed: int | None, data_dir: Path, deadlines: Deadlines) -> None:
     """Run the workers (in this process for one) until the study holds `target` trials."""
     n_before = len(study.get_trials(deepcopy=False))
     args = (spec, search_dir, storage, study.study_name, target)
     if workers == 1:
-        _work(*args, _sampler_seed(seed, n_before, 0), data_dir, console)
+        _work(*args, _sampler_seed(seed, n_before, 0), data_dir, console, deadlines)
         return
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(*args, _sampler_seed(seed, n_before, i), data_dir))
+    procs = [ctx.Process(target=_worker_main, args=(*args, _sampler_seed(seed, n_before, i), data_dir, None, deadlines))
              for i in range(workers)]
     for p in procs:
         p.start()
@@ -233,20 +259,30 @@ def search(
     seed_configs: Sequence[str | Path] = (),
     data: str | None = None,
     show: bool = True,
+    target: Target | tuple[str, float] | None = None,
+    search_seconds: float | None = None,
 ) -> SearchResult:
     """Search architectures as `mlxllm search run` does; a second call with the same arguments resumes the study.
 
     `trials` is the total the study should hold when this returns (finished trials, not counting ones cut off by
-    a dead worker, which are retried), so re-running with a larger number adds the difference.
+    a dead worker, which are retried, nor architectures over the parameter cap, rejected before training), so
+    re-running with a larger number adds the difference. `target`, e.g. ("seconds", 300), overrides the spec's
+    [target]: the search then optimises the loss at the end of that run. `search_seconds` bounds the search's
+    own wall clock (then `trials`, if given, bounds it too).
     """
+    started = time.time()
     if not isinstance(spec, SearchSpec):
         spec = load_spec(spec, data=data)
     elif data is not None:
         spec = replace(spec, base=replace(spec.base, train=replace(spec.base.train, data=str(Path(data).resolve()))))
-    target = trials if trials is not None else spec.settings.trials
+    if isinstance(target, tuple):
+        target = make_target(*target)
+    if target is not None or search_seconds is not None:
+        spec = with_target(spec, target, search_seconds)
+    total = trials if trials is not None else spec.settings.trials
     seed = seed if seed is not None else spec.settings.seed
-    if target < 1 or workers < 1:
-        raise MlxllmError(f"--trials and --workers must be at least 1 (got {target} and {workers}).")
+    if total < 1 or workers < 1:
+        raise MlxllmError(f"--trials and --workers must be at least 1 (got {total} and {workers}).")
     search_dir = Path(out) if out is not None else Path("searches") / spec.name
     search_dir.mkdir(parents=True, exist_ok=True)
     name = study_name or spec.name
@@ -260,19 +296,25 @@ def search(
     fits = spec.check(prepared.tokenizer.vocab_size)  # caps no architecture can meet fail here, before any training
     seeds = _seed_params(spec, seed_configs)
 
-    study = open_study(spec, search_dir, storage, name, seed)
-    requeued = sweep(study)
-    for params in seeds:
-        study.enqueue_trial(params, skip_if_exists=True)
+    with trial_gate(storage, search_dir, name):  # one setup at a time, on every machine: seeds are queued once
+        study = open_study(spec, search_dir, storage, name, seed)
+        requeued = sweep(study)
+        for params in seeds:
+            study.enqueue_trial(params, skip_if_exists=True)
     (search_dir / META_NAME).write_text(json.dumps(
         {"study_name": name, "storage": storage, "spec": spec.source, "objectives": list(spec.settings.objectives)}, indent=2))
 
     console = LiveTrials(spec.settings.objectives + tuple(k for k, _ in spec.settings.caps.items()), show)
     if show:
-        _announce(console, study, spec, storage, search_dir, target, workers, requeued, len(fits))
+        _announce(console, study, spec, storage, search_dir, total, workers, requeued, len(fits))
+    plan = spec.plan
+    deadlines = Deadlines.start(spec.settings.seconds, plan.reserve_s if plan else 0.0, since=started)
     with console:
-        _run_workers(console, study, spec, search_dir, storage, target, workers, seed, prepared.directory)
+        _run_workers(console, study, spec, search_dir, storage, total, workers, seed, prepared.directory, deadlines)
+        confirmed = confirm(study, spec, Objective(spec, search_dir, prepared, on_eval=lambda: console.update(study),
+                                                   deadlines=deadlines), deadlines)
     best = write_best(study, spec, search_dir)
     if show:
         _show_result(console, study, spec, best)
-    return SearchResult(study, search_dir, best, study.best_trials, requeued)
+        console.console.print(spent(study, spec, time.time() - started), highlight=False)
+    return SearchResult(study, search_dir, best, study.best_trials, requeued, time.time() - started, confirmed)

@@ -1,5 +1,6 @@
-"""What a search holds: the [space] of architectures it samples, the equal [budget] of every trial,
-and its [search] settings (objectives, sampler, pruner, caps). `spec` reads them from TOML.
+"""What a search holds: the [space] of architectures it samples, the equal [budget] of every trial or the
+[target] run it optimises for (target.py), and its [search] settings (objectives, sampler, pruner, caps, its
+own time budget). `spec` reads them from TOML.
 
 The space is valid by construction: d_model is head_dim * n_heads, so heads always divide it, and
 n_kv_heads is n_heads / kv_group with only the groups that divide n_heads on offer.
@@ -17,13 +18,14 @@ from typing import TYPE_CHECKING, Any, Union
 
 from mlxllm.config import ModelConfig, RunConfig, TrainConfig
 from mlxllm.errors import MlxllmError
+from mlxllm_search.target import Plan, Target, make_plan
 
 if TYPE_CHECKING:
     import optuna
 
 # name: (direction, what it measures)
 OBJECTIVES: dict[str, tuple[str, str]] = {
-    "val_loss": ("minimize", "validation loss at the end of the budget"),
+    "val_loss": ("minimize", "validation loss at the end of the budget (predicted at the target, with one)"),
     "params": ("minimize", "parameter count"),
     "step_ms": ("minimize", "measured training-step latency in ms"),
     "gen_tokens_per_sec": ("maximize", "measured generation speed in tokens/s"),
@@ -185,6 +187,7 @@ class Settings:
     seed: int | None = None
     caps: Caps = field(default_factory=Caps)
     startup_trials: int = 10  # TPE samples at random until this many trials have finished (Optuna's default)
+    seconds: float | None = None  # the search's own wall-clock budget; None: only `trials` ends it
 
     @property
     def directions(self) -> list[str]:
@@ -203,6 +206,7 @@ class SearchSpec:
     budget: Budget
     settings: Settings
     source: str = ""
+    target: Target | None = None  # the run the search optimises for; None: every trial trains the [budget]
 
     @property
     def tokens_per_step(self) -> int:
@@ -214,7 +218,16 @@ class SearchSpec:
         d = {"space": asdict(self.space), "base": self.base.to_dict(), "budget": asdict(self.budget),
              "objectives": list(self.settings.objectives)}
         d["base"]["train"].pop("out_dir")
+        if self.target is not None:  # its rungs and the search's budget may change on resume: predictions still compare
+            d["budget"] = {"target": self.target.key()}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @property
+    def plan(self) -> Plan | None:
+        """The rungs of a target-aware search (None without a target)."""
+        if self.target is None:
+            return None
+        return make_plan(self.target, self.settings.seconds, self.tokens_per_step)
 
     def check(self, vocab_size: int) -> list[ModelConfig]:
         """The architectures within the caps that can be checked before training; an error if there are none."""

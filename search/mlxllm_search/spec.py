@@ -1,5 +1,6 @@
-"""The search spec: a TOML file with a [base] run config, a [space] to search, a [budget] and [search]
-settings, read and checked; every problem is an MlxllmError that says what to change."""
+"""The search spec: a TOML file with a [base] run config, a [space] to search, a [budget] per trial or a
+[target] to optimise for, and [search] settings, read and checked; every problem is an MlxllmError that
+says what to change."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from mlxllm_search.space import (
     BUDGET_KINDS, CAPS, OBJECTIVES, PRUNERS, SAMPLERS, SPACE_KEYS, Budget, Caps, Choice, Dimension, Range, SearchSpec,
     Settings, Space,
 )
+from mlxllm_search.target import TARGET_KINDS, Target
+
+UNLIMITED_TRIALS = 10**6
+TARGET_KEYS = (*TARGET_KINDS, "min_fraction", "max_fraction", "confirm_top", "confirm_fraction")
 
 
 def _dimension(key: str, v: Any, integer: bool, where: str) -> Dimension:
@@ -128,8 +133,48 @@ def _objectives(t: dict[str, Any], where: str) -> tuple[str, ...]:
     return ("val_loss", *(o for o in objectives if o != "val_loss"))
 
 
-def _settings(d: dict[str, Any], where: str) -> Settings:
-    t = _table(d, "search", ("objectives", "pruner", "sampler", "trials", "seed", "caps", "startup_trials"), where)
+def _positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+def make_target(kind: str, amount: Any, where: str = "the command line", **rungs: Any) -> Target:
+    """A checked Target: `amount` of `kind` (seconds, steps or tokens), and optional rung settings."""
+    if kind not in TARGET_KINDS:
+        raise MlxllmError(f"The target in {where} must be given in one of {', '.join(TARGET_KINDS)} (got {kind!r}).")
+    if not _positive(amount) or (kind != "seconds" and not float(amount).is_integer()):
+        unit = "a positive number of seconds" if kind == "seconds" else f"a positive whole number of {kind}"
+        raise MlxllmError(f"The target in {where} must be {unit} (got {amount!r}).")
+    for key in ("min_fraction", "max_fraction", "confirm_fraction"):
+        v = rungs.get(key)
+        if v is not None and not (_positive(v) and v <= 1):
+            raise MlxllmError(f"[target] {key} in {where} is a fraction of the target: a number in (0, 1] (got {v!r}).")
+    top = rungs.get("confirm_top", 2)
+    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+        raise MlxllmError(f"[target] confirm_top in {where} must be a whole number, 0 for no confirmation (got {top!r}).")
+    if rungs.get("confirm_fraction") is not None and rungs["confirm_fraction"] <= (rungs.get("max_fraction") or 0):
+        raise MlxllmError(f"[target] confirm_fraction in {where} must be above max_fraction: confirmations train further.")
+    return Target(kind, float(amount) if kind == "seconds" else int(amount), rungs.get("min_fraction"),
+                  rungs.get("max_fraction"), top, rungs.get("confirm_fraction"))
+
+
+def _target(d: dict[str, Any], where: str) -> Target | None:
+    if "target" not in d:
+        return None
+    t = _table(d, "target", TARGET_KEYS, where)
+    kinds = [k for k in TARGET_KINDS if k in t]
+    if len(kinds) != 1:
+        raise MlxllmError(f"[target] in {where} needs exactly one of {', '.join(TARGET_KINDS)}, e.g. seconds = 300 "
+                          f"(got {', '.join(kinds) or 'none'}).")
+    if "budget" in d:
+        raise MlxllmError(f"{where} has both [target] and [budget]: a target-aware search trains each trial to rungs "
+                          "that are fractions of the target. Remove [budget] (the final run's evaluation interval is "
+                          "[base.train] eval_interval).")
+    return make_target(kinds[0], t[kinds[0]], where, **{k: v for k, v in t.items() if k not in TARGET_KINDS})
+
+
+def _settings(d: dict[str, Any], where: str, targeted: bool = False) -> Settings:
+    t = _table(d, "search", ("objectives", "pruner", "sampler", "trials", "seed", "caps", "startup_trials", "seconds"),
+               where)
     for key, valid in (("pruner", PRUNERS), ("sampler", SAMPLERS)):
         if t.get(key, valid[0]) not in valid:
             raise MlxllmError(f"[search] {key} in {where} must be one of {', '.join(valid)} (got {t[key]!r}).")
@@ -140,29 +185,41 @@ def _settings(d: dict[str, Any], where: str) -> Settings:
         raise MlxllmError(f"[search.caps] in {where} must be positive numbers (got {caps_d}).")
     if "params" in caps_d:
         caps_d = {**caps_d, "params": int(caps_d["params"])}
-    trials = t.get("trials", 20)
+    seconds = t.get("seconds")
+    if seconds is not None and not _positive(seconds):
+        raise MlxllmError(f"[search] seconds in {where} is the search's own budget: a positive number (got {seconds!r}).")
+    trials = t.get("trials", 20 if seconds is None else UNLIMITED_TRIALS)  # a time budget alone ends the search
     if not isinstance(trials, int) or trials < 1:
         raise MlxllmError(f"[search] trials in {where} must be a positive integer (got {trials!r}).")
     startup = t.get("startup_trials", 10)
     if not isinstance(startup, int) or startup < 0:
         raise MlxllmError(f"[search] startup_trials in {where} must be a non-negative integer (got {startup!r}).")
-    return Settings(_objectives(t, where), t.get("pruner", "hyperband"), t.get("sampler", "tpe"), trials, t.get("seed"),
-                    Caps(**caps_d), startup)
+    # Rungs of a target: one bracket of successive halving keeps a time budget; Hyperband's last bracket trains
+    # every one of its trials to the longest rung.
+    pruner = t.get("pruner", "successive-halving" if targeted else "hyperband")
+    return Settings(_objectives(t, where), pruner, t.get("sampler", "tpe"), trials, t.get("seed"),
+                    Caps(**caps_d), startup, None if seconds is None else float(seconds))
 
 
 def parse_spec(d: dict[str, Any], path: Path | None = None, *, data: str | None = None) -> SearchSpec:
     """Validate a search spec (as read from TOML); every problem is an MlxllmError saying what to change."""
     where = str(path) if path else "the search spec"
-    unknown = sorted(set(d) - {"name", "base", "space", "budget", "search"})
+    unknown = sorted(set(d) - {"name", "base", "space", "budget", "target", "search"})
     if unknown:
-        raise MlxllmError(f"Unknown table(s) or key(s) {', '.join(unknown)} in {where}. Valid: name, [base], [space], [budget], [search].")
+        raise MlxllmError(f"Unknown table(s) or key(s) {', '.join(unknown)} in {where}. "
+                          "Valid: name, [base], [space], [budget] or [target], [search].")
     base = _base(d, path, where)
     base = replace(base, train=replace(base.train, data=_absolute(str(data) if data is not None else base.train.data, path)))
     space = _space(d, where)
+    target = _target(d, where)
     budget = _budget(d, base, where)
-    base = replace(base, train=budget.apply(base.train))
-    settings = _settings(d, where)
-    spec = SearchSpec(d.get("name") or (path.stem if path else "search"), base, space, budget, settings, str(path or ""))
+    base = replace(base, train=budget.apply(base.train) if target is None else target.apply(base.train))
+    settings = _settings(d, where, targeted=target is not None)
+    spec = SearchSpec(d.get("name") or (path.stem if path else "search"), base, space, budget, settings, str(path or ""),
+                      target)
+    if target is not None:
+        spec.plan  # noqa: B018 - refuses, before anything runs, rungs the target or the search budget cannot hold
+        return spec
     steps = budget.steps(spec.tokens_per_step)
     if steps is not None and steps < budget.eval_interval:
         raise MlxllmError(
@@ -170,6 +227,22 @@ def parse_spec(d: dict[str, Any], path: Path | None = None, *, data: str | None 
             f"evaluation interval ({budget.eval_interval} steps), so no trial would be evaluated before it ends and nothing could "
             "be pruned. Raise [budget] amount or lower [budget] eval_interval."
         )
+    return spec
+
+
+def with_target(spec: SearchSpec, target: Target | None, search_seconds: float | None) -> SearchSpec:
+    """The spec with the command line's target and search budget (each None: the spec's own)."""
+    if search_seconds is not None:
+        if not _positive(search_seconds):
+            raise MlxllmError(f"--search-seconds must be a positive number of seconds (got {search_seconds!r}).")
+        # The time budget given now ends the search (or --trials, when given too).
+        spec = replace(spec, settings=replace(spec.settings, seconds=float(search_seconds), trials=UNLIMITED_TRIALS))
+    if target is not None:
+        old = spec.target
+        if old is not None:  # the spec's rung settings stay unless the target changes kind
+            target = replace(old, kind=target.kind, amount=target.amount) if old.kind == target.kind else target
+        spec = replace(spec, target=target, base=replace(spec.base, train=target.apply(spec.base.train)))
+    spec.plan  # noqa: B018 - checked now: refused before any study or training
     return spec
 
 

@@ -1,0 +1,196 @@
+"""Target-aware search: does optimising for the run the user will train pick a better config for it?
+
+    python benchmarks/search_target.py [CORPUS] [--quick] [--target-seconds T] [--seeds 2] [--tau-archs 6]
+
+The target is T seconds of training on this machine (5 minutes; --quick 10 s); each search gets a budget of
+6T of wall clock. Then three configs are trained for T, with --seeds training seeds each:
+  (a) the default: mlxllm's own architecture and learning rate (ModelConfig() and TrainConfig() defaults) on
+      the benchmark's context and batch (the tiny quick space has its own small default);
+  (b) the winner of the fixed-budget search (every trial the same 300 steps; --quick 60), given the same 6T,
+      trained for T as a user would: its best.toml with train.max_seconds = T;
+  (c) the winner of the target-aware search (--target-seconds T --search-seconds 6T), its best.toml as is.
+Printed: the validation loss at T per config and seed, its seed noise, and how well the target-aware search
+predicts: --tau-archs architectures it saw (spread over its ranking) are trained for T, and the Kendall tau
+between the loss it predicted for each (from the longest rung short of T it trained) and the loss measured.
+
+Both searches start from the default config. The full version takes about 2 h 10 min on a 2-core CPU
+(two 30-minute searches, 6 runs of 5 minutes for (a)-(c), 6 more for the rank correlation, set-up);
+--quick about 5 minutes. Timings, and so every figure, move with other work on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from mlxllm.config import ModelConfig, RunConfig, TrainConfig, load_config
+from mlxllm.trainer import train
+from mlxllm_search import search
+from mlxllm_search.curve import kendall_tau
+from mlxllm_search.spec import parse_spec
+from mlxllm_search.target import HUGE_STEPS
+
+DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
+
+_MODEL, _TRAIN = ModelConfig(), TrainConfig()
+FULL = dict(
+    target=300.0, seq_len=128, batch=16, fixed_steps=300, eval_interval=50, final_eval_interval=100, startup=6,
+    default={"n_layers": _MODEL.n_layers, "d_model": _MODEL.d_model, "n_heads": _MODEL.n_heads, "mlp_ratio": _MODEL.mlp_ratio},
+    learning_rate=_TRAIN.learning_rate, warmup=_TRAIN.warmup_steps,
+    space={"n_layers": {"min": 1, "max": 6}, "head_dim": [32, 64], "n_heads": [1, 2, 4], "kv_group": [1, 2],
+           "mlp_ratio": {"min": 2.0, "max": 4.0}, "learning_rate": {"min": 5e-4, "max": 1e-2, "log": True}},
+)
+QUICK = dict(
+    target=10.0, seq_len=32, batch=4, fixed_steps=60, eval_interval=20, final_eval_interval=50, startup=3,
+    default={"n_layers": 1, "d_model": 32, "n_heads": 2, "mlp_ratio": 2.0}, learning_rate=3e-3, warmup=10,
+    space={"n_layers": [1, 2], "head_dim": [16], "n_heads": [1, 2], "kv_group": [1],
+           "mlp_ratio": [2.0], "learning_rate": {"min": 1e-3, "max": 2e-2, "log": True}},
+)
+
+
+def spec_dict(corpus: Path, size: dict, target: float | None) -> dict:
+    """The search spec: with a [target] of `target` seconds, else today's equal [budget] of steps per trial."""
+    d = {
+        "name": "target" if target else "fixed",
+        "base": {
+            "model": {**size["default"], "max_seq_len": size["seq_len"]},
+            "tokenizer": {"kind": "byte"},
+            "train": {"data": str(corpus), "batch_size": size["batch"], "learning_rate": size["learning_rate"],
+                      "warmup_steps": size["warmup"], "eval_interval": size["final_eval_interval"],
+                      "eval_batches": 4, "keep_last": 1, "sample_tokens": 0, "seed": 0},
+        },
+        "space": size["space"],
+        "search": {"objectives": ["val_loss"], "sampler": "tpe", "startup_trials": size["startup"],
+                   "pruner": "successive-halving" if target else "hyperband"},
+    }
+    if target:
+        d["target"] = {"seconds": target}
+    else:
+        d["budget"] = {"kind": "steps", "amount": size["fixed_steps"], "eval_interval": size["eval_interval"]}
+    return d
+
+
+def for_target(run: RunConfig, seconds: float, seed: int, eval_interval: int, out: Path) -> RunConfig:
+    """The run trained for `seconds` (its schedule over them), as a user would from a best.toml; every config
+    evaluates as often, so none loses more of its T to evaluations."""
+    return replace(run, train=replace(run.train, max_steps=HUGE_STEPS, max_tokens=None, max_seconds=seconds,
+                                      seed=seed, eval_interval=eval_interval, log_interval=eval_interval, out_dir=str(out)))
+
+
+def train_for(run: RunConfig, seconds: float, seed: int, eval_interval: int, out: Path) -> float:
+    r = for_target(run, seconds, seed, eval_interval, out)
+    result = train(r.model, r.train, r.tokenizer, overwrite=True, show_progress=False)
+    return float(result.val_loss)
+
+
+def predicted_before_target(t: FrozenTrial) -> tuple[float, float] | None:
+    """The prediction the search made from the longest rung short of the target this trial trained."""
+    preds = {float(k): v for k, v in (t.user_attrs.get("predictions") or {}).items() if float(k) < 1}
+    if not preds:
+        return None
+    mean, std = preds[max(preds)]
+    return float(mean), float(std)
+
+
+def spread(trials: list[FrozenTrial], n: int) -> list[FrozenTrial]:
+    """n distinct architectures (with learning rate) spread evenly over the search's predicted ranking."""
+    seen, unique = set(), []
+    for t in sorted(trials, key=lambda t: predicted_before_target(t)[0]):
+        key = tuple(sorted(t.params.items()))
+        if key not in seen:
+            seen.add(key)
+            unique.append(t)
+    if len(unique) <= n:
+        return unique
+    return [unique[round(i * (len(unique) - 1) / (n - 1))] for i in range(n)]
+
+
+def run_config_of(t: FrozenTrial, base: RunConfig) -> RunConfig:
+    from mlxllm.config import from_dict
+
+    model = from_dict(ModelConfig, t.user_attrs["model"])
+    return replace(base, model=model, train=replace(base.train, learning_rate=t.user_attrs["learning_rate"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("corpus", nargs="?", type=Path, default=DEFAULT_CORPUS, help="text corpus (default: Tiny Shakespeare)")
+    parser.add_argument("--quick", action="store_true", help="a small version: tiny space, a 10 s target")
+    parser.add_argument("--target-seconds", type=float, default=None, help="the target T (default 300; quick 10)")
+    parser.add_argument("--seeds", type=int, default=2, help="training seeds per config trained for T")
+    parser.add_argument("--tau-archs", type=int, default=6, help="architectures trained for T to check the predictions")
+    args = parser.parse_args()
+    if not args.corpus.is_file():
+        parser.error(f"corpus {args.corpus} not found; pass a text file")
+    size = QUICK if args.quick else FULL
+    T = args.target_seconds or size["target"]
+    S = 6 * T
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="search_target_") as tmp:
+        root = Path(tmp)
+        print(f"corpus {args.corpus}; target T = {T:g} s of training; each search {S:g} s; {args.seeds} seeds", flush=True)
+        fixed_spec, target_spec = parse_spec(spec_dict(args.corpus, size, None)), parse_spec(spec_dict(args.corpus, size, T))
+        fixed = search(fixed_spec, out=root / "fixed", seed=0, show=False, search_seconds=S)
+        print(f"  fixed-budget search: {len(fixed.study.trials)} trials in {fixed.seconds:.0f} s", flush=True)
+        targeted = search(target_spec, out=root / "target", seed=0, show=False, search_seconds=S)
+        print(f"  target-aware search: {len(targeted.study.trials)} trials in {targeted.seconds:.0f} s", flush=True)
+
+        configs = {"(a) default": fixed_spec.base, "(b) fixed-budget winner": load_config(fixed.best_config),
+                   "(c) target-aware winner": load_config(targeted.best_config)}
+        losses: dict[str, list[float]] = {}
+        for name, run in configs.items():
+            losses[name] = [train_for(run, T, seed, size["final_eval_interval"], root / f"final-{name[1]}-{seed}")
+                            for seed in range(args.seeds)]
+            print(f"  {name}: {', '.join(f'{v:.4f}' for v in losses[name])}", flush=True)
+
+        seen = [t for t in targeted.study.trials if predicted_before_target(t) is not None and "model" in t.user_attrs]
+        check = spread(seen, args.tau_archs)
+        pairs = []
+        for i, t in enumerate(check):
+            actual = train_for(run_config_of(t, target_spec.base), T, 0, size["final_eval_interval"], root / f"tau-{i}")
+            pairs.append((t, *predicted_before_target(t), actual))
+            print(f"  trial {t.number}: predicted {pairs[-1][1]:.4f} +- {pairs[-1][2]:.4f}, measured {actual:.4f}", flush=True)
+
+    show(configs, losses, pairs, T, args.seeds)
+    print(f"benchmark wall clock {time.perf_counter() - start:.0f} s; the machine's other load moves every figure")
+
+
+def show(configs: dict[str, RunConfig], losses: dict[str, list[float]], pairs: list[tuple], T: float, seeds: int) -> None:
+    """The tables: loss at T per config and seed with the seed noise, then predicted against measured."""
+    print()
+    print(f"validation loss after T = {T:g} s of training ({seeds} seeds)")
+    print(f"{'config':<26} {'arch (layers x d_model, heads/kv, mlp, lr)':<44} "
+          + " ".join(f"{'seed ' + str(s):>8}" for s in range(seeds)) + f" {'mean':>8} {'sd':>7}")
+    for name, run in configs.items():
+        m, v = run.model, losses[name]
+        arch = f"{m.n_layers} x {m.d_model}, {m.n_heads}/{m.kv_heads}, {m.mlp_ratio:.2f}, {run.train.learning_rate:.2e}"
+        sd = statistics.stdev(v) if len(v) > 1 else 0.0
+        print(f"{name:<26} {arch:<44} " + " ".join(f"{x:>8.4f}" for x in v) + f" {statistics.mean(v):>8.4f} {sd:>7.4f}")
+    noise = statistics.mean(statistics.stdev(v) for v in losses.values()) if seeds > 1 else 0.0
+    print(f"seed noise (mean sd over the configs): {noise:.4f}")
+    for name in list(configs)[1:]:
+        gain = statistics.mean(losses["(a) default"]) - statistics.mean(losses[name])
+        print(f"{name} improves on the default by {gain:.4f}" + (f" ({gain / noise:.1f}x the seed noise)" if noise else ""))
+    gap = statistics.mean(losses["(b) fixed-budget winner"]) - statistics.mean(losses["(c) target-aware winner"])
+    print(f"target-aware vs fixed-budget winner: {gap:+.4f} (positive: the target-aware winner is better at T)")
+    print()
+    print(f"{'trial':>5} {'predicted':>10} {'sd':>7} {'measured':>9} {'error':>8}")
+    for t, mean, std, actual in pairs:
+        print(f"{t.number:>5} {mean:>10.4f} {std:>7.4f} {actual:>9.4f} {actual - mean:>+8.4f}")
+    if len(pairs) >= 2:
+        tau = kendall_tau([p[1] for p in pairs], [p[3] for p in pairs])
+        within = sum(abs(p[3] - p[1]) <= 2 * p[2] for p in pairs)
+        print(f"Kendall tau (predicted vs measured at T) over {len(pairs)} architectures: {tau:+.2f}; "
+              f"{within}/{len(pairs)} measured within 2 sd of the prediction")
+
+
+if __name__ == "__main__":
+    main()
