@@ -59,7 +59,12 @@ def _config(tmp_path: Path, corpus: Path, name: str, **train) -> Path:
 def _launch(n: int, *args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "mlx.launch"), "-n", str(n), "--starting-port", str(_free_ports(n)), "--",
            str(BIN / "mlxllm"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    quiet_in, keep_open = os.pipe()  # an open, empty stdin: at end of file mlx.launch's input loop spins a core
+    try:
+        return subprocess.run(cmd, stdin=quiet_in, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
+    finally:
+        os.close(quiet_in), os.close(keep_open)
 
 
 def _train(config: Path, *extra: str) -> subprocess.CompletedProcess:
