@@ -167,6 +167,11 @@ class Group:
         finally:
             done.set()
 
+    def is_lost(self, error: BaseException) -> bool:
+        """Whether a RuntimeError from MLX is a collective's: a peer gone, not (say) memory running out."""
+        text = str(error).lower()
+        return self.size > 1 and any(w in text for w in ("[ring]", "[jaccl]", "[mpi]", "[nccl]", "peer", "connection"))
+
     def lost(self, error: BaseException, step: int) -> MlxllmError:
         """The error to raise when a collective failed because a peer is gone."""
         return MlxllmError(

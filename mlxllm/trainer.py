@@ -189,8 +189,8 @@ def train(
         try:
             with blas_threads_for(stream_count(r.local_cfg, r.run.model)):
                 out = _loop(r, reporter, callback, peak)
-        except RuntimeError as e:  # a collective whose peer is gone
-            if g.size == 1:
+        except RuntimeError as e:
+            if not g.is_lost(e):
                 raise
             raise g.lost(e, r.step) from None
         finally:
