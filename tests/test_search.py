@@ -51,16 +51,9 @@ def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def write_spec(tmp_path: Path, data: Path, *, name: str = "t", space: str = "", budget: str = "", search: str = "",
-               caps: str = "") -> Path:
-    """A tiny spec; `space`, `budget`, `search` and `caps` lines replace the defaults key by key."""
-    def merged(defaults: dict[str, str], extra: str) -> str:
-        for line in filter(None, (x.strip() for x in extra.splitlines())):
-            key, _, value = line.partition("=")
-            defaults[key.strip()] = value.strip()
-        return "\n".join(f"{k} = {v}" for k, v in defaults.items() if v)
-
-    spec = textwrap.dedent(f"""
+def base_tables(name: str, data: Path, train: str = "") -> str:
+    """A tiny spec's name and [base] tables (a 1 x 32 byte model); `train` adds [base.train] lines."""
+    return textwrap.dedent(f"""
         name = "{name}"
         [base.model]
         n_layers = 1
@@ -78,7 +71,19 @@ def write_spec(tmp_path: Path, data: Path, *, name: str = "t", space: str = "", 
         eval_batches = 2
         keep_last = 1
         sample_tokens = 0
-    """)
+    """) + textwrap.dedent(train)
+
+
+def write_spec(tmp_path: Path, data: Path, *, name: str = "t", space: str = "", budget: str = "", search: str = "",
+               caps: str = "") -> Path:
+    """A tiny spec; `space`, `budget`, `search` and `caps` lines replace the defaults key by key."""
+    def merged(defaults: dict[str, str], extra: str) -> str:
+        for line in filter(None, (x.strip() for x in extra.splitlines())):
+            key, _, value = line.partition("=")
+            defaults[key.strip()] = value.strip()
+        return "\n".join(f"{k} = {v}" for k, v in defaults.items() if v)
+
+    spec = base_tables(name, data)
     spec += "[space]\n" + merged({"n_layers": "[1]", "head_dim": "[16]", "n_heads": "[1, 2]", "kv_group": "[1]",
                                   "mlp_ratio": "[2.0]", "learning_rate": "{ min = 1e-5, max = 1e-2, log = true }"}, space)
     spec += "\n[budget]\n" + merged({"kind": '"steps"', "amount": "20", "eval_interval": "10"}, budget)

@@ -20,6 +20,7 @@ from optuna.trial import TrialState  # noqa: E402
 from mlxllm_search import search  # noqa: E402
 from mlxllm_search.run import make_pruner  # noqa: E402
 from mlxllm_search.spec import load_spec  # noqa: E402
+from test_search import base_tables  # noqa: E402
 
 BUDGET, EVAL_EVERY = 90, 10  # Hyperband's rungs: steps 10, 30 and 90 (reduction factor 3)
 HOPELESS_LRS = (1e-5, 1.2e-5, 1.5e-5, 2e-5)
@@ -37,24 +38,7 @@ def write_spec(tmp_path: Path) -> Path:
     data.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(1500)))
     spec = tmp_path / "hyperband.toml"
     # No `pruner` under [search]: the default is under test.
-    spec.write_text(textwrap.dedent(f"""
-        name = "hyperband"
-        [base.model]
-        n_layers = 1
-        d_model = 32
-        n_heads = 2
-        mlp_ratio = 2.0
-        max_seq_len = 32
-        [base.tokenizer]
-        kind = "byte"
-        [base.train]
-        data = "{data}"
-        batch_size = 4
-        learning_rate = 1e-2
-        warmup_steps = 2
-        eval_batches = 2
-        keep_last = 1
-        sample_tokens = 0
+    spec.write_text(base_tables("hyperband", data) + textwrap.dedent(f"""
         [space]
         n_layers = [1]
         head_dim = [16]

@@ -29,7 +29,7 @@ from mlxllm_search.target import HUGE_STEPS, Point, Speed, Target, make_plan  # 
 from mlxllm_search.targeted import uncounted  # noqa: E402
 from mlxllm_search.storage import counts  # noqa: E402
 
-from test_search import search_cache, text  # noqa: E402, F401 - the module's cache and corpus
+from test_search import base_tables, search_cache, text  # noqa: E402, F401 - the module's cache and corpus
 
 
 SPACE = """
@@ -44,26 +44,7 @@ learning_rate = { min = 3e-3, max = 2e-2, log = true }
 
 
 def write_spec(tmp_path: Path, data: Path, *, tables: str, space: str = SPACE, name: str = "t") -> Path:
-    spec = textwrap.dedent(f"""
-        name = "{name}"
-        [base.model]
-        n_layers = 1
-        d_model = 32
-        n_heads = 2
-        mlp_ratio = 2.0
-        max_seq_len = 32
-        [base.tokenizer]
-        kind = "byte"
-        [base.train]
-        data = "{data}"
-        batch_size = 4
-        learning_rate = 1e-2
-        warmup_steps = 2
-        eval_batches = 2
-        eval_interval = 50
-        keep_last = 1
-        sample_tokens = 0
-    """)
+    spec = base_tables(name, data, "eval_interval = 50\n")
     path = tmp_path / f"{name}.toml"
     path.write_text(spec + textwrap.dedent(space) + textwrap.dedent(tables))
     return path
