@@ -25,13 +25,28 @@ PLATFORMS = {
 WANTED = {"linux-x86_64": ({"cpu"}, True), "linux-aarch64": ({"cpu"}, False), "darwin-arm64": (set(), False)}
 
 
+def _can_build_here() -> bool:
+    """Whether this environment's setuptools meets the project's build requirement, so that pip can build
+    the metadata without an isolated build environment (faster, and offline); a fresh venv's older one does not."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the tomli dependency
+        import tomli as tomllib
+
+    (needed,) = [Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]]
+    try:
+        return needed.specifier.contains(version(needed.name), prereleases=True)
+    except PackageNotFoundError:
+        return False
+
+
 def _built_requirements() -> list[Requirement]:
     """The Requires-Dist pip builds from this tree, as `pip install .` would install it."""
-    import importlib.util
-
     report = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed", "--quiet",
-         "--report", "-", *(["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []), str(ROOT)],
+         "--report", "-", *(["--no-build-isolation"] if _can_build_here() else []), str(ROOT)],
         capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr
     (item,) = json.loads(report.stdout)["install"]
