@@ -1,6 +1,6 @@
 """Target-aware search: does optimising for the run the user will train pick a better config for it?
 
-    python benchmarks/search_target.py [CORPUS] [--quick] [--target-seconds T] [--seeds 2] [--tau-archs 6]
+    python benchmarks/search_target.py [CORPUS] [--quick] [--target-seconds T] [--seeds 2] [--tau-archs 6] [--keep DIR]
 
 The target is T seconds of training on this machine (5 minutes; --quick 10 s); each search gets a budget of
 6T of wall clock. Then three configs are trained for T, with --seeds training seeds each:
@@ -12,6 +12,7 @@ The target is T seconds of training on this machine (5 minutes; --quick 10 s); e
 Printed: the validation loss at T per config and seed, its seed noise, and how well the target-aware search
 predicts: --tau-archs architectures it saw (spread over its ranking) are trained for T, and the Kendall tau
 between the loss it predicted for each (from the longest rung short of T it trained) and the loss measured.
+With --keep DIR, the studies, runs and a results.json of every figure stay in DIR (else a temporary folder).
 
 Both searches start from the default config. The full version takes about 2 h 10 min on a 2-core CPU
 (two 30-minute searches, 6 runs of 5 minutes for (a)-(c), 6 more for the rank correlation, set-up);
@@ -21,6 +22,8 @@ Both searches start from the default config. The full version takes about 2 h 10
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import statistics
 import tempfile
 import time
@@ -90,13 +93,14 @@ def train_for(run: RunConfig, seconds: float, seed: int, eval_interval: int, out
     return float(result.val_loss)
 
 
-def predicted_before_target(t: FrozenTrial) -> tuple[float, float] | None:
-    """The prediction the search made from the longest rung short of the target this trial trained."""
+def predicted_before_target(t: FrozenTrial) -> tuple[float, float, float] | None:
+    """The prediction the search made from the longest rung short of the target this trial trained:
+    (mean, sd, that rung as a fraction of the target)."""
     preds = {float(k): v for k, v in (t.user_attrs.get("predictions") or {}).items() if float(k) < 1}
     if not preds:
         return None
     mean, std = preds[max(preds)]
-    return float(mean), float(std)
+    return float(mean), float(std), max(preds)
 
 
 def spread(trials: list[FrozenTrial], n: int) -> list[FrozenTrial]:
@@ -126,6 +130,7 @@ def main() -> None:
     parser.add_argument("--target-seconds", type=float, default=None, help="the target T (default 300; quick 10)")
     parser.add_argument("--seeds", type=int, default=2, help="training seeds per config trained for T")
     parser.add_argument("--tau-archs", type=int, default=6, help="architectures trained for T to check the predictions")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the studies, runs and results.json here")
     args = parser.parse_args()
     if not args.corpus.is_file():
         parser.error(f"corpus {args.corpus} not found; pass a text file")
@@ -134,7 +139,9 @@ def main() -> None:
     S = 6 * T
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="search_target_") as tmp:
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    with (contextlib.nullcontext(str(args.keep)) if args.keep else tempfile.TemporaryDirectory(prefix="search_target_")) as tmp:
         root = Path(tmp)
         print(f"corpus {args.corpus}; target T = {T:g} s of training; each search {S:g} s; {args.seeds} seeds", flush=True)
         fixed_spec, target_spec = parse_spec(spec_dict(args.corpus, size, None)), parse_spec(spec_dict(args.corpus, size, T))
@@ -157,7 +164,13 @@ def main() -> None:
         for i, t in enumerate(check):
             actual = train_for(run_config_of(t, target_spec.base), T, 0, size["final_eval_interval"], root / f"tau-{i}")
             pairs.append((t, *predicted_before_target(t), actual))
-            print(f"  trial {t.number}: predicted {pairs[-1][1]:.4f} +- {pairs[-1][2]:.4f}, measured {actual:.4f}", flush=True)
+            print(f"  trial {t.number}: predicted {pairs[-1][1]:.4f} +- {pairs[-1][2]:.4f} from {pairs[-1][3]:.3g} of T, "
+                  f"measured {actual:.4f}", flush=True)
+        if args.keep:
+            (root / "results.json").write_text(json.dumps({
+                "target_s": T, "search_s": S, "losses": losses,
+                "pairs": [{"trial": t.number, "predicted": m, "sd": sd, "from_fraction": f, "measured": a}
+                          for t, m, sd, f, a in pairs]}, indent=2))
 
     show(configs, losses, pairs, T, args.seeds)
     print(f"benchmark wall clock {time.perf_counter() - start:.0f} s; the machine's other load moves every figure")
@@ -182,12 +195,12 @@ def show(configs: dict[str, RunConfig], losses: dict[str, list[float]], pairs: l
     gap = statistics.mean(losses["(b) fixed-budget winner"]) - statistics.mean(losses["(c) target-aware winner"])
     print(f"target-aware vs fixed-budget winner: {gap:+.4f} (positive: the target-aware winner is better at T)")
     print()
-    print(f"{'trial':>5} {'predicted':>10} {'sd':>7} {'measured':>9} {'error':>8}")
-    for t, mean, std, actual in pairs:
-        print(f"{t.number:>5} {mean:>10.4f} {std:>7.4f} {actual:>9.4f} {actual - mean:>+8.4f}")
+    print(f"{'trial':>5} {'from':>6} {'predicted':>10} {'sd':>7} {'measured':>9} {'error':>8}")
+    for t, mean, std, frac, actual in pairs:
+        print(f"{t.number:>5} {frac:>6.3g} {mean:>10.4f} {std:>7.4f} {actual:>9.4f} {actual - mean:>+8.4f}")
     if len(pairs) >= 2:
-        tau = kendall_tau([p[1] for p in pairs], [p[3] for p in pairs])
-        within = sum(abs(p[3] - p[1]) <= 2 * p[2] for p in pairs)
+        tau = kendall_tau([p[1] for p in pairs], [p[4] for p in pairs])
+        within = sum(abs(p[4] - p[1]) <= 2 * p[2] for p in pairs)
         print(f"Kendall tau (predicted vs measured at T) over {len(pairs)} architectures: {tau:+.2f}; "
               f"{within}/{len(pairs)} measured within 2 sd of the prediction")
 
