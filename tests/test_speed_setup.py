@@ -4,6 +4,7 @@ The training benchmark itself: tests/test_bench.py."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -157,7 +158,7 @@ def test_check_fits_refuses_with_a_suggestion(monkeypatch):
 def test_fast_exp_silu_softmax_match_exact():
     import mlx.nn as nn
 
-    x = -mx.linspace(0, 87, 100001)
+    x = -mx.linspace(0, 86.999, 100001)
     rel = mx.abs(fastexp.exp_nonpositive(x) - mx.exp(x)) / mx.exp(x)
     assert rel.max().item() < 5e-5 and rel.mean().item() < 1e-5
     a = mx.random.normal((2, 16, 64), key=mx.random.key(0)) * 4
@@ -169,6 +170,33 @@ def test_fast_exp_silu_softmax_match_exact():
         assert mx.allclose(fg, eg, rtol=1e-4, atol=1e-5).item()
     masked = mx.where(mx.tri(16, 16, 0, dtype=mx.bool_), a[0, :, :16], -mx.inf)
     assert mx.allclose(fastexp.softmax(masked), mx.softmax(masked, axis=-1), atol=1e-6).item()
+
+
+def _subnormal(a: mx.array) -> int:
+    tiny = float(np.finfo(np.float32).tiny)
+    return int(((a != 0) & (mx.abs(a.astype(mx.float32)) < tiny)).sum().item())
+
+
+def test_fast_exp_gives_exact_zeros_not_subnormals():
+    """At and below -87 (a masked score is -inf) the fast exp is exactly 0: a tiny nonzero value there
+    makes the score gradient e * (dP - delta) subnormal across the masked part of every score matrix,
+    which Intel cores process by microcode assists, one per vector operation."""
+    from mlxllm.cpu import halves
+
+    x = -mx.linspace(0, 200, 400001)
+    for compiled in (False, True):
+        e = (mx.compile(fastexp.exp_nonpositive) if compiled else fastexp.exp_nonpositive)(x)
+        assert _subnormal(e) == 0
+        assert mx.all(mx.where(x <= -87, e, 0) == 0).item() and mx.all(mx.where(x > -86.9, e, 1) > 0).item()
+    special = fastexp.exp_nonpositive(mx.array([-mx.inf, float("nan"), 0.0]))
+    assert special[0].item() == 0 and math.isnan(special[1].item()) and special[2].item() == pytest.approx(1.0)
+    q, k = (mx.random.normal((2, 2, 1, 64, 16), key=mx.random.key(i)) for i in (3, 4))
+    e, l = halves._scores_exp(q, k, 0, 0.25)
+    masked = mx.broadcast_to(mx.triu(mx.ones((64, 64), dtype=mx.bool_), 1), e.shape)
+    assert mx.all(mx.where(masked, e, 0) == 0).item()
+    assert mx.all(mx.where(masked, 1, e) > 0).item()
+    g = mx.random.normal(e.shape, key=mx.random.key(5)) * 1e-2
+    assert _subnormal(e) == 0 and _subnormal(e * g * (0.25 / l)) == 0  # the score gradient's product
 
 
 def test_fast_silu_keeps_dtype_and_matches_on_two_streams():

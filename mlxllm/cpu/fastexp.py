@@ -4,8 +4,9 @@ MLX's Linux x86 build evaluates exp -- and with it sigmoid, silu and softmax -- 
 time, through an out-of-line libm call per polynomial step, several times slower than a fused
 multiply-add chain over the same array. Here exp(x), x <= 0, is exp(x/128) by its degree-9 Taylor
 polynomial squared 7 times: only multiplies and adds, relative error <= 3e-5 (mean 4e-6) over
-[-87, 0]. Used on the CPU only and only where the argument is <= 0 (softmax after subtracting the
-max; sigmoid of -|x|); MLXLLM_FAST_EXP=0 turns it off (exact mx.exp, as on the GPU).
+(-87, 0], and exactly 0 at and below -87. Used on the CPU only and only where the argument is <= 0
+(softmax after subtracting the max; sigmoid of -|x|); MLXLLM_FAST_EXP=0 turns it off (exact mx.exp,
+as on the GPU).
 
 Two details keep the compiled kernels vectorised (MLX's CPU compiler runs a fused kernel's plain
 contiguous loop only when every input is contiguous or a 0-d scalar, else a scalar strided loop):
@@ -60,15 +61,22 @@ def _cut(x: mx.array) -> mx.array:
 
 
 def exp_nonpositive(x: mx.array) -> mx.array:
-    """exp(x) for x <= 0 (below -87 it returns exp(-87) ~ 1.6e-38 instead of 0)."""
+    """exp(x) for x <= 0; 0 at and below -87 (where exp(x) <= 1.6e-38, the smallest normal floats).
+
+    Exactly 0, not a tiny value: a masked score (-inf) must give a zero whose products stay zero. A
+    tiny nonzero e makes the score gradient e * (dP - delta) subnormal, and Intel cores take a
+    microcode assist (on the order of a hundred cycles) for each vector operation that reads or
+    writes a subnormal, which the backward matmuls then do across the masked third of every score
+    matrix. AMD Zen cores handle subnormals at full speed, so there the two are equally fast."""
     dt = mx.float32  # in fp16/bf16 the seven squarings would multiply the rounding error by 128
-    y = _cut(mx.maximum(x.astype(dt), _const(-87.0, x, dt)) * _const(1 / 128, x, dt))
+    floor = _const(-87.0 / 128, x, dt)
+    y = _cut(mx.maximum(x.astype(dt) * _const(1 / 128, x, dt), floor))
     p = _const(_TAYLOR[9], x, dt)
     for i, c in enumerate(_TAYLOR[8::-1]):
         p = p * y + _const(c, x, dt)
         if i == 3:
             p = _cut(p)
-    p = _cut(p)
+    p = _cut(mx.where(y == floor, _const(0.0, x, dt), p))  # zeroed before the squarings: no underflow; NaN stays NaN
     for _ in range(7):
         p = p * p
     return _cut(p.astype(x.dtype))
