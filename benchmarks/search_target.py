@@ -1,6 +1,6 @@
 """Target-aware search: does optimising for the run the user will train pick a better config for it?
 
-    python benchmarks/search_target.py [CORPUS] [--quick] [--target-seconds T] [--seeds 2] [--tau-archs 6] [--keep DIR]
+    python benchmarks/search_target.py [CORPUS] [--quick] [--target-seconds T] [--seeds 2] [--tau-archs 6] [--keep DIR | --report DIR]
 
 The target is T seconds of training on this machine (5 minutes; --quick 10 s); each search gets a budget of
 6T of wall clock. Then three configs are trained for T, with --seeds training seeds each:
@@ -12,7 +12,8 @@ The target is T seconds of training on this machine (5 minutes; --quick 10 s); e
 Printed: the validation loss at T per config and seed, its seed noise, and how well the target-aware search
 predicts: --tau-archs architectures it saw (spread over its ranking) are trained for T, and the Kendall tau
 between the loss it predicted for each (from the longest rung short of T it trained) and the loss measured.
-With --keep DIR, the studies, runs and a results.json of every figure stay in DIR (else a temporary folder).
+With --keep DIR, the studies, runs and a results.json of every figure stay in DIR (else a temporary folder);
+--report DIR prints the tables of such a run again, training nothing.
 
 Both searches start from the default config. The full version takes about 2 h 10 min on a 2-core CPU
 (two 30-minute searches, 6 runs of 5 minutes for (a)-(c), 6 more for the rank correlation, set-up);
@@ -131,7 +132,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="training seeds per config trained for T")
     parser.add_argument("--tau-archs", type=int, default=6, help="architectures trained for T to check the predictions")
     parser.add_argument("--keep", type=Path, default=None, help="keep the studies, runs and results.json here")
+    parser.add_argument("--report", type=Path, default=None, help="print the tables of a kept run (its DIR), training nothing")
     args = parser.parse_args()
+    if args.report is not None:
+        return report(args.report, args.corpus, QUICK if args.quick else FULL)
     if not args.corpus.is_file():
         parser.error(f"corpus {args.corpus} not found; pass a text file")
     size = QUICK if args.quick else FULL
@@ -163,17 +167,27 @@ def main() -> None:
         pairs = []
         for i, t in enumerate(check):
             actual = train_for(run_config_of(t, target_spec.base), T, 0, size["final_eval_interval"], root / f"tau-{i}")
-            pairs.append((t, *predicted_before_target(t), actual))
+            pairs.append((t.number, *predicted_before_target(t), actual))
             print(f"  trial {t.number}: predicted {pairs[-1][1]:.4f} +- {pairs[-1][2]:.4f} from {pairs[-1][3]:.3g} of T, "
                   f"measured {actual:.4f}", flush=True)
         if args.keep:
             (root / "results.json").write_text(json.dumps({
                 "target_s": T, "search_s": S, "losses": losses,
-                "pairs": [{"trial": t.number, "predicted": m, "sd": sd, "from_fraction": f, "measured": a}
-                          for t, m, sd, f, a in pairs]}, indent=2))
+                "pairs": [{"trial": n, "predicted": m, "sd": sd, "from_fraction": f, "measured": a}
+                          for n, m, sd, f, a in pairs]}, indent=2))
 
     show(configs, losses, pairs, T, args.seeds)
     print(f"benchmark wall clock {time.perf_counter() - start:.0f} s; the machine's other load moves every figure")
+
+
+def report(root: Path, corpus: Path, size: dict) -> None:
+    """The tables of a run kept with --keep, from its results.json and best.toml files."""
+    r = json.loads((root / "results.json").read_text())
+    configs = {"(a) default": parse_spec(spec_dict(corpus, size, None)).base,
+               "(b) fixed-budget winner": load_config(root / "fixed" / "best.toml"),
+               "(c) target-aware winner": load_config(root / "target" / "best.toml")}
+    pairs = [(p["trial"], p["predicted"], p["sd"], p["from_fraction"], p["measured"]) for p in r["pairs"]]
+    show(configs, r["losses"], pairs, r["target_s"], len(next(iter(r["losses"].values()))))
 
 
 def show(configs: dict[str, RunConfig], losses: dict[str, list[float]], pairs: list[tuple], T: float, seeds: int) -> None:
@@ -196,13 +210,18 @@ def show(configs: dict[str, RunConfig], losses: dict[str, list[float]], pairs: l
     print(f"target-aware vs fixed-budget winner: {gap:+.4f} (positive: the target-aware winner is better at T)")
     print()
     print(f"{'trial':>5} {'from':>6} {'predicted':>10} {'sd':>7} {'measured':>9} {'error':>8}")
-    for t, mean, std, frac, actual in pairs:
-        print(f"{t.number:>5} {frac:>6.3g} {mean:>10.4f} {std:>7.4f} {actual:>9.4f} {actual - mean:>+8.4f}")
+    for number, mean, std, frac, actual in pairs:
+        print(f"{number:>5} {frac:>6.3g} {mean:>10.4f} {std:>7.4f} {actual:>9.4f} {actual - mean:>+8.4f}")
     if len(pairs) >= 2:
         tau = kendall_tau([p[1] for p in pairs], [p[4] for p in pairs])
         within = sum(abs(p[4] - p[1]) <= 2 * p[2] for p in pairs)
         print(f"Kendall tau (predicted vs measured at T) over {len(pairs)} architectures: {tau:+.2f}; "
               f"{within}/{len(pairs)} measured within 2 sd of the prediction")
+        apart = [(a, b) for i, a in enumerate(pairs) for b in pairs[i + 1:] if abs(a[4] - b[4]) > 2 * noise]
+        if noise and apart:
+            agree = sum((a[1] - b[1]) * (a[4] - b[4]) > 0 for a, b in apart)
+            print(f"pairs whose measured losses differ by more than 2x the seed noise ({2 * noise:.4f}): {len(apart)} of "
+                  f"{len(pairs) * (len(pairs) - 1) // 2}; the prediction orders {agree} of them as measured")
 
 
 if __name__ == "__main__":
