@@ -35,11 +35,14 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from mlxllm.config import ModelConfig, RunConfig, TrainConfig, load_config
+from mlxllm.tokenizer import ByteTokenizer
 from mlxllm.trainer import train
 from mlxllm_search import search
 from mlxllm_search.curve import kendall_tau
+from mlxllm_search.predict import FIT_MIN_POINTS, predict, typical_exponent
 from mlxllm_search.spec import parse_spec
-from mlxllm_search.target import HUGE_STEPS
+from mlxllm_search.storage import open_storage
+from mlxllm_search.target import HUGE_STEPS, Point
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -187,7 +190,59 @@ def report(root: Path, corpus: Path, size: dict) -> None:
                "(b) fixed-budget winner": load_config(root / "fixed" / "best.toml"),
                "(c) target-aware winner": load_config(root / "target" / "best.toml")}
     pairs = [(p["trial"], p["predicted"], p["sd"], p["from_fraction"], p["measured"]) for p in r["pairs"]]
-    show(configs, r["losses"], pairs, r["target_s"], len(next(iter(r["losses"].values()))))
+    seeds = len(next(iter(r["losses"].values())))
+    show(configs, r["losses"], pairs, r["target_s"], seeds)
+    trials = optuna.load_study(study_name="target", storage=open_storage(None, root / "target")).trials
+    again = [(n, *repredict(trials, n, frac, size["warmup"], shared=True), frac, actual) for n, _, _, frac, actual in pairs]
+    print("\nan alternative, not what the search does: the same predictions with the exponent of the trials trained "
+          "furthest (median of their fits) for every shallower trial")
+    show_predictions(again, noise_of(r["losses"], seeds))
+    rung_errors(trials, size["warmup"])
+
+
+def deep_exponent(trials: list[FrozenTrial], number: int, fraction: float) -> float | None:
+    """The median exponent of the free fits of the trials trained furthest (two or more, `number` left out),
+    for a trial at a shorter rung; else None (the trial fits its own)."""
+    fits = [(t.user_attrs.get("rung", 0.0), t.user_attrs["fit"][2]) for t in trials
+            if t.number != number and t.user_attrs.get("fit") and t.user_attrs["fit"][3] >= FIT_MIN_POINTS
+            and (len(t.user_attrs["fit"]) < 5 or t.user_attrs["fit"][4])]
+    deepest = max((r for r, _ in fits), default=0.0)
+    deep = [c for r, c in fits if r >= deepest * 0.999]
+    return statistics.median(deep) if len(deep) >= 2 and fraction < deepest * 0.999 else None
+
+
+def repredict(trials: list[FrozenTrial], number: int, fraction: float, warmup: int, shared: bool) -> tuple[float, float]:
+    """Trial `number`'s prediction from its evaluations up to the rung `fraction`, made again as the search
+    makes it, or (shared) with deep_exponent, from the study as it ended (the benchmark's specs use byte tokens)."""
+    t = next(x for x in trials if x.number == number)
+    segments: list[list[Point]] = []
+    for p in map(Point._make, t.user_attrs["points"]):
+        if p.first or not segments:  # each rung is one training call, whose first evaluation is marked
+            segments.append([])
+        segments[-1].append(p)
+    rung = sorted(float(k) for k in t.user_attrs["predictions"]).index(fraction)
+    points = [p for seg in segments[: rung + 1] for p in seg]
+    others = [x for x in trials if x.number != number]
+    mean, sd, _ = predict(points, warmup, t.user_attrs["steps_at_target"], typical_exponent(others),
+                          ByteTokenizer.vocab_size, deep_exponent(trials, number, fraction) if shared else None)
+    return mean, sd
+
+
+def rung_errors(trials: list[FrozenTrial], warmup: int) -> None:
+    """Over the trials the search itself trained to the target: each earlier rung's prediction against the
+    loss measured at the target: as the search recorded it, made again by this code (a check that the
+    recorded evaluations reproduce it), and with the alternative exponent."""
+    measured = [t for t in trials if t.user_attrs.get("actual") is not None]
+    print(f"\npredictions from each rung for the {len(measured)} trials the search trained to T (mean |error|; tau among them):")
+    for f in sorted({float(k) for t in measured for k in t.user_attrs["predictions"] if float(k) < 1}):
+        rows = [(v[0], repredict(trials, t.number, f, warmup, False)[0], repredict(trials, t.number, f, warmup, True)[0],
+                 t.user_attrs["actual"]) for t in measured for k, v in t.user_attrs["predictions"].items() if abs(float(k) - f) < 1e-9]
+        if len(rows) < 2:
+            continue
+        cells = [f"{who} {statistics.mean(abs(r[3] - r[i]) for r in rows):.4f}, tau "
+                 f"{kendall_tau([r[i] for r in rows], [r[3] for r in rows]):+.2f}"
+                 for i, who in enumerate(("recorded", "made again", "shared exponent"))]
+        print(f"  from {f:.3g} of T ({len(rows)} trials): " + "; ".join(cells))
 
 
 def show(configs: dict[str, RunConfig], losses: dict[str, list[float]], pairs: list[tuple], T: float, seeds: int) -> None:
@@ -201,28 +256,37 @@ def show(configs: dict[str, RunConfig], losses: dict[str, list[float]], pairs: l
         arch = f"{m.n_layers} x {m.d_model}, {m.n_heads}/{m.kv_heads}, {m.mlp_ratio:.2f}, {run.train.learning_rate:.2e}"
         sd = statistics.stdev(v) if len(v) > 1 else 0.0
         print(f"{name:<26} {arch:<44} " + " ".join(f"{x:>8.4f}" for x in v) + f" {statistics.mean(v):>8.4f} {sd:>7.4f}")
-    noise = statistics.mean(statistics.stdev(v) for v in losses.values()) if seeds > 1 else 0.0
+    noise = noise_of(losses, seeds)
     print(f"seed noise (mean sd over the configs): {noise:.4f}")
     for name in list(configs)[1:]:
         gain = statistics.mean(losses["(a) default"]) - statistics.mean(losses[name])
         print(f"{name} improves on the default by {gain:.4f}" + (f" ({gain / noise:.1f}x the seed noise)" if noise else ""))
     gap = statistics.mean(losses["(b) fixed-budget winner"]) - statistics.mean(losses["(c) target-aware winner"])
     print(f"target-aware vs fixed-budget winner: {gap:+.4f} (positive: the target-aware winner is better at T)")
+    show_predictions(pairs, noise)
+
+
+def noise_of(losses: dict[str, list[float]], seeds: int) -> float:
+    return statistics.mean(statistics.stdev(v) for v in losses.values()) if seeds > 1 else 0.0
+
+
+def show_predictions(pairs: list[tuple], noise: float) -> None:
+    """Predicted against measured at T, with Kendall tau and the order of the pairs the seed noise cannot swap."""
     print()
     print(f"{'trial':>5} {'from':>6} {'predicted':>10} {'sd':>7} {'measured':>9} {'error':>8}")
     for number, mean, std, frac, actual in pairs:
         print(f"{number:>5} {frac:>6.3g} {mean:>10.4f} {std:>7.4f} {actual:>9.4f} {actual - mean:>+8.4f}")
-    if len(pairs) >= 2:
-        tau = kendall_tau([p[1] for p in pairs], [p[4] for p in pairs])
-        within = sum(abs(p[4] - p[1]) <= 2 * p[2] for p in pairs)
-        print(f"Kendall tau (predicted vs measured at T) over {len(pairs)} architectures: {tau:+.2f}; "
-              f"{within}/{len(pairs)} measured within 2 sd of the prediction")
-        apart = [(a, b) for i, a in enumerate(pairs) for b in pairs[i + 1:] if abs(a[4] - b[4]) > 2 * noise]
-        if noise and apart:
-            agree = sum((a[1] - b[1]) * (a[4] - b[4]) > 0 for a, b in apart)
-            print(f"pairs whose measured losses differ by more than 2x the seed noise ({2 * noise:.4f}): {len(apart)} of "
-                  f"{len(pairs) * (len(pairs) - 1) // 2}; the prediction orders {agree} of them as measured")
-
+    if len(pairs) < 2:
+        return
+    tau = kendall_tau([p[1] for p in pairs], [p[4] for p in pairs])
+    within = sum(abs(p[4] - p[1]) <= 2 * p[2] for p in pairs)
+    print(f"Kendall tau (predicted vs measured at T) over {len(pairs)} architectures: {tau:+.2f}; "
+          f"{within}/{len(pairs)} measured within 2 sd of the prediction")
+    apart = [(a, b) for i, a in enumerate(pairs) for b in pairs[i + 1:] if abs(a[4] - b[4]) > 2 * noise]
+    if noise and apart:
+        agree = sum((a[1] - b[1]) * (a[4] - b[4]) > 0 for a, b in apart)
+        print(f"pairs whose measured losses differ by more than 2x the seed noise ({2 * noise:.4f}): {len(apart)} of "
+              f"{len(pairs) * (len(pairs) - 1) // 2}; the prediction orders {agree} of them as measured")
 
 if __name__ == "__main__":
     main()

@@ -24,16 +24,15 @@ from mlxllm.config import RunConfig
 from mlxllm.data import TokenData
 from mlxllm.device import peak_flops
 from mlxllm.trainer import TrainResult, train
-from mlxllm_search.curve import fit_curve
+from mlxllm_search.predict import predict, typical_exponent
 from mlxllm_search.space import SearchSpec
-from mlxllm_search.target import ETA, Deadlines, Plan, Point, Speed
+from mlxllm_search.target import Deadlines, Plan, Point, Speed
 
 EVALS_PER_RUNG = 5
 # Before a trial has measured its own speed: an assumed model FLOPs utilisation and a per-step cost of
 # dispatch, both on the slow side, so the first rung is evaluated too often rather than overshot.
 ASSUMED_MFU = 0.2
 STEP_OVERHEAD_S = 0.002
-FIT_MIN_POINTS = 5  # fewer, and the curve's exponent is the study's typical one
 ENDED_BY_TARGET = ("max_seconds", "max_steps", "max_tokens")
 
 
@@ -173,7 +172,10 @@ class RungTrainer:
                        show_progress=False, data=self.data)
         if result.val_loss is not None and (not points or result.step > points[-1].step):
             # The run ended between evaluations (its target): the trainer evaluated its last step itself.
-            tps = result.tokens_per_sec or (points[-1].tokens_per_sec if points else 0.0)
+            # With no log before the end (a target shorter than the first step's compilation, on a busy
+            # machine), the speed is the whole call's, compilation included: slow, so rungs are not overshot.
+            tps = result.tokens_per_sec or (points[-1].tokens_per_sec if points else
+                                            result.step * self.spec.tokens_per_step / max(result.elapsed, 1e-9))
             points.append(Point(result.step, result.elapsed, tps, result.val_loss, True))
         return result
 
@@ -184,14 +186,11 @@ class RungTrainer:
         measured loss at the target (`actual`) when the run got there, else the prediction."""
         speed = self.speed(points)
         s_target = self.steps_at_target(points)
-        fit = self.fit_window(points)
-        if len(fit) >= 2:
-            curve = fit_curve([p.step for p in fit], [p.loss for p in fit],
-                              None if len(fit) >= FIT_MIN_POINTS else self._prior_c(trial))
-            mean, std = curve.predict(max(s_target, fit[-1].step))
-            trial.set_user_attr("fit", [curve.a, curve.b, curve.c, len(fit)])
-        else:  # one evaluation: no curve, and the whole drop to come is unknown
-            mean, std = points[-1].loss, abs(math.log(self.data.tokenizer.vocab_size) - points[-1].loss)
+        trials = trial.study.get_trials(deepcopy=False)
+        mean, std, fit = predict(points, self.spec.base.train.warmup_steps, s_target, typical_exponent(trials),
+                                 self.data.tokenizer.vocab_size)
+        if fit is not None:
+            trial.set_user_attr("fit", fit)
         if actual is not None:
             mean, std = actual, 0.0
             trial.set_user_attr("actual", actual)
@@ -203,19 +202,3 @@ class RungTrainer:
                            ("rung", reached), ("steps", points[-1].step)):
             trial.set_user_attr(key, value)
         return mean
-
-    def fit_window(self, points: list[Point]) -> list[Point]:
-        """The points the curve is fitted to: the last rung's (a factor ETA in steps), or the last
-        FIT_MIN_POINTS if that holds fewer, after the warm-up. The first steps' fast fall (learning the
-        characters' frequencies) is no power law, and a fit that includes it extrapolates far too low."""
-        warm = self.spec.base.train.warmup_steps
-        after = [p for p in points if p.step > warm] or points
-        tail = [p for p in after if p.step * ETA >= after[-1].step]
-        return tail if len(tail) >= FIT_MIN_POINTS else after[-FIT_MIN_POINTS:]
-
-    @staticmethod
-    def _prior_c(trial: optuna.Trial) -> float | None:
-        """The median exponent of the study's well-measured curves (None: the curve module's prior)."""
-        cs = [t.user_attrs["fit"][2] for t in trial.study.get_trials(deepcopy=False)
-              if (t.user_attrs.get("fit") or [0, 0, 0, 0])[3] >= FIT_MIN_POINTS]
-        return statistics.median(cs) if cs else None
