@@ -39,7 +39,7 @@ from mlxllm.tokenizer import ByteTokenizer
 from mlxllm.trainer import train
 from mlxllm_search import search
 from mlxllm_search.curve import kendall_tau
-from mlxllm_search.predict import FIT_MIN_POINTS, predict, typical_exponent
+from mlxllm_search.predict import free_fit, predict, typical_exponent
 from mlxllm_search.spec import parse_spec
 from mlxllm_search.storage import open_storage
 from mlxllm_search.target import HUGE_STEPS, Point
@@ -203,9 +203,7 @@ def report(root: Path, corpus: Path, size: dict) -> None:
 def deep_exponent(trials: list[FrozenTrial], number: int, fraction: float) -> float | None:
     """The median exponent of the free fits of the trials trained furthest (two or more, `number` left out),
     for a trial at a shorter rung; else None (the trial fits its own)."""
-    fits = [(t.user_attrs.get("rung", 0.0), t.user_attrs["fit"][2]) for t in trials
-            if t.number != number and t.user_attrs.get("fit") and t.user_attrs["fit"][3] >= FIT_MIN_POINTS
-            and (len(t.user_attrs["fit"]) < 5 or t.user_attrs["fit"][4])]
+    fits = [(t.user_attrs.get("rung", 0.0), fit[2]) for t in trials if t.number != number and (fit := free_fit(t))]
     deepest = max((r for r, _ in fits), default=0.0)
     deep = [c for r, c in fits if r >= deepest * 0.999]
     return statistics.median(deep) if len(deep) >= 2 and fraction < deepest * 0.999 else None

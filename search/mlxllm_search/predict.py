@@ -26,7 +26,8 @@ def fit_window(points: Sequence[Point], warmup_steps: int) -> list[Point]:
     return tail if len(tail) >= FIT_MIN_POINTS else after[-FIT_MIN_POINTS:]
 
 
-def _free_fit(t: FrozenTrial) -> list[float] | None:
+def free_fit(t: FrozenTrial) -> list[float] | None:
+    """The trial's last fit [a, b, c, points, free] if its exponent was its own, else None."""
     fit = t.user_attrs.get("fit")
     if not fit or fit[3] < FIT_MIN_POINTS or (len(fit) > 4 and not fit[4]):
         return None
@@ -35,7 +36,7 @@ def _free_fit(t: FrozenTrial) -> list[float] | None:
 
 def typical_exponent(trials: Sequence[FrozenTrial]) -> float | None:
     """The median exponent of the study's free fits (None: the curve module's prior)."""
-    cs = [fit[2] for t in trials if (fit := _free_fit(t))]
+    cs = [fit[2] for t in trials if (fit := free_fit(t))]
     return statistics.median(cs) if cs else None
 
 
