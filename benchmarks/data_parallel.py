@@ -40,14 +40,24 @@ def ring_seconds(params: int, processes: int, bandwidth: float, bytes_per_value:
 
 def _worker(config: str, steps: int, out_dir: str, corpus: str | None) -> None:
     """One process of the group: train, then time an all-reduce of the gradients' size."""
-    import mlxllm  # first: it loads the optimized BLAS before mlx.core
     import mlx.core as mx
+
+    import mlxllm  # first: it loads the optimized BLAS before mlx.core
     from mlxllm.distributed import group
 
     g = group()
     model = mlxllm.ModelConfig(vocab_size=257, max_seq_len=SEQ_LEN, **CONFIGS[config])
-    train = mlxllm.TrainConfig(data=corpus, out_dir=out_dir, batch_size=BATCH, max_steps=steps, eval_interval=steps,
-                               eval_batches=2, log_interval=10, sample_tokens=0, warmup_steps=10)
+    train = mlxllm.TrainConfig(
+        data=corpus,
+        out_dir=out_dir,
+        batch_size=BATCH,
+        max_steps=steps,
+        eval_interval=steps,
+        eval_batches=2,
+        log_interval=10,
+        sample_tokens=0,
+        warmup_steps=10,
+    )
     mlxllm.train(model, train, mlxllm.TokenizerConfig(kind="byte"), show_progress=False, overwrite=True)
     reduce_ms = None
     if g.size > 1:
@@ -62,8 +72,13 @@ def _worker(config: str, steps: int, out_dir: str, corpus: str | None) -> None:
     if g.primary:
         rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
         windows = [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r][1:]  # the first holds compilation
-        print("RESULT " + json.dumps({"tokens_per_sec": statistics.median(windows), "params": model.num_params(),
-                                      "reduce_ms": reduce_ms}), flush=True)
+        print(
+            "RESULT "
+            + json.dumps(
+                {"tokens_per_sec": statistics.median(windows), "params": model.num_params(), "reduce_ms": reduce_ms}
+            ),
+            flush=True,
+        )
 
 
 def _free_port(n: int) -> int:
@@ -89,14 +104,25 @@ def _commands(cmd: list[str], processes: int, launcher: str, out: str) -> list[t
 
 def _measure(config: str, processes: int, steps: int, corpus: str | None, launcher: str) -> dict:
     out = tempfile.mkdtemp(prefix=f"dp-{config}-{processes}-")
-    me = [sys.executable, os.path.abspath(__file__), "--worker", config, "--steps", str(steps), "--out", out,
-          *(["--corpus", corpus] if corpus else [])]
+    me = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        config,
+        "--steps",
+        str(steps),
+        "--out",
+        out,
+        *(["--corpus", corpus] if corpus else []),
+    ]
     # mlx.launch forwards its input to the processes: at end of file (a closed or /dev/null stdin) its
     # loop spins a core, so it gets a pipe that stays open and empty.
     quiet_in, keep_open = os.pipe()
     try:
-        procs = [subprocess.Popen(c, env=env, stdin=quiet_in, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for c, env in _commands(me, processes, launcher, out)]
+        procs = [
+            subprocess.Popen(c, env=env, stdin=quiet_in, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for c, env in _commands(me, processes, launcher, out)
+        ]
         outputs = [p.communicate(timeout=1800) for p in procs]
     finally:
         os.close(quiet_in), os.close(keep_open)
@@ -104,7 +130,7 @@ def _measure(config: str, processes: int, steps: int, corpus: str | None, launch
     lines = [line for stdout, _ in outputs for line in stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         raise SystemExit(f"{' '.join(me)} printed no result:\n" + "\n".join(o + e for o, e in outputs))
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main() -> None:
@@ -113,8 +139,12 @@ def main() -> None:
     p.add_argument("--processes", default="1,2", help="Comma-separated process counts.")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--corpus", help="Text to train on (default: the built-in corpus).")
-    p.add_argument("--launcher", choices=["direct", "mlx.launch"], default="direct",
-                   help="Start the group as mlx.launch does but without it (direct), or with mlx.launch.")
+    p.add_argument(
+        "--launcher",
+        choices=["direct", "mlx.launch"],
+        default="direct",
+        help="Start the group as mlx.launch does but without it (direct), or with mlx.launch.",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -126,8 +156,15 @@ def main() -> None:
     counts = [int(n) for n in a.processes.split(",")]
     print(f"CPU: {describe_cpu()}; {a.steps} steps of {BATCH} x {SEQ_LEN} tokens (global batch), byte tokens")
     print(f"command: {' '.join(sys.argv)}; launcher {a.launcher}")
-    head = ["config", "params", "processes", "tokens/s", "step ms", "all-reduce ms (here)",
-            *(f"all-reduce ms, {name}" for name in LINKS)]
+    head = [
+        "config",
+        "params",
+        "processes",
+        "tokens/s",
+        "step ms",
+        "all-reduce ms (here)",
+        *(f"all-reduce ms, {name}" for name in LINKS),
+    ]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for config in a.config or list(CONFIGS):
         for n in counts:
@@ -135,8 +172,12 @@ def main() -> None:
             step_ms = BATCH * SEQ_LEN / r["tokens_per_sec"] * 1e3
             here = f"{r['reduce_ms']:.1f}" if r["reduce_ms"] is not None else "-"
             paper = [f"{ring_seconds(r['params'], n, bw) * 1e3:.2f}" if n > 1 else "-" for bw in LINKS.values()]
-            print(f"| {config} | {r['params'] / 1e6:.2f}M | {n} | {r['tokens_per_sec']:,.0f} | {step_ms:.0f} | {here} | "
-                  + " | ".join(paper) + " |", flush=True)
+            print(
+                f"| {config} | {r['params'] / 1e6:.2f}M | {n} | {r['tokens_per_sec']:,.0f} | {step_ms:.0f} | {here} | "
+                + " | ".join(paper)
+                + " |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

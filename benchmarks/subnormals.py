@@ -23,18 +23,17 @@ import math
 import time
 from pathlib import Path
 
-import mlxllm  # noqa: F401 - the BLAS before mlx.core
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+import mlxllm  # noqa: F401 - the BLAS before mlx.core
 from mlxllm import attention as attention_mod
 from mlxllm import step as step_mod
 from mlxllm.bench.train import DEFAULT_CONFIGS as CONFIGS
 from mlxllm.bench.workers import model_config
 from mlxllm.config import TrainConfig
-from mlxllm.cpu import fastexp, halves
+from mlxllm.cpu import fastexp
 from mlxllm.model import build_model
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
@@ -88,8 +87,10 @@ def score_gradients(r: dict, exp) -> list[tuple[mx.array, mx.array, mx.array]]:
     do = do.reshape(B, Hkv, H // Hkv, L, D)
     h = L // 2
     out = []
-    for qh, kh, vh, doh, offset in ((q[:, :, :, :h], k[:, :, :, :h], v[:, :, :, :h], do[:, :, :, :h], 0),
-                                     (q[:, :, :, h:], k, v, do[:, :, :, h:], h)):
+    for qh, kh, vh, doh, offset in (
+        (q[:, :, :, :h], k[:, :, :, :h], v[:, :, :, :h], do[:, :, :, :h], 0),
+        (q[:, :, :, h:], k, v, do[:, :, :, h:], h),
+    ):
         s = (qh @ kh.swapaxes(-1, -2)).astype(mx.float32)
         mask = mx.arange(offset, offset + qh.shape[-2])[:, None] >= mx.arange(kh.shape[-2])[None]
         s = mx.where(mask, s, -mx.inf)
@@ -127,8 +128,10 @@ def cost_here() -> None:
     assert subnormal(sub) == sub.size
     mm = [_best_ms(lambda m=m: mx.eval(m @ b)) for m in (normal, sub)]
     ew = [_best_ms(lambda f=f: mx.eval(x * f)) for f in (1e-3, 1e-40)]
-    print(f"on this CPU: 512^2 matmul {mm[0]:.2f} ms with normal inputs, {mm[1]:.2f} ms with subnormal ones; "
-          f"4M-element multiply {ew[0]:.2f} ms normal, {ew[1]:.2f} ms with subnormal results")
+    print(
+        f"on this CPU: 512^2 matmul {mm[0]:.2f} ms with normal inputs, {mm[1]:.2f} ms with subnormal ones; "
+        f"4M-element multiply {ew[0]:.2f} ms normal, {ew[1]:.2f} ms with subnormal results"
+    )
 
 
 def main() -> None:
@@ -142,13 +145,17 @@ def main() -> None:
     mc = model_config({**cfg, "attention": "reference"})
     tc = TrainConfig(batch_size=cfg["batch_size"], seq_len=cfg["seq_len"], compile=False)
     B, L = cfg["batch_size"], cfg["seq_len"]
-    text = args.corpus.read_bytes() if args.corpus.is_file() else np.random.default_rng(0).integers(0, 256, 10**6).tobytes()
+    text = (
+        args.corpus.read_bytes()
+        if args.corpus.is_file()
+        else np.random.default_rng(0).integers(0, 256, 10**6).tobytes()
+    )
     tokens = np.frombuffer(text, dtype=np.uint8).astype(np.int32) % cfg["vocab_size"]
     rng = np.random.default_rng(0)
 
     def batch() -> mx.array:
         starts = rng.integers(0, len(tokens) - L - 1, B)
-        return mx.array(np.stack([tokens[s:s + L + 1] for s in starts]))
+        return mx.array(np.stack([tokens[s : s + L + 1] for s in starts]))
 
     model = build_model(mc, seed=0)
     optimizer = step_mod.make_optimizer(tc)
@@ -161,9 +168,14 @@ def main() -> None:
     record_attention(records)
     loss, g = grad(model, batch())
     mx.eval(loss, g, [list(r.values())[:3] + [r["do"]] for r in records])
-    print(f"config {args.config} (batch {B}, context {L}), loss {loss.item():.3f} after {args.steps} steps; "
-          f"{len(records)} attention layers; fast exp in use: {fastexp.use_fast_exp()}")
-    for name, exp in (("exp(-87) for masked scores (before)", old_exp), ("0 for masked scores (mlxllm)", fastexp.exp_nonpositive)):
+    print(
+        f"config {args.config} (batch {B}, context {L}), loss {loss.item():.3f} after {args.steps} steps; "
+        f"{len(records)} attention layers; fast exp in use: {fastexp.use_fast_exp()}"
+    )
+    for name, exp in (
+        ("exp(-87) for masked scores (before)", old_exp),
+        ("0 for masked scores (mlxllm)", fastexp.exp_nonpositive),
+    ):
         tiny_e = under = sub = total = 0
         for r in records:
             for e, g, ds in score_gradients(r, exp):
@@ -172,8 +184,11 @@ def main() -> None:
                 under += underflows(e, g)
                 sub += subnormal(ds)
                 total += ds.size
-        print(f"  {name}:\n    score exps e in (0, 1e-30): {tiny_e:,} of {total:,} ({100 * tiny_e / total:.1f}%)\n"
-              f"    products e * (dP - delta) that underflow: {under:,}; subnormal values in dS: {sub:,}")
+        print(
+            f"  {name}:\n    score exps e in (0, 1e-30): {tiny_e:,} of {total:,} ({100 * tiny_e / total:.1f}%)\n"
+            f"    products e * (dP - delta) that underflow: {under:,}; subnormal values in dS: {sub:,}"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """Load a TOML config, override a few keys, and train: what `mlxllm train --config` does.
 
-    python examples/config_file.py configs/tiny.toml
-    MLXLLM_EXAMPLE_STEPS=10 python examples/config_file.py configs/tiny.toml   # a quick try
+python examples/config_file.py configs/tiny.toml
+MLXLLM_EXAMPLE_STEPS=10 python examples/config_file.py configs/tiny.toml   # a quick try
 """
 
 import os

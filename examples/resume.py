@@ -1,7 +1,7 @@
 """Stop a run part-way (here: after the first evaluation), then resume it exactly.
 
-    python examples/resume.py
-    MLXLLM_EXAMPLE_STEPS=10 python examples/resume.py   # a quick try
+python examples/resume.py
+MLXLLM_EXAMPLE_STEPS=10 python examples/resume.py   # a quick try
 """
 
 import os

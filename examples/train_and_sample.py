@@ -1,7 +1,7 @@
 """Train a small model on a text file with the Python API, then sample from it.
 
-    python examples/train_and_sample.py path/to/text.txt
-    MLXLLM_EXAMPLE_STEPS=10 python examples/train_and_sample.py path/to/text.txt   # a quick try
+python examples/train_and_sample.py path/to/text.txt
+MLXLLM_EXAMPLE_STEPS=10 python examples/train_and_sample.py path/to/text.txt   # a quick try
 """
 
 import os

@@ -18,6 +18,15 @@ from mlxllm.trainer import TrainResult, train  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
-    "MlxllmError", "ModelConfig", "RunConfig", "TokenizerConfig", "TrainConfig", "TrainResult",
-    "generate", "load", "load_config", "train", "__version__",
+    "MlxllmError",
+    "ModelConfig",
+    "RunConfig",
+    "TokenizerConfig",
+    "TrainConfig",
+    "TrainResult",
+    "generate",
+    "load",
+    "load_config",
+    "train",
+    "__version__",
 ]

@@ -104,7 +104,9 @@ def choose(path: Path, which: str = "best") -> Path:
         raise MlxllmError(f"{path} is not a run directory. Pass the --out directory of a finished `mlxllm train`.")
     chosen = (best_checkpoint(path) if which == "best" else None) or latest_checkpoint(path)
     if chosen is None:
-        raise MlxllmError(f"{path} holds no checkpoint yet. Train first (`mlxllm train --out {path}`), or check the path.")
+        raise MlxllmError(
+            f"{path} holds no checkpoint yet. Train first (`mlxllm train --out {path}`), or check the path."
+        )
     return chosen
 
 
@@ -117,8 +119,11 @@ def latest_good(run_dir: Path) -> Path | None:
         aside = ckpt.with_name(DAMAGED + ckpt.name)
         shutil.rmtree(aside, ignore_errors=True)
         ckpt.rename(aside)
-        print(f"Warning: checkpoint {ckpt.name} is damaged ({bad} fails its checksum); it was moved to {aside.name} "
-              "and training resumes from the one before.", file=sys.stderr)
+        print(
+            f"Warning: checkpoint {ckpt.name} is damaged ({bad} fails its checksum); it was moved to {aside.name} "
+            "and training resumes from the one before.",
+            file=sys.stderr,
+        )
     return None
 
 
@@ -185,5 +190,3 @@ def prune(run_dir: Path, keep_last: int) -> None:
     for p in cks[: max(0, len(cks) - keep_last)]:
         if p != best:
             shutil.rmtree(p, ignore_errors=True)
-
-

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -14,8 +15,12 @@ from rich.markup import escape
 
 from mlxllm.errors import MlxllmError
 
-app = typer.Typer(help="Train small GPT-style language models on your own text with MLX.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="Train small GPT-style language models on your own text with MLX.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 tokenizer_app = typer.Typer(help="Tokenizer tools.", no_args_is_help=True)
 bench_app = typer.Typer(help="Measure this machine.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
@@ -43,16 +48,27 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 @app.command()
 @friendly
 def train(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config (see configs/).")] = None,
-    data: Annotated[Optional[list[str]], typer.Option(
-        "--data", "-d", help="Text file, folder of .txt/.md files, or glob (repeatable).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: the config's train.out_dir).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
-    seconds: Annotated[Optional[float], typer.Option(help="Stop after this much training time.")] = None,
-    tokens: Annotated[Optional[int], typer.Option(help="Stop after this many training tokens.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key: section.key=value.")] = None,
-    init_from: Annotated[Optional[str], typer.Option(
-        "--init-from", help="Start from this model: an mlxllm run or checkpoint, or an mlx-lm / Hugging Face Llama directory.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config (see configs/).")] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option("--data", "-d", help="Text file, folder of .txt/.md files, or glob (repeatable)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Run directory (default: the config's train.out_dir).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    seconds: Annotated[float | None, typer.Option(help="Stop after this much training time.")] = None,
+    tokens: Annotated[int | None, typer.Option(help="Stop after this many training tokens.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override any config key: section.key=value.")
+    ] = None,
+    init_from: Annotated[
+        str | None,
+        typer.Option(
+            "--init-from",
+            help="Start from this model: an mlxllm run or checkpoint, or an mlx-lm / Hugging Face Llama directory.",
+        ),
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
@@ -66,15 +82,24 @@ def train(
     overrides = list(set_ or [])
     if data:
         overrides.append(f"train.data={json.dumps(data[0] if len(data) == 1 else data)}")
-    for key, value in (("train.out_dir", out), ("train.max_steps", steps),
-                       ("train.max_seconds", seconds), ("train.max_tokens", tokens), ("train.init_from", init_from)):
+    for key, value in (
+        ("train.out_dir", out),
+        ("train.max_steps", steps),
+        ("train.max_seconds", seconds),
+        ("train.max_tokens", tokens),
+        ("train.init_from", init_from),
+    ):
         if value is not None:
             overrides.append(f"{key}={json.dumps(str(value)) if isinstance(value, (str, Path)) else value}")
     run = load_config(config, overrides)
-    result = run_training(run.model, run.train, run.tokenizer, resume=resume, overwrite=overwrite, show_progress=not quiet)
+    result = run_training(
+        run.model, run.train, run.tokenizer, resume=resume, overwrite=overwrite, show_progress=not quiet
+    )
     if run.train.sample_tokens > 0 and current().primary:  # rank 0 holds the run directory
         model, tok = load(result.run_dir)
-        text = generate(model, tok, run.train.sample_prompt, run.train.sample_tokens, temperature=0.8, top_k=50, seed=run.train.seed)
+        text = generate(
+            model, tok, run.train.sample_prompt, run.train.sample_tokens, temperature=0.8, top_k=50, seed=run.train.seed
+        )
         Console().print("[bold]Sample:[/]")
         print(run.train.sample_prompt + text)
 
@@ -86,8 +111,8 @@ def generate_cmd(
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = "",
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 200,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.8,
-    top_k: Annotated[Optional[int], typer.Option(help="Sample from the k most likely tokens.")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     checkpoint: Annotated[str, typer.Option(help="best or latest.")] = "best",
 ) -> None:
@@ -97,7 +122,9 @@ def generate_cmd(
     if checkpoint not in ("best", "latest"):
         raise MlxllmError(f"--checkpoint must be best or latest (got {checkpoint!r}).")
     model, tok = load(run_dir, checkpoint)
-    print(prompt + generate(model, tok, prompt, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+    print(
+        prompt + generate(model, tok, prompt, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    )
 
 
 @app.command("export")
@@ -106,7 +133,7 @@ def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (or one checkpoint directory).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The model directory to write (must not exist yet).")],
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
-    quantize: Annotated[Optional[int], typer.Option(help="4 or 8 bits, in mlx-lm's quantized format.")] = None,
+    quantize: Annotated[int | None, typer.Option(help="4 or 8 bits, in mlx-lm's quantized format.")] = None,
     format_: Annotated[str, typer.Option("--format", help="hf (mlx-lm and transformers) or gguf (llama.cpp).")] = "hf",
     checkpoint: Annotated[str, typer.Option(help="best or latest.")] = "best",
 ) -> None:
@@ -121,7 +148,9 @@ def export_cmd(
 @friendly
 def plot_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write (default: RUN_DIR/loss_curves.png).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="PNG to write (default: RUN_DIR/loss_curves.png).")
+    ] = None,
 ) -> None:
     """Plot a run's losses, bits per byte and tokens/s against steps, from its metrics.jsonl."""
     from mlxllm.plot import plot_metrics
@@ -133,7 +162,9 @@ def plot_cmd(
 @tokenizer_app.command("train")
 @friendly
 def tokenizer_train(
-    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="Text file, folder or glob (repeatable).")] = None,
+    data: Annotated[
+        list[str] | None, typer.Option("--data", "-d", help="Text file, folder or glob (repeatable).")
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the tokenizer to.")] = Path("tokenizer"),
     kind: Annotated[str, typer.Option(help="bpe or byte.")] = "bpe",
     vocab_size: Annotated[int, typer.Option(help="Number of BPE pieces.")] = 2048,
@@ -165,8 +196,10 @@ def info() -> None:
     g = group()  # under mlx.launch, every process prints its own place in the group
     peak, source = g.in_turn(peak_flops, "measuring the machine")
     print(f"mlx {mx.__version__}, device {device_name()} ({backend()})")
-    print(f"group: {g.describe()}" + (f", backend {g.backend}" if g.size > 1 else
-                                      " (start several with mlx.launch to train data-parallel)"))
+    print(
+        f"group: {g.describe()}"
+        + (f", backend {g.backend}" if g.size > 1 else " (start several with mlx.launch to train data-parallel)")
+    )
     print(f"CPU: {describe_cpu()}")
     print(f"BLAS: {blas.describe()}")
     print(f"peak fp32 matmul: {peak / 1e9:,.0f} GFLOP/s ({source})")
@@ -185,7 +218,9 @@ def bench_attention_cmd(
     heads: Annotated[int, typer.Option()] = 8,
     head_dim: Annotated[int, typer.Option()] = 64,
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
-    record: Annotated[bool, typer.Option(help="Save the fastest implementation as this device's 'auto' choice.")] = False,
+    record: Annotated[
+        bool, typer.Option(help="Save the fastest implementation as this device's 'auto' choice.")
+    ] = False,
 ) -> None:
     """Time and peak memory of attention forward+backward, per implementation, side by side."""
     from mlxllm.bench.attention import bench_attention, print_table
@@ -197,8 +232,9 @@ def bench_attention_cmd(
     print_table(bench_attention(ls, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, record=record))
 
 
-@bench_app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-                   add_help_option=False)
+@bench_app.command(
+    "train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False
+)
 @friendly
 def bench_train_cmd(ctx: typer.Context) -> None:
     """Training speed side by side: mlxllm compiled, plain MLX, PyTorch eager, compiled and compiled whole step (--help for options)."""
@@ -210,26 +246,40 @@ def bench_train_cmd(ctx: typer.Context) -> None:
 @bench_app.command("generate")
 @friendly
 def bench_generate_cmd(
-    run: Annotated[Optional[Path], typer.Option(help="A trained run directory (default: a random init of the default architecture, vocab 2048).")] = None,
+    run: Annotated[
+        Path | None,
+        typer.Option(help="A trained run directory (default: a random init of the default architecture, vocab 2048)."),
+    ] = None,
     tokens: Annotated[int, typer.Option(help="New tokens per run.")] = 200,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random ids).")] = 32,
     rounds: Annotated[int, typer.Option(help="Measured rounds of each implementation (median reported).")] = 5,
-    layers: Annotated[Optional[int], typer.Option(help="Random init: n_layers.")] = None,
-    d_model: Annotated[Optional[int], typer.Option(help="Random init: d_model.")] = None,
-    heads: Annotated[Optional[int], typer.Option(help="Random init: n_heads.")] = None,
-    kv_heads: Annotated[Optional[int], typer.Option(help="Random init: n_kv_heads.")] = None,
-    vocab: Annotated[Optional[int], typer.Option(help="Random init: vocab_size.")] = None,
-    context: Annotated[Optional[int], typer.Option(help="Random init: max_seq_len.")] = None,
+    layers: Annotated[int | None, typer.Option(help="Random init: n_layers.")] = None,
+    d_model: Annotated[int | None, typer.Option(help="Random init: d_model.")] = None,
+    heads: Annotated[int | None, typer.Option(help="Random init: n_heads.")] = None,
+    kv_heads: Annotated[int | None, typer.Option(help="Random init: n_kv_heads.")] = None,
+    vocab: Annotated[int | None, typer.Option(help="Random init: vocab_size.")] = None,
+    context: Annotated[int | None, typer.Option(help="Random init: max_seq_len.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random init and the prompt.")] = 0,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
 ) -> None:
     """Generation speed side by side: mlxllm's decoding and mlx-lm's on the same weights, prompt and decode tokens/s."""
-    from mlxllm.bench.generate import architecture, main as bench_main
+    from mlxllm.bench.generate import architecture
+    from mlxllm.bench.generate import main as bench_main
 
-    cfg = architecture({"n_layers": layers, "d_model": d_model, "n_heads": heads, "n_kv_heads": kv_heads,
-                        "vocab_size": vocab, "max_seq_len": context})
+    cfg = architecture(
+        {
+            "n_layers": layers,
+            "d_model": d_model,
+            "n_heads": heads,
+            "n_kv_heads": kv_heads,
+            "vocab_size": vocab,
+            "max_seq_len": context,
+        }
+    )
     if run is not None and cfg is not None:
-        raise MlxllmError("--run uses the run's own architecture; drop --layers/--d-model/--heads/--kv-heads/--vocab/--context.")
+        raise MlxllmError(
+            "--run uses the run's own architecture; drop --layers/--d-model/--heads/--kv-heads/--vocab/--context."
+        )
     bench_main(run, cfg, json_path=json_path, prompt_tokens=prompt_tokens, tokens=tokens, rounds=rounds, seed=seed)
 
 

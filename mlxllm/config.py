@@ -166,7 +166,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.data, list):  # from TOML: kept as a tuple, so that the config stays hashable
             object.__setattr__(self, "data", tuple(self.data))
-        positive = ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval", "keep_last")
+        positive = (
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "eval_interval",
+            "eval_batches",
+            "log_interval",
+            "keep_last",
+        )
         problems = [
             f"{name} must be a positive integer (got {getattr(self, name)!r})"
             for name in positive
@@ -207,7 +215,9 @@ def from_dict(cls: type[Config], d: dict[str, Any]) -> Config:
     unknown = sorted(set(d) - set(names))
     if unknown:
         table = next((s for s, c in _CLASSES.items() if c is cls), cls.__name__)
-        raise MlxllmError(f"Unknown {table} config key(s) {', '.join(unknown)}. Valid keys: {', '.join(sorted(names))}.")
+        raise MlxllmError(
+            f"Unknown {table} config key(s) {', '.join(unknown)}. Valid keys: {', '.join(sorted(names))}."
+        )
     return cls(**d)
 
 
@@ -221,7 +231,9 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         unknown = sorted(set(d) - set(SECTIONS))
         if unknown:
-            raise MlxllmError(f"Unknown config table(s) [{'], ['.join(unknown)}]. Valid tables: [model], [tokenizer], [train].")
+            raise MlxllmError(
+                f"Unknown config table(s) [{'], ['.join(unknown)}]. Valid tables: [model], [tokenizer], [train]."
+            )
         return cls(**{s: from_dict(_CLASSES[s], d.get(s, {})) for s in SECTIONS})
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -243,8 +255,9 @@ def _section_of(key: str, owners: dict[str, list[str]]) -> tuple[str, str]:
         if len(sections) != 1:
             where = "; ".join(f"{s}: {', '.join(sorted(k for k, o in owners.items() if s in o))}" for s in SECTIONS)
             raise MlxllmError(
-                f"Unknown config key {name!r}" if not sections else f"Ambiguous config key {name!r}"
-                + f". Use section.key; valid keys are {where}."
+                f"Unknown config key {name!r}"
+                if not sections
+                else f"Ambiguous config key {name!r}" + f". Use section.key; valid keys are {where}."
             )
         section = sections[0]
     if section not in SECTIONS or section not in owners.get(name, []):
@@ -289,7 +302,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read a TOML config (or start from defaults) and apply overrides."""
     d: dict[str, Any] = {}
     if path is not None:
-        d = read_toml(path, "Config file", "The configs/ folder has examples (tiny.toml, shakespeare.toml, small.toml).")
+        d = read_toml(
+            path, "Config file", "The configs/ folder has examples (tiny.toml, shakespeare.toml, small.toml)."
+        )
     return RunConfig.from_dict(apply_overrides(d, overrides or []))
 
 

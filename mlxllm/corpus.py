@@ -56,7 +56,9 @@ def _expand(spec: str) -> tuple[list[Path], bool]:
     if any(c in spec for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
         if not files:
-            raise MlxllmError(f"The pattern {spec} matches no files. Check the pattern, or quote it so the shell keeps it.")
+            raise MlxllmError(
+                f"The pattern {spec} matches no files. Check the pattern, or quote it so the shell keeps it."
+            )
         return files, False
     raise MlxllmError(
         f"The corpus {spec} does not exist. Point --data at a text file, a folder of .txt/.md files, "

@@ -44,7 +44,11 @@ class TokenData:
 
 
 def prepare(
-    spec: Spec, tok_cfg: TokenizerConfig, *, val_fraction: float = 0.1, quiet: bool = True,
+    spec: Spec,
+    tok_cfg: TokenizerConfig,
+    *,
+    val_fraction: float = 0.1,
+    quiet: bool = True,
     tokenizer: Tokenizer | None = None,
 ) -> TokenData:
     """Tokenize the corpus once and memory-map the result: with `tokenizer` (a pretrained model's), or
@@ -88,9 +92,16 @@ def _build(corpus: Corpus, tok: Tokenizer, val_fraction: float, directory: Path,
                 val_bytes += len(tok.decode(ids[split:]).encode("utf-8"))
                 n_train, n_val = n_train + split, n_val + n
     tok.save(tmp)
-    meta = {"version": FORMAT_VERSION, "dtype": np.dtype(dtype).name, "train_tokens": n_train,
-            "val_tokens": n_val, "val_bytes": val_bytes, "files": [str(p) for p in files[:1000]],
-            "decoded": {str(p): e for p, e in corpus.encodings.items()}, "skipped": [str(p) for p in corpus.skipped]}
+    meta = {
+        "version": FORMAT_VERSION,
+        "dtype": np.dtype(dtype).name,
+        "train_tokens": n_train,
+        "val_tokens": n_val,
+        "val_bytes": val_bytes,
+        "files": [str(p) for p in files[:1000]],
+        "decoded": {str(p): e for p, e in corpus.encodings.items()},
+        "skipped": [str(p) for p in corpus.skipped],
+    }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
         tmp.rename(directory)

@@ -20,14 +20,31 @@ from mlxllm.distributed import current
 # Apple GPU peak FP32 TFLOP/s by chip (Apple's figures for the largest GPU of each chip; bf16/fp16 run
 # at the same rate on these GPUs). Looked up by the chip name the system reports.
 APPLE_FP32_TFLOPS = {
-    "M1": 2.6, "M1 Pro": 5.3, "M1 Max": 10.6, "M1 Ultra": 21.2,
-    "M2": 3.6, "M2 Pro": 6.8, "M2 Max": 13.6, "M2 Ultra": 27.2,
-    "M3": 4.1, "M3 Pro": 7.4, "M3 Max": 16.4, "M3 Ultra": 28.2,
-    "M4": 4.3, "M4 Pro": 9.2, "M4 Max": 18.4,
+    "M1": 2.6,
+    "M1 Pro": 5.3,
+    "M1 Max": 10.6,
+    "M1 Ultra": 21.2,
+    "M2": 3.6,
+    "M2 Pro": 6.8,
+    "M2 Max": 13.6,
+    "M2 Ultra": 27.2,
+    "M3": 4.1,
+    "M3 Pro": 7.4,
+    "M3 Max": 16.4,
+    "M3 Ultra": 28.2,
+    "M4": 4.3,
+    "M4 Pro": 9.2,
+    "M4 Max": 18.4,
 }
 # NVIDIA dense peak TFLOP/s: (fp32, bf16).
-CUDA_TFLOPS = {"H200": (67.0, 989.0), "H100": (67.0, 989.0), "A100": (19.5, 312.0), "L40S": (91.6, 362.0),
-               "RTX 4090": (82.6, 165.2), "A10": (31.2, 125.0)}
+CUDA_TFLOPS = {
+    "H200": (67.0, 989.0),
+    "H100": (67.0, 989.0),
+    "A100": (19.5, 312.0),
+    "L40S": (91.6, 362.0),
+    "RTX 4090": (82.6, 165.2),
+    "A10": (31.2, 125.0),
+}
 
 
 def cache_dir() -> Path:
@@ -54,7 +71,7 @@ def backend() -> str:
     return "cuda"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gpu_info() -> dict[str, Any]:
     try:
         return dict(mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info())

@@ -29,8 +29,14 @@ from mlxllm.errors import MlxllmError
 T = TypeVar("T")
 
 # Set by mlx.launch (or by hand) for each backend; without any of them a process trains alone.
-_LAUNCH_ENV = {"MLX_HOSTFILE": "ring", "MLX_JACCL_COORDINATOR": "jaccl", "MLX_IBV_DEVICES": "jaccl",
-               "OMPI_COMM_WORLD_SIZE": "mpi", "PMI_SIZE": "mpi", "MLX_WORLD_SIZE": "nccl"}
+_LAUNCH_ENV = {
+    "MLX_HOSTFILE": "ring",
+    "MLX_JACCL_COORDINATOR": "jaccl",
+    "MLX_IBV_DEVICES": "jaccl",
+    "OMPI_COMM_WORLD_SIZE": "mpi",
+    "PMI_SIZE": "mpi",
+    "MLX_WORLD_SIZE": "nccl",
+}
 # No step for this long (seconds) means a peer stalled without closing its connection.
 STALL_ENV, STALL_DEFAULT = "MLXLLM_STALL_TIMEOUT", 600.0
 
@@ -65,8 +71,10 @@ class Group:
     def describe(self) -> str:
         if self.size == 1:
             return "one process"
-        return (f"{self.size} processes ({self.backend}) on {self.machines} machine(s); this is rank {self.rank}, "
-                f"{self.local_size} on this machine")
+        return (
+            f"{self.size} processes ({self.backend}) on {self.machines} machine(s); this is rank {self.rank}, "
+            f"{self.local_size} on this machine"
+        )
 
     # Collectives. Each is a no-op in a group of one.
 
@@ -110,11 +118,15 @@ class Group:
         except BaseException as e:  # noqa: BLE001 - reported to the group first, then raised
             failure = e
         if self.size > 1:
-            failed = np.asarray(self.sum(mx.array(np.eye(self.size, dtype=np.int32)[self.rank] * (failure is not None))))
+            failed = np.asarray(
+                self.sum(mx.array(np.eye(self.size, dtype=np.int32)[self.rank] * (failure is not None)))
+            )
             if failure is None and failed.any():
                 ranks = ", ".join(str(i) for i in np.flatnonzero(failed))
-                raise MlxllmError(f"Rank {ranks} of the training group failed while {what} (its message is above); "
-                                  "this rank stops too. Fix what it says and start the whole group again.")
+                raise MlxllmError(
+                    f"Rank {ranks} of the training group failed while {what} (its message is above); "
+                    "this rank stops too. Fix what it says and start the whole group again."
+                )
         if failure is not None:
             raise failure
         return result
@@ -134,8 +146,10 @@ class Group:
         mine = zlib.crc32(value.encode()) & 0x7FFFFFFF
         ours = np.asarray(mx.distributed.all_gather(mx.array([mine], dtype=mx.int32), group=self.handle))
         if (ours != ours[0]).any():
-            raise MlxllmError(f"The processes of the training group do not have the same {what} (rank 0: {value!r}). "
-                              "Every machine needs the same corpus, config and mlxllm version at the same paths.")
+            raise MlxllmError(
+                f"The processes of the training group do not have the same {what} (rank 0: {value!r}). "
+                "Every machine needs the same corpus, config and mlxllm version at the same paths."
+            )
 
     @contextmanager
     def watch(self, timeout: float | None = None) -> Iterator[Callable[[], None]]:
@@ -154,10 +168,13 @@ class Group:
         def watchdog() -> None:
             while not done.wait(min(5.0, limit / 4)):
                 if time.monotonic() - last[0] > limit:
-                    print(f"Error: rank {self.rank} made no progress for {limit:.0f} s: another process of the "
-                          f"training group stalled or its machine went away. Stopping; resume the run with "
-                          f"--resume once every machine is back ({STALL_ENV} sets this limit).",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"Error: rank {self.rank} made no progress for {limit:.0f} s: another process of the "
+                        f"training group stalled or its machine went away. Stopping; resume the run with "
+                        f"--resume once every machine is back ({STALL_ENV} sets this limit).",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     os._exit(1)
 
         thread = threading.Thread(target=watchdog, daemon=True)
@@ -204,14 +221,22 @@ def _join() -> Group:
     try:
         handle = mx.distributed.init(strict=True, backend=backend)
     except RuntimeError as e:
-        raise MlxllmError(f"This process was started as part of an MLX {backend} group, but joining it failed: {e}. "
-                          "Start every process with mlx.launch (see the README, 'Training on several Macs'), "
-                          "or unset the MLX_* variables to train in one process.") from None
+        raise MlxllmError(
+            f"This process was started as part of an MLX {backend} group, but joining it failed: {e}. "
+            "Start every process with mlx.launch (see the README, 'Training on several Macs'), "
+            "or unset the MLX_* variables to train in one process."
+        ) from None
     size, rank = handle.size(), handle.rank()
     if size == 1:
         return Group(backend=backend, handle=handle)
     host = zlib.crc32(socket.gethostname().encode()) & 0x7FFFFFFF
     hosts = np.asarray(mx.distributed.all_gather(mx.array([host], dtype=mx.int32), group=handle))
     local = np.flatnonzero(hosts == host)
-    return Group(rank=rank, size=size, backend=backend, local_rank=int(np.searchsorted(local, rank)),
-                 local_size=len(local), handle=handle)
+    return Group(
+        rank=rank,
+        size=size,
+        backend=backend,
+        local_rank=int(np.searchsorted(local, rank)),
+        local_size=len(local),
+        handle=handle,
+    )

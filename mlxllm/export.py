@@ -75,8 +75,13 @@ def model_card(run: RunConfig, state: dict, n_params: int, has_plot: bool) -> st
     m = run.model
     loss, bpb = state.get("val_loss"), state.get("val_bpb")
     lines = [
-        "---", "library_name: mlx", "tags: [mlx, mlxllm, llama]", "---", "",
-        "# A small Llama-style model trained with mlxllm", "",
+        "---",
+        "library_name: mlx",
+        "tags: [mlx, mlxllm, llama]",
+        "---",
+        "",
+        "# A small Llama-style model trained with mlxllm",
+        "",
         f"- Architecture: Llama decoder, {m.n_layers} layers x {m.d_model}, {m.n_heads} heads ({m.kv_heads} KV), "
         f"MLP {m.hidden_dim}, context {m.max_seq_len}, RoPE theta {m.rope_theta:g}, "
         f"{'tied' if m.tie_embeddings else 'untied'} embeddings; {n_params:,} parameters.",
@@ -84,7 +89,10 @@ def model_card(run: RunConfig, state: dict, n_params: int, has_plot: bool) -> st
         f"- Data: {_data(run.train.data)}.",
         f"- Training: {state.get('step')} steps, {state.get('tokens', 0):,} tokens, {state.get('elapsed', 0):.0f} s.",
         "- Validation: " + (f"loss {loss:.4f}, {bpb:.3f} bits per byte." if loss is not None else "not evaluated."),
-        "", "```bash", "mlx_lm.generate --model . --prompt 'Once upon a time'", "```",
+        "",
+        "```bash",
+        "mlx_lm.generate --model . --prompt 'Once upon a time'",
+        "```",
     ]
     if has_plot:
         lines += ["", "![Loss curves](loss_curves.png)"]
@@ -135,7 +143,9 @@ def export(path: str | Path, out: str | Path, options: ExportOptions | None = No
     path, out = Path(path), Path(out)
     chosen = ckpt.choose(path, opts.which)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MlxllmError(f"{out} already exists and is not empty; nothing was written. Choose another --out or remove it.")
+        raise MlxllmError(
+            f"{out} already exists and is not empty; nothing was written. Choose another --out or remove it."
+        )
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -147,4 +157,3 @@ def export(path: str | Path, out: str | Path, options: ExportOptions | None = No
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-

@@ -23,7 +23,9 @@ def load(path: str | Path, which: str = "best") -> tuple[Transformer, Tokenizer]
     return model, found.tokenizer
 
 
-def sample_next(logits: mx.array, temperature: float, top_k: int | None, top_p: float | None, key: mx.array) -> mx.array:
+def sample_next(
+    logits: mx.array, temperature: float, top_k: int | None, top_p: float | None, key: mx.array
+) -> mx.array:
     """One token id per row of logits (B, V)."""
     if temperature <= 0:
         return mx.argmax(logits, axis=-1)
@@ -90,8 +92,15 @@ class Decoder:
             weights.decoders[sampling] = cls(model, weights, sampling)
         return weights.decoders[sampling]
 
-    def _decode(self, token: mx.array, at: mx.array, visible: mx.array, key: mx.array,
-                keys: list[mx.array], values: list[mx.array]) -> tuple:
+    def _decode(
+        self,
+        token: mx.array,
+        at: mx.array,
+        visible: mx.array,
+        key: mx.array,
+        keys: list[mx.array],
+        values: list[mx.array],
+    ) -> tuple:
         # Runs only while tracing (the compiled step replays without Python), on the decode weights.
         own = self.model.parameters()
         self.model.update(self.weights.params)
@@ -122,7 +131,9 @@ class Decoder:
         offset, capacity = cache[0].offset, cache[0].capacity
         at = mx.array([offset], dtype=mx.int32)
         visible = KVCache.visible_mask(offset, 1, capacity)
-        token, key, keys, values = self._step(token, at, visible, key, [c.keys for c in cache], [c.values for c in cache])
+        token, key, keys, values = self._step(
+            token, at, visible, key, [c.keys for c in cache], [c.values for c in cache]
+        )
         for c, k, v in zip(cache, keys, values):
             c.keys, c.values, c.offset = k, v, offset + 1
         return token, key

@@ -31,19 +31,27 @@ try:
 except ImportError:  # pragma: no cover - the error names the fix
     raise MlxllmError("Writing GGUF needs the gguf package: pip install 'mlxllm[export]' (or gguf).") from None
 
-__all__ = ["GGUF_DTYPES", "gguf_tensor_name", "permute_rope_rows", "unpermute_rope_rows",
-           "write_gguf"]
+__all__ = ["GGUF_DTYPES", "gguf_tensor_name", "permute_rope_rows", "unpermute_rope_rows", "write_gguf"]
 
 GGUF_DTYPES = ("float32", "float16", "bfloat16")
-_FILE_TYPES = {"float32": gguf.LlamaFileType.ALL_F32, "float16": gguf.LlamaFileType.MOSTLY_F16,
-               "bfloat16": gguf.LlamaFileType.MOSTLY_BF16}
+_FILE_TYPES = {
+    "float32": gguf.LlamaFileType.ALL_F32,
+    "float16": gguf.LlamaFileType.MOSTLY_F16,
+    "bfloat16": gguf.LlamaFileType.MOSTLY_BF16,
+}
 
 # Our (Hugging Face Llama) module names -> GGUF's; llama.cpp finds tensors by these names only.
 _TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 _LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
 }
 
 # The byte tokenizer's end-of-document token; GPT-2's name for it, which llama.cpp also knows as end-of-generation.
@@ -82,8 +90,9 @@ class _Writer(gguf.GGUFWriter):
     A byte-level vocabulary has no merges, llama.cpp refuses a `gpt2` vocabulary without the merges
     key, and the gguf package refuses to write an empty array (llama.cpp reads one fine)."""
 
-    def _pack_val(self, val: Any, vtype: gguf.GGUFValueType, add_vtype: bool,
-                  sub_type: gguf.GGUFValueType | None = None) -> bytes:
+    def _pack_val(
+        self, val: Any, vtype: gguf.GGUFValueType, add_vtype: bool, sub_type: gguf.GGUFValueType | None = None
+    ) -> bytes:
         if vtype == gguf.GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
             head = self._pack("I", vtype) if add_vtype else b""
             return head + self._pack("I", sub_type) + self._pack("Q", 0)
@@ -130,8 +139,10 @@ def _add_tensors(w: gguf.GGUFWriter, model: Transformer, dtype: str) -> None:
 def _check_vocab(n_tokens: int, vocab_size: int) -> None:
     # Training sets the model's vocab_size from its tokenizer; a mismatch means the two do not belong together.
     if n_tokens != vocab_size:
-        raise MlxllmError(f"The tokenizer has {n_tokens} tokens but the model {vocab_size} embeddings: "
-                          "export a model with the tokenizer it was trained with.")
+        raise MlxllmError(
+            f"The tokenizer has {n_tokens} tokens but the model {vocab_size} embeddings: "
+            "export a model with the tokenizer it was trained with."
+        )
 
 
 def _add_sentencepiece_vocab(w: gguf.GGUFWriter, tok: SentencePieceTokenizer, vocab_size: int) -> None:
@@ -180,8 +191,9 @@ def _add_byte_vocab(w: gguf.GGUFWriter, tok: ByteTokenizer, vocab_size: int) -> 
     w.add_add_eos_token(False)
 
 
-def write_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, *, dtype: str = "float32",
-               name: str | None = None) -> Path:
+def write_gguf(
+    model: Transformer, tokenizer: Tokenizer, path: str | Path, *, dtype: str = "float32", name: str | None = None
+) -> Path:
     """Write `model` and `tokenizer` to `path` as a GGUF file for llama.cpp; returns the path.
 
     dtype: float32 (exact), float16 or bfloat16 for the matrices; norm weights are always float32.
@@ -193,8 +205,9 @@ def write_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, *, dt
     elif isinstance(tokenizer, ByteTokenizer):
         add_vocab = _add_byte_vocab
     else:
-        raise MlxllmError(f"Cannot write a {type(tokenizer).__name__} to GGUF: only the bpe and byte "
-                          "tokenizers are supported.")
+        raise MlxllmError(
+            f"Cannot write a {type(tokenizer).__name__} to GGUF: only the bpe and byte tokenizers are supported."
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     w = _Writer(str(path), "llama")

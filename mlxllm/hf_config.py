@@ -11,25 +11,49 @@ from mlxllm.errors import MlxllmError
 # Keys whose value, when present and not null, must be this one, else the decoder differs from ours.
 # Other keys are read below or do not change the model (token ids, dtypes, training-time settings).
 _MUST_BE: dict[str, Any] = {
-    "attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "rope_scaling": None,
-    "rope_traditional": False, "pretraining_tp": 1, "sliding_window": None, "use_sliding_window": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "hidden_act": "silu",
+    "rope_scaling": None,
+    "rope_traditional": False,
+    "pretraining_tp": 1,
+    "sliding_window": None,
+    "use_sliding_window": False,
 }
+
+
 def to_hf(cfg: ModelConfig, *, dtype: str, eos_id: int) -> dict[str, Any]:
     """config.json for a Llama model with mlxllm's weights; every field mlx-lm and transformers read
     is written, so no default that differs between them decides anything."""
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.hidden_dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.hidden_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
         # transformers 5 reads rope_parameters; mlx-lm reads a top-level rope_theta (else 10000).
-        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "pretraining_tp": 1,
-        "initializer_range": 0.02, "use_cache": True,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "pretraining_tp": 1,
+        "initializer_range": 0.02,
+        "use_cache": True,
         # transformers defaults bos to 1, which is </s> in mlxllm's vocabularies: there is no bos.
-        "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": None,
-        "torch_dtype": dtype, "dtype": dtype,  # transformers 4 reads the first, 5 the second
+        "bos_token_id": None,
+        "eos_token_id": eos_id,
+        "pad_token_id": None,
+        "torch_dtype": dtype,
+        "dtype": dtype,  # transformers 4 reads the first, 5 the second
     }
 
 
@@ -54,8 +78,11 @@ def _unsupported(d: dict[str, Any]) -> list[str]:
 def from_hf(d: dict[str, Any], where: str) -> ModelConfig:
     """The ModelConfig of a Llama config.json; anything mlxllm's decoder cannot represent is refused."""
     bad = _unsupported(d)
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-               if k not in d]
+    missing = [
+        k
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        if k not in d
+    ]
     if missing or bad:
         raise MlxllmError(
             f"{where} describes a model mlxllm cannot load: "
@@ -64,14 +91,25 @@ def from_hf(d: dict[str, Any], where: str) -> ModelConfig:
         )
     rope = d.get("rope_parameters") or {}
     return ModelConfig(
-        vocab_size=d["vocab_size"], n_layers=d["num_hidden_layers"], d_model=d["hidden_size"],
-        n_heads=d["num_attention_heads"], n_kv_heads=d.get("num_key_value_heads"), ffn_dim=d["intermediate_size"],
+        vocab_size=d["vocab_size"],
+        n_layers=d["num_hidden_layers"],
+        d_model=d["hidden_size"],
+        n_heads=d["num_attention_heads"],
+        n_kv_heads=d.get("num_key_value_heads"),
+        ffn_dim=d["intermediate_size"],
         max_seq_len=d.get("max_position_embeddings") or 2048,
         rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
-        norm_eps=float(d.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(d.get("tie_word_embeddings", True)),
+        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(d.get("tie_word_embeddings", True)),
     )
 
 
 def generation_config(eos_id: int) -> dict[str, Any]:
-    return {"bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": None, "do_sample": True,
-            "temperature": 0.8, "top_p": 0.95}
+    return {
+        "bos_token_id": None,
+        "eos_token_id": eos_id,
+        "pad_token_id": None,
+        "do_sample": True,
+        "temperature": 0.8,
+        "top_p": 0.95,
+    }

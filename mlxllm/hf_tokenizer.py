@@ -77,7 +77,9 @@ def _sentencepiece_tokenizer(tok: SentencePieceTokenizer) -> Tokenizer:
     tk = Tokenizer(bpe)
     tk.normalizer = normalizers.Replace(" ", SPACE)
     tk.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
-    tk.add_special_tokens([AddedToken(p, special=True, normalized=False) for p, k in pieces if k in ("unknown", "control")])
+    tk.add_special_tokens(
+        [AddedToken(p, special=True, normalized=False) for p, k in pieces if k in ("unknown", "control")]
+    )
     tk.add_tokens([AddedToken(p, special=False, normalized=False) for p, k in pieces if k == "user"])
     return tk
 
@@ -104,9 +106,16 @@ def write_tokenizer(tok: MlxllmTokenizer, directory: Path, *, max_len: int) -> l
         special["unk_token"] = UNK
         (directory / "tokenizer.model").write_bytes(tok.proto)
     # Hand-written and minimal: the file transformers 5 writes (extra_special_tokens) breaks 4.x.
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "bos_token": None, "pad_token": None,
-              "add_bos_token": False, "add_eos_token": False, "model_max_length": max_len,
-              "clean_up_tokenization_spaces": False}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "bos_token": None,
+        "pad_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "model_max_length": max_len,
+        "clean_up_tokenization_spaces": False,
+    }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     return [directory / n for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]

@@ -29,8 +29,14 @@ def _dtype_name(dtype: Any) -> str:
     return name
 
 
-def estimate_memory(model_cfg: ModelConfig, batch_size: int, seq_len: int, dtype: Any = "float32",
-                    grad_accum: int = 1, trainable: int | None = None) -> dict[str, float]:
+def estimate_memory(
+    model_cfg: ModelConfig,
+    batch_size: int,
+    seq_len: int,
+    dtype: Any = "float32",
+    grad_accum: int = 1,
+    trainable: int | None = None,
+) -> dict[str, float]:
     """Bytes needed by one training step: weights, grads, optimizer, activations, total (all floats).
     trainable: how many parameters get gradients (LoRA's adapters), when not all of them."""
     name = _dtype_name(dtype)
@@ -49,8 +55,13 @@ def estimate_memory(model_cfg: ModelConfig, batch_size: int, seq_len: int, dtype
     total = weights + grads + optimizer + activations
     if grad_accum > 1:
         total += grads  # the running sum of gradients
-    return {"weights": float(weights), "gradients": float(grads), "optimizer": float(optimizer),
-            "activations": float(activations), "total": float(total)}
+    return {
+        "weights": float(weights),
+        "gradients": float(grads),
+        "optimizer": float(optimizer),
+        "activations": float(activations),
+        "total": float(total),
+    }
 
 
 def device_memory() -> tuple[float | None, str]:
@@ -74,9 +85,11 @@ def format_bytes(n: float) -> str:
 
 
 def describe(est: dict[str, float]) -> str:
-    return (f"memory estimate {format_bytes(est['total'])} (weights {format_bytes(est['weights'])}, "
-            f"gradients {format_bytes(est['gradients'])}, optimizer {format_bytes(est['optimizer'])}, "
-            f"activations {format_bytes(est['activations'])})")
+    return (
+        f"memory estimate {format_bytes(est['total'])} (weights {format_bytes(est['weights'])}, "
+        f"gradients {format_bytes(est['gradients'])}, optimizer {format_bytes(est['optimizer'])}, "
+        f"activations {format_bytes(est['activations'])})"
+    )
 
 
 def check_fits(est: dict[str, float], batch_size: int, seq_len: int) -> None:
@@ -90,12 +103,15 @@ def check_fits(est: dict[str, float], batch_size: int, seq_len: int) -> None:
         room = HEADROOM * available - fixed
         fit = max(0, int(batch_size * room / est["activations"]))
         if fit >= 1:
-            suggestion.append(f"train.batch_size={fit} with train.grad_accum={-(-batch_size // fit)} "
-                              "(the same tokens per step)")
+            suggestion.append(
+                f"train.batch_size={fit} with train.grad_accum={-(-batch_size // fit)} (the same tokens per step)"
+            )
         suggestion.append("a shorter train.seq_len")
         suggestion.append("train.dtype=bfloat16")
     else:
-        suggestion.append("a smaller model (fewer layers or a smaller d_model): its weights and optimizer state alone do not fit")
+        suggestion.append(
+            "a smaller model (fewer layers or a smaller d_model): its weights and optimizer state alone do not fit"
+        )
     raise MlxllmError(
         f"This run needs about {format_bytes(est['total'])} but the device has {format_bytes(available)} "
         f"({where}); {describe(est)}. Try " + ", or ".join(suggestion) + "."

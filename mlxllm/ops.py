@@ -70,8 +70,14 @@ def rope_at(x: mx.array, *, base: float, offset: int | mx.array, end: int) -> mx
     B, L, H, D = x.shape
     tables = _DECODE_ROPE.get((D, float(base))) if _cpu() else None
     if tables is None or tables[0].shape[0] < end:
-        return mx.fast.rope(x.transpose(0, 2, 1, 3), D, traditional=False, base=base, scale=1.0,
-                            offset=offset if isinstance(offset, int) else offset[0])
+        return mx.fast.rope(
+            x.transpose(0, 2, 1, 3),
+            D,
+            traditional=False,
+            base=base,
+            scale=1.0,
+            offset=offset if isinstance(offset, int) else offset[0],
+        )
     if isinstance(offset, int):
         positions = mx.arange(offset, offset + L)
     else:  # one token: the very same array in every layer

@@ -99,8 +99,13 @@ def build(p: Pretrained, *, attention: str | None = None) -> Transformer:
     model = Transformer(replace(p.config, attention=attention or p.config.attention))
     if p.quantization:
         q = p.quantization
-        nn.quantize(model, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
-                    class_predicate=lambda name, m: f"{name}.scales" in p.weights)
+        nn.quantize(
+            model,
+            group_size=q["group_size"],
+            bits=q["bits"],
+            mode=q.get("mode", "affine"),
+            class_predicate=lambda name, m: f"{name}.scales" in p.weights,
+        )
         weights = p.weights
     else:
         weights = {k: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in p.weights.items()}

@@ -15,8 +15,12 @@ from rich.table import Table
 def _fmt(metrics: dict[str, Any]) -> str:
     parts = [f"step {metrics['step']}"]
     for key, label, fmt in (
-        ("loss", "loss", ".4f"), ("val_loss", "val", ".4f"), ("val_bpb", "bpb", ".3f"),
-        ("tokens_per_sec", "tok/s", ",.0f"), ("mfu", "MFU", ".1%"), ("peak_memory_gb", "mem GB", ".2f"),
+        ("loss", "loss", ".4f"),
+        ("val_loss", "val", ".4f"),
+        ("val_bpb", "bpb", ".3f"),
+        ("tokens_per_sec", "tok/s", ",.0f"),
+        ("mfu", "MFU", ".1%"),
+        ("peak_memory_gb", "mem GB", ".2f"),
     ):
         if metrics.get(key) is not None:
             parts.append(f"{label} {metrics[key]:{fmt}}")
@@ -35,8 +39,12 @@ class Reporter:
         self.last: dict[str, Any] = {}
         if self.live:
             self.progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console,
+                TextColumn("[bold]train"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=self.console,
             )
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
             self.progress.start()

@@ -58,7 +58,7 @@ def _clear_leftovers(run_dir: Path) -> None:
         if p.name.startswith(".tmp-"):
             shutil.rmtree(p, ignore_errors=True)
         elif p.name.startswith(".old-"):
-            final = root / p.name[len(".old-"):].rsplit("-", 1)[0]
+            final = root / p.name[len(".old-") :].rsplit("-", 1)[0]
             if final.exists():
                 shutil.rmtree(p, ignore_errors=True)
             else:

@@ -107,9 +107,16 @@ class Run:
             self.best_val = val["val_loss"]
         if not self.group.primary:
             return
-        state = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed(), "seed": self.cfg.seed,
-                 "data": self.data.directory.name, "val_loss": val.get("val_loss"), "val_bpb": val.get("val_bpb"),
-                 "best_val_loss": self.best_val}
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed": self.elapsed(),
+            "seed": self.cfg.seed,
+            "data": self.data.directory.name,
+            "val_loss": val.get("val_loss"),
+            "val_bpb": val.get("val_bpb"),
+            "best_val_loss": self.best_val,
+        }
         extra_files = [self.run_dir / "config.toml", *sorted(self.run_dir.glob("tokenizer*"))]
         weights, opt_state = dict(tree_flatten(self.model.parameters())), dict(tree_flatten(self.optimizer.state))
         self.last_good = ckpt.save_checkpoint(self.run_dir, self.step, weights, opt_state, state, extra_files)
@@ -129,13 +136,17 @@ def _pretrained(run: RunConfig, latest: Path | None) -> Pretrained | None:
     """The model a run starts from (train.init_from); when resuming, as its own checkpoint holds it."""
     if not run.train.init_from:
         if run.tokenizer.kind == "hf":
-            raise MlxllmError("tokenizer.kind = hf means a pretrained model's own tokenizer: set train.init_from "
-                              "(--init-from PATH) to that model, or choose tokenizer.kind = bpe or byte.")
+            raise MlxllmError(
+                "tokenizer.kind = hf means a pretrained model's own tokenizer: set train.init_from "
+                "(--init-from PATH) to that model, or choose tokenizer.kind = bpe or byte."
+            )
         return None
     source = pretrained.find(latest or run.train.init_from)
     if source.quantization:
-        raise MlxllmError(f"{source.source} is quantized, and a quantized model cannot be trained further. "
-                          "Start from the unquantized model (export it without --quantize).")
+        raise MlxllmError(
+            f"{source.source} is quantized, and a quantized model cannot be trained further. "
+            "Start from the unquantized model (export it without --quantize)."
+        )
     return source
 
 
@@ -143,16 +154,24 @@ def _with_source(run: RunConfig, latest: Path | None) -> tuple[RunConfig, Pretra
     """The run with its starting model's shape and tokenizer (train.init_from), checked."""
     source = _pretrained(run, latest)
     if source is not None:  # its shape and tokenizer; the device's attention as configured here
-        run = replace(run, model=replace(source.config, attention=run.model.attention), tokenizer=source.tokenizer_config)
+        run = replace(
+            run, model=replace(source.config, attention=run.model.attention), tokenizer=source.tokenizer_config
+        )
     seq_len = run.train.seq_len or run.model.max_seq_len
     if seq_len > run.model.max_seq_len:
-        raise MlxllmError(f"train.seq_len ({seq_len}) exceeds model.max_seq_len ({run.model.max_seq_len}); raise max_seq_len or shorten seq_len.")
+        raise MlxllmError(
+            f"train.seq_len ({seq_len}) exceeds model.max_seq_len ({run.model.max_seq_len}); raise max_seq_len or shorten seq_len."
+        )
     return run, source
 
 
 def _check_split(cfg: TrainConfig, g: Group) -> None:
     if cfg.batch_size % g.size:
-        fits = [n for n in (cfg.batch_size - cfg.batch_size % g.size, cfg.batch_size + g.size - cfg.batch_size % g.size) if n]
+        fits = [
+            n
+            for n in (cfg.batch_size - cfg.batch_size % g.size, cfg.batch_size + g.size - cfg.batch_size % g.size)
+            if n
+        ]
         raise MlxllmError(
             f"train.batch_size ({cfg.batch_size}) is the global batch and must split evenly over the {g.size} "
             f"processes of the group: use a multiple of {g.size} (e.g. {' or '.join(map(str, fits))}), or start "
@@ -164,16 +183,22 @@ def _prepare_data(run: RunConfig, source: Pretrained | None, quiet: bool, g: Gro
     cfg = run.train
 
     def prepare() -> TokenData:
-        return data_mod.prepare(cfg.data, run.tokenizer, val_fraction=cfg.val_fraction, quiet=quiet or not g.primary,
-                                tokenizer=source.tokenizer if source else None)
+        return data_mod.prepare(
+            cfg.data,
+            run.tokenizer,
+            val_fraction=cfg.val_fraction,
+            quiet=quiet or not g.primary,
+            tokenizer=source.tokenizer if source else None,
+        )
 
     data = g.in_turn(prepare, "tokenizing the corpus")
     g.check_same(data.directory.name, "tokenized data (corpus and tokenizer)")
     return data
 
 
-def _build(run: RunConfig, source: Pretrained | None, latest: Path | None, data: TokenData | None,
-           quiet: bool, g: Group) -> Run:
+def _build(
+    run: RunConfig, source: Pretrained | None, latest: Path | None, data: TokenData | None, quiet: bool, g: Group
+) -> Run:
     """Tokenize the corpus and build the model (or restore it from the last checkpoint)."""
     cfg, run_dir = run.train, Path(run.train.out_dir)
     seq_len = cfg.seq_len or run.model.max_seq_len
@@ -181,7 +206,9 @@ def _build(run: RunConfig, source: Pretrained | None, latest: Path | None, data:
     data_mod.check_length(data, seq_len)
     if source is None:
         run = replace(run, model=replace(run.model, vocab_size=data.tokenizer.vocab_size))
-    check_fits(memory(run, seq_len, g), cfg.batch_size // g.size, seq_len)  # refuses, with a suggestion, what cannot fit
+    check_fits(
+        memory(run, seq_len, g), cfg.batch_size // g.size, seq_len
+    )  # refuses, with a suggestion, what cannot fit
     set_wired_limit()  # Apple silicon: keep the working set wired, as mlx-lm does
     configure_cache()  # CPU: reuse freed activation buffers instead of page-faulting them back every step
 
@@ -210,8 +237,9 @@ def _build(run: RunConfig, source: Pretrained | None, latest: Path | None, data:
     return r
 
 
-def open_run(run: RunConfig, resume: bool, overwrite: bool, data: TokenData | None, quiet: bool,
-             g: Group = Group()) -> Run:
+def open_run(
+    run: RunConfig, resume: bool, overwrite: bool, data: TokenData | None, quiet: bool, g: Group = Group()
+) -> Run:
     """Lock the run directory, check the settings, and set the run up; nothing is written (or
     replaced) before the settings pass their checks. Every process of a group calls it."""
     run_dir, source = Path(run.train.out_dir), None

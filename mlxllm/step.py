@@ -35,9 +35,7 @@ def loss_fn(model: Transformer, batch: mx.array) -> mx.array:
 
 
 def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
-    return optim.AdamW(
-        learning_rate=cfg.learning_rate, betas=[cfg.beta1, cfg.beta2], weight_decay=cfg.weight_decay
-    )
+    return optim.AdamW(learning_rate=cfg.learning_rate, betas=[cfg.beta1, cfg.beta2], weight_decay=cfg.weight_decay)
 
 
 def _cast(params: Any, dtype: mx.Dtype) -> Any:
@@ -97,6 +95,7 @@ def make_step(model: Transformer, optimizer: optim.Optimizer, cfg: TrainConfig, 
     # state is the model and the optimizer, and a checkpoint of both resumes exactly.
     state = [model.state, optimizer.state]
     if cfg.grad_accum == 1:
+
         def step(batches: mx.array) -> tuple[mx.array, mx.array]:
             return apply(*grads_of(batches[0]))
 
@@ -139,8 +138,9 @@ def make_eval(model: Transformer, cfg: TrainConfig) -> Callable:
     return mx.compile(evaluate, inputs=model.state) if cfg.compile else evaluate
 
 
-def evaluate(eval_fn: Callable, batches: list[np.ndarray], bytes_per_token: float,
-             group: Group = Group()) -> dict[str, float]:
+def evaluate(
+    eval_fn: Callable, batches: list[np.ndarray], bytes_per_token: float, group: Group = Group()
+) -> dict[str, float]:
     """Validation loss, perplexity and bits per byte over the batches (each process its rows of each)."""
     losses = []
     for b in batches:  # one batch after another: as one graph, MLX would run them side by side

@@ -152,6 +152,7 @@ def train_tokenizer(lines: Iterator[str], cfg: TokenizerConfig) -> Tokenizer:
 
 def _hf_eos(directory: Path, text: str) -> int:
     """The end-of-sequence id of a Hugging Face tokenizer: from config.json, else tokenizer_config.json."""
+
     def read(name: str) -> dict:
         try:
             return json.loads((directory / name).read_text())
@@ -188,7 +189,9 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     try:
         meta = json.loads(text)
     except ValueError:
-        raise MlxllmError(f"{meta_path} is not valid JSON. Restore the tokenizer files from the model's source.") from None
+        raise MlxllmError(
+            f"{meta_path} is not valid JSON. Restore the tokenizer files from the model's source."
+        ) from None
     kind = meta.get("kind") if isinstance(meta, dict) else None
     if kind == "byte":
         return ByteTokenizer()

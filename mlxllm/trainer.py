@@ -51,7 +51,8 @@ def _describe(r: Run) -> str:
     return (
         f"Model: {m.n_layers} layers x {m.d_model}, {m.n_heads} heads ({m.kv_heads} KV), "
         f"{m.num_params() / 1e6:.2f}M parameters; vocab {m.vocab_size}; {len(r.data.train):,} training tokens; "
-        f"{r.total_steps} steps of {r.tokens_per_step:,} tokens; " + describe_memory(memory(r.run, r.seq_len, g))
+        f"{r.total_steps} steps of {r.tokens_per_step:,} tokens; "
+        + describe_memory(memory(r.run, r.seq_len, g))
         + (f"; resuming at step {r.step}" if resumed else "")
         + (f"; data-parallel over {g.describe()}" if g.size > 1 else "")
     )
@@ -80,9 +81,14 @@ def _window_metrics(r: Run, window: _Window, peak: float) -> dict[str, Any]:
             "with --resume (it continues from the last good checkpoint)."
         )
     return {
-        "step": r.step, "loss": train_loss, "lr": lr_at(r.cfg, r.step - 1, r.progress()), "tokens": r.tokens,
-        "tokens_per_sec": tps, "mfu": r.run.model.flops_per_token(r.seq_len) * tps / peak,
-        "peak_memory_gb": mx.get_peak_memory() / 1e9, "elapsed": r.elapsed(),
+        "step": r.step,
+        "loss": train_loss,
+        "lr": lr_at(r.cfg, r.step - 1, r.progress()),
+        "tokens": r.tokens,
+        "tokens_per_sec": tps,
+        "mfu": r.run.model.flops_per_token(r.seq_len) * tps / peak,
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        "elapsed": r.elapsed(),
     }
 
 
@@ -150,8 +156,11 @@ def _loop(r: Run, reporter: Reporter, callback: Callback | None, peak: float) ->
 
 def _summary(result: TrainResult) -> dict[str, str]:
     return {
-        "run directory": str(result.run_dir), "steps": str(result.step), "tokens": f"{result.tokens:,}",
-        "time": f"{result.elapsed:.1f} s", "stopped by": result.stopped_by,
+        "run directory": str(result.run_dir),
+        "steps": str(result.step),
+        "tokens": f"{result.tokens:,}",
+        "time": f"{result.elapsed:.1f} s",
+        "stopped by": result.stopped_by,
         "validation loss": f"{result.val_loss:.4f}" if result.val_loss is not None else "-",
         "validation bits/byte": f"{result.val_bpb:.3f}" if result.val_bpb is not None else "-",
         "tokens/s (last window)": f"{result.tokens_per_sec:,.0f}" if result.tokens_per_sec else "-",
@@ -174,7 +183,9 @@ def train(
     `data`: token data already prepared (`data.prepare`) for this corpus and tokenizer, so that many
     runs on one corpus (a search) tokenize and hash it once."""
     run = RunConfig(
-        model=model_config or ModelConfig(), train=train_config or TrainConfig(), tokenizer=tokenizer_config or TokenizerConfig()
+        model=model_config or ModelConfig(),
+        train=train_config or TrainConfig(),
+        tokenizer=tokenizer_config or TokenizerConfig(),
     )
     g = distributed.group()
     if blas.warning() and g.primary:  # said even when quiet: it can cost a run 20x its time
@@ -183,8 +194,9 @@ def train(
     try:
         # Measured once per machine, with the BLAS's own thread count; the group's peak is the machines'.
         peak = g.in_turn(lambda: peak_flops(r.cfg.dtype)[0], "measuring the machine") * g.machines
-        reporter = Reporter(r.run_dir if g.primary else None, r.total_steps, start_step=r.step,
-                            show=show_progress and g.primary)
+        reporter = Reporter(
+            r.run_dir if g.primary else None, r.total_steps, start_step=r.step, show=show_progress and g.primary
+        )
         reporter.message(_describe(r))
         try:
             with blas_threads_for(stream_count(r.local_cfg, r.run.model)):
@@ -199,9 +211,16 @@ def train(
         if r.lock is not None:
             r.lock.close()
     result = TrainResult(
-        run_dir=r.run_dir, step=r.step, tokens=r.tokens, elapsed=r.elapsed(), val_loss=out.last_val.get("val_loss"),
-        val_bpb=out.last_val.get("val_bpb"), best_val_loss=r.best_val, tokens_per_sec=out.tokens_per_sec,
-        stopped_by=out.stopped_by, history=out.history,
+        run_dir=r.run_dir,
+        step=r.step,
+        tokens=r.tokens,
+        elapsed=r.elapsed(),
+        val_loss=out.last_val.get("val_loss"),
+        val_bpb=out.last_val.get("val_bpb"),
+        best_val_loss=r.best_val,
+        tokens_per_sec=out.tokens_per_sec,
+        stopped_by=out.stopped_by,
+        history=out.history,
     )
     reporter.summary(_summary(result))
     return result

@@ -45,7 +45,17 @@ def tiny_configs(data: Path | str, out: Path, **train_overrides):
     from mlxllm import ModelConfig, TokenizerConfig, TrainConfig
 
     model = ModelConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=64)
-    train = dict(data=str(data), out_dir=str(out), batch_size=8, learning_rate=3e-3, warmup_steps=10,
-                 max_steps=40, eval_interval=20, eval_batches=4, log_interval=10, sample_tokens=0)
+    train = dict(
+        data=str(data),
+        out_dir=str(out),
+        batch_size=8,
+        learning_rate=3e-3,
+        warmup_steps=10,
+        max_steps=40,
+        eval_interval=20,
+        eval_batches=4,
+        log_interval=10,
+        sample_tokens=0,
+    )
     train.update(train_overrides)
     return model, TrainConfig(**train), TokenizerConfig(kind="byte")

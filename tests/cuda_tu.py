@@ -69,8 +69,18 @@ def signature(src: str) -> tuple[str, list[tuple[str, str, bool]]]:
     return m.group(1), params
 
 
-def kernel_launch(kind: str, dtype: mx.Dtype, B: int, H: int, Hkv: int, L: int, D: int, causal: bool,
-                  rows: int = ROWS_PER_GROUP, tile: int | None = None) -> KernelLaunch:
+def kernel_launch(
+    kind: str,
+    dtype: mx.Dtype,
+    B: int,
+    H: int,
+    Hkv: int,
+    L: int,
+    D: int,
+    causal: bool,
+    rows: int = ROWS_PER_GROUP,
+    tile: int | None = None,
+) -> KernelLaunch:
     """How to launch kernel `kind` on (B, H, L, D) queries and (B, Hkv, L, D) keys, read off its source."""
     src = translation_unit(kind, dtype, D, causal, H // Hkv, rows, tile, default_header=STAND_IN)
     name, params = signature(src)
@@ -79,7 +89,12 @@ def kernel_launch(kind: str, dtype: mx.Dtype, B: int, H: int, Hkv: int, L: int, 
     shapes = {"out": (B, H, L, D), "lse": (B, H, L), "dq": (B, H, L, D), "dk": (B, Hkv, L, D), "dv": (B, Hkv, L, D)}
     outs = [n for _, n, is_out in params if is_out]
     return KernelLaunch(
-        kind=kind, source=src, kernel=name, params=tuple(params), grid=grid, block=block,
+        kind=kind,
+        source=src,
+        kernel=name,
+        params=tuple(params),
+        grid=grid,
+        block=block,
         template=tuple(template_args(dtype, D, causal, H // Hkv, rows, tile)),
         output_shapes=tuple(shapes[n] for n in outs),
         output_dtypes=tuple(mx.float32 if n == "lse" else dtype for n in outs),
@@ -104,8 +119,12 @@ def compile_cubin(units: list[str], path: Path, arch: str) -> str:
     assert NVCC is not None, "nvcc not found on PATH"
     cu = path.with_suffix(".cu")
     cu.write_text("\n".join(units))
-    res = subprocess.run([NVCC, f"-arch=sm_{arch}", "-cubin", "-std=c++17", "-Xptxas", "-v", str(cu), "-o", str(path)],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [NVCC, f"-arch=sm_{arch}", "-cubin", "-std=c++17", "-Xptxas", "-v", str(cu), "-o", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-5000:]
     return res.stderr
 
@@ -118,8 +137,9 @@ def ptxas_resources(report: str) -> dict[str, dict[str, int]]:
         if m := re.search(r"Compiling entry function '(\w+)'", line):
             entry = m.group(1)
             out[entry] = {"registers": 0, "spill_stores": 0, "spill_loads": 0, "stack": 0, "smem": 0}
-        elif entry and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
-                                       line)):
+        elif entry and (
+            m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        ):
             out[entry].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
         elif entry and (m := re.search(r"Used (\d+) registers", line)):
             out[entry]["registers"] = int(m.group(1))

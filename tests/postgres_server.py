@@ -81,8 +81,9 @@ class PostgresServer:
         if self.user is not None:
             kwargs = dict(user=self.user.pw_uid, group=self.user.pw_gid, extra_groups=[])
         env = {**os.environ, "LC_ALL": "C", "HOME": str(self.root)}
-        return subprocess.run(list(args), capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=self.root,
-                              **kwargs)
+        return subprocess.run(
+            list(args), capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=self.root, **kwargs
+        )
 
     def create_database(self, name: str) -> str:
         """A new, empty database; returns its URL."""
@@ -93,17 +94,31 @@ class PostgresServer:
         return self.url(name)
 
     def _start(self) -> None:
-        opts = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off")
-        done = self.run(find_binary("pg_ctl") or "pg_ctl", "start", "-w", "-t", str(TIMEOUT_S), "-D", str(self.data),
-                        "-l", str(self.log), "-o", opts)
+        opts = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off"
+        )
+        done = self.run(
+            find_binary("pg_ctl") or "pg_ctl",
+            "start",
+            "-w",
+            "-t",
+            str(TIMEOUT_S),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-o",
+            opts,
+        )
         if done.returncode != 0:
             log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
             raise RuntimeError(f"pg_ctl start failed ({done.returncode}): {done.stdout}{done.stderr}\n{log}")
 
     def stop(self) -> None:
-        self.run(find_binary("pg_ctl") or "pg_ctl", "stop", "-w", "-t", str(TIMEOUT_S), "-m", "fast", "-D",
-                 str(self.data))
+        self.run(
+            find_binary("pg_ctl") or "pg_ctl", "stop", "-w", "-t", str(TIMEOUT_S), "-m", "fast", "-D", str(self.data)
+        )
 
 
 @contextmanager
@@ -119,8 +134,17 @@ def postgres_server() -> Iterator[PostgresServer]:
     try:
         if user is not None:
             os.chown(root, user.pw_uid, user.pw_gid)
-        done = server.run(find_binary("initdb") or "initdb", "-D", str(server.data), "-U", SUPERUSER, "--auth=trust",
-                          "--encoding=UTF8", "--locale=C", "--no-sync")
+        done = server.run(
+            find_binary("initdb") or "initdb",
+            "-D",
+            str(server.data),
+            "-U",
+            SUPERUSER,
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+        )
         if done.returncode != 0:
             raise RuntimeError(f"initdb failed ({done.returncode}): {done.stdout}{done.stderr}")
         for attempt in range(3):  # another process may take the free port before the server binds it

@@ -3,18 +3,31 @@
 These need the hardware: on a machine without it they skip and say why.
 """
 
-import mlxllm  # noqa: F401  (must precede mlx.core)
-
 import mlx.core as mx
 import pytest
 
+import mlxllm  # noqa: F401  (must precede mlx.core)
 from mlxllm.kernels.fused import fused_attention
 
 BACKENDS = [
-    pytest.param("metal", marks=[pytest.mark.metal, pytest.mark.skipif(
-        not mx.metal.is_available(), reason="no Metal GPU on this machine (needs a Mac with Apple silicon)")]),
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        not mx.cuda.is_available(), reason="MLX's CUDA backend / an NVIDIA GPU is not available on this machine")]),
+    pytest.param(
+        "metal",
+        marks=[
+            pytest.mark.metal,
+            pytest.mark.skipif(
+                not mx.metal.is_available(), reason="no Metal GPU on this machine (needs a Mac with Apple silicon)"
+            ),
+        ],
+    ),
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(
+                not mx.cuda.is_available(), reason="MLX's CUDA backend / an NVIDIA GPU is not available on this machine"
+            ),
+        ],
+    ),
 ]
 
 # (B, H, Hkv, L, D, causal): ragged lengths, GQA, all head dims.

@@ -1,18 +1,17 @@
 """The tiled MLX reference (what impl='flash' runs on a CPU) against naive attention and its autodiff gradients."""
 
-import mlxllm  # noqa: F401  (must precede mlx.core)
-
 import json
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
+import mlxllm  # noqa: F401  (must precede mlx.core)
 from mlxllm import kernels
+from mlxllm.attention import attention, reference_attention
 from mlxllm.device import device_name
 from mlxllm.kernels import select
 from mlxllm.kernels.tiled import tiled_attention, tiled_function
-from mlxllm.attention import attention, reference_attention
 
 TOL = 1e-5
 
@@ -41,8 +40,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}_H{}_Hkv{}_L{}_D{}_{}_t{}x{}".format(
-    *c[:5], "causal" if c[5] else "full", *c[6:]))
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: "B{}_H{}_Hkv{}_L{}_D{}_{}_t{}x{}".format(*c[:5], "causal" if c[5] else "full", *c[6:])
+)
 def test_tiled_matches_naive_and_its_gradients(case):
     B, H, Hkv, L, D, causal, tq, tk = case
     q, k, v, cot = make(B, H, Hkv, L, D)
@@ -132,8 +132,10 @@ class TinyAttention(nn.Module):
         return attention(q, k, v, scale=0.25, causal=True, impl=self.impl).sum()
 
 
-@pytest.mark.skipif(kernels.gpu_backend() is not None,
-                    reason="on a GPU flash runs the fused kernels, which tests/test_attention_gpu.py checks")
+@pytest.mark.skipif(
+    kernels.gpu_backend() is not None,
+    reason="on a GPU flash runs the fused kernels, which tests/test_attention_gpu.py checks",
+)
 def test_flash_through_model_attention_on_cpu():
     q, k, v, cot = make(1, 4, 2, 40, 64)
     scale = 0.125
@@ -167,8 +169,8 @@ def test_resolve_auto_default_and_recorded(tmp_path, monkeypatch):
 
 
 def test_bench_attention_rows_and_recorded_choice(tmp_path, monkeypatch):
-    from mlxllm.kernels import select
     from mlxllm.bench.attention import bench_attention
+    from mlxllm.kernels import select
     from mlxllm.kernels.select import resolve_auto
 
     monkeypatch.setenv("MLXLLM_CACHE_DIR", str(tmp_path))  # the recorded choice stays out of other tests

@@ -34,7 +34,9 @@ def test_every_pytorch_row_has_a_mode() -> None:
     assert {i for i in IMPLS if i.startswith("torch")} == set(TORCH_MODES)
 
 
-def test_bench_discards_warmup_rotates_order_and_isolates_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bench_discards_warmup_rotates_order_and_isolates_caches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mlxllm.attention import resolve_attention
     from mlxllm.kernels import record_choice, resolve_auto
 
@@ -48,8 +50,9 @@ def test_bench_discards_warmup_rotates_order_and_isolates_caches(tmp_path: Path,
 
     out = tmp_path / "bench.json"
     steps, warmup, windows = 2, 1, 3
-    results = run_benchmark([TINY_CONFIG], steps=steps, warmup=warmup, windows=windows, json_path=out,
-                            impls=MLX_IMPLS, show=False)
+    results = run_benchmark(
+        [TINY_CONFIG], steps=steps, warmup=warmup, windows=windows, json_path=out, impls=MLX_IMPLS, show=False
+    )
     assert [r["impl"] for r in results] == list(MLX_IMPLS)
     for r in results:
         # The warm-up window is measured, then left out of the median.
@@ -117,7 +120,9 @@ def test_pytorch_whole_step_compile_trains_as_eager_does() -> None:
         ref.make_trainer(cfg, mode="jit")
 
 
-def test_pytorch_worker_runs_with_fused_adamw_and_its_own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pytorch_worker_runs_with_fused_adamw_and_its_own_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _torch_reference()
     monkeypatch.setenv("MLXLLM_CACHE_DIR", str(tmp_path / "user-cache"))
     (r,) = run_benchmark([TINY_CONFIG], steps=2, warmup=1, windows=1, impls=("torch-eager",), show=False)

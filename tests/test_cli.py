@@ -6,9 +6,28 @@ from typer.testing import CliRunner
 
 from mlxllm.cli import app
 
-TINY = ["--set", "model.n_layers=2", "--set", "model.d_model=64", "--set", "model.n_heads=4", "--set", "model.n_kv_heads=2",
-        "--set", "model.max_seq_len=64", "--set", "tokenizer.kind=byte", "--set", "batch_size=8",
-        "--set", "eval_batches=4", "--set", "learning_rate=3e-3", "--set", "warmup_steps=10"]
+TINY = [
+    "--set",
+    "model.n_layers=2",
+    "--set",
+    "model.d_model=64",
+    "--set",
+    "model.n_heads=4",
+    "--set",
+    "model.n_kv_heads=2",
+    "--set",
+    "model.max_seq_len=64",
+    "--set",
+    "tokenizer.kind=byte",
+    "--set",
+    "batch_size=8",
+    "--set",
+    "eval_batches=4",
+    "--set",
+    "learning_rate=3e-3",
+    "--set",
+    "warmup_steps=10",
+]
 
 
 def run(*args: str):
@@ -20,8 +39,22 @@ def run(*args: str):
 
 def test_train_resume_and_generate(corpus: Path, tmp_path: Path):
     out = tmp_path / "run"
-    r = run("train", "--data", str(corpus), "--out", str(out), "--steps", "60", "--set", "eval_interval=30",
-            "--set", "sample_tokens=40", "--set", "sample_prompt=The", *TINY)
+    r = run(
+        "train",
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--steps",
+        "60",
+        "--set",
+        "eval_interval=30",
+        "--set",
+        "sample_tokens=40",
+        "--set",
+        "sample_prompt=The",
+        *TINY,
+    )
     assert r.exit_code == 0, r.output
     assert "step 30" in r.output and "val" in r.output and "Sample:" in r.output and "Training summary" in r.output
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -30,8 +63,21 @@ def test_train_resume_and_generate(corpus: Path, tmp_path: Path):
     r = run("train", "--data", str(corpus), "--out", str(out), "--steps", "60", *TINY)
     assert r.exit_code == 1 and "already holds a training run" in r.output
 
-    r = run("train", "--data", str(corpus), "--out", str(out), "--steps", "90", "--set", "eval_interval=30",
-            "--set", "sample_tokens=0", "--resume", *TINY)
+    r = run(
+        "train",
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--steps",
+        "90",
+        "--set",
+        "eval_interval=30",
+        "--set",
+        "sample_tokens=0",
+        "--resume",
+        *TINY,
+    )
     assert r.exit_code == 0, r.output
     assert "resuming at step 60" in r.output and "step 90" in r.output
 
@@ -59,8 +105,12 @@ def test_bad_input_is_one_clear_paragraph(args, needle, corpus: Path, tmp_path: 
 
 
 def test_bad_corpus_files(tmp_path: Path):
-    for name, content, needle in [("empty.txt", b"", "is empty"), ("bin.txt", b"\x00\x01\x02", "binary"),
-                                  ("latin.txt", b"caf\xe9\n", "not valid UTF-8"), ("short.txt", b"Too short.\n", "too short")]:
+    for name, content, needle in [
+        ("empty.txt", b"", "is empty"),
+        ("bin.txt", b"\x00\x01\x02", "binary"),
+        ("latin.txt", b"caf\xe9\n", "not valid UTF-8"),
+        ("short.txt", b"Too short.\n", "too short"),
+    ]:
         path = tmp_path / name
         path.write_bytes(content)
         r = run("train", "--data", str(path), "--out", str(tmp_path / ("run-" + name)), *TINY)

@@ -18,8 +18,17 @@ def test_shipped_configs_load_and_round_trip(name: str, tmp_path: Path):
 
 
 def test_overrides_by_section_or_unique_key():
-    run = load_config(None, ["model.n_layers=3", "learning_rate=5e-4", "train.data=notes/*.txt", "dtype=bfloat16",
-                             "max_seconds=none", "tie_embeddings=false"])
+    run = load_config(
+        None,
+        [
+            "model.n_layers=3",
+            "learning_rate=5e-4",
+            "train.data=notes/*.txt",
+            "dtype=bfloat16",
+            "max_seconds=none",
+            "tie_embeddings=false",
+        ],
+    )
     assert run.model.n_layers == 3 and run.train.learning_rate == 5e-4
     assert run.train.data == "notes/*.txt" and run.train.dtype == "bfloat16"
     assert run.train.max_seconds is None and run.model.tie_embeddings is False

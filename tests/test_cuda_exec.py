@@ -20,8 +20,6 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script from a checkout: use the package beside tests/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mlxllm  # noqa: E402,F401  (must precede mlx.core)
-
 import argparse  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
@@ -31,10 +29,18 @@ import tempfile  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
 from cuda_tu import (  # noqa: E402
-    NVCC, STATIC_SHARED_LIMIT, KernelLaunch, compile_cubin, declared_shared_bytes, kernel_launch, mangled_name,
-    ptxas_resources)
+    NVCC,
+    STATIC_SHARED_LIMIT,
+    KernelLaunch,
+    compile_cubin,
+    declared_shared_bytes,
+    kernel_launch,
+    mangled_name,
+    ptxas_resources,
+)
+
+import mlxllm  # noqa: E402,F401  (must precede mlx.core)
 from mlxllm.kernels import fused  # noqa: E402
 
 KINDS = ("forward", "dq", "dkv")
@@ -129,7 +135,8 @@ class CudaKernels:
         cp = self.cp
         outs = {}
         for (_, name, _), shape, dtype in zip(
-                [p for p in launch.params if p[2]], launch.output_shapes, launch.output_dtypes):
+            [p for p in launch.params if p[2]], launch.output_shapes, launch.output_dtypes
+        ):
             outs[name] = cp.full(int(np.prod(shape)) * dtype.size, 0xFF, cp.uint8)  # NaN in fp32/fp16/bf16
         args = tuple(outs[n] if is_out else buffers[n] for _, n, is_out in launch.params)
         self.functions[launch.kernel](launch.grid, launch.block, args)
@@ -173,15 +180,21 @@ def run_case(kernels: CudaKernels, case, seed: int = 0) -> dict[str, float]:
 
     cp = kernels.cp
     name, dtype, B, H, Hkv, L, D, causal = case
-    scale = D ** -0.5
+    scale = D**-0.5
     gen = torch.Generator().manual_seed(seed)
     dt = getattr(torch, dtype)
     q, do = (torch.randn(B, H, L, D, generator=gen).to(dt) for _ in range(2))
     k, v = (torch.randn(B, Hkv, L, D, generator=gen).to(dt) for _ in range(2))
     ref = torch_reference(q, k, v, do, causal, scale)
     plan = launches(case)
-    buffers = {"q": to_device(cp, q), "k": to_device(cp, k), "v": to_device(cp, v), "dout": to_device(cp, do),
-               "dims": cp.asarray(np.array([B, H, Hkv, L], np.int32)), "scale": cp.asarray(np.array([scale], np.float32))}
+    buffers = {
+        "q": to_device(cp, q),
+        "k": to_device(cp, k),
+        "v": to_device(cp, v),
+        "dout": to_device(cp, do),
+        "dims": cp.asarray(np.array([B, H, Hkv, L], np.int32)),
+        "scale": cp.asarray(np.array([scale], np.float32)),
+    }
     fwd = kernels.run(plan["forward"], buffers)
     o = from_device(cp, fwd["out"], dtype, (B, H, L, D))
     lse = from_device(cp, fwd["lse"], "float32", (B, H, L))
@@ -206,8 +219,11 @@ def run_case(kernels: CudaKernels, case, seed: int = 0) -> dict[str, float]:
 
 # ---- Without a GPU ----
 
-LAUNCH_SHAPES = [(2, 4, 2, 37, 32, True, mx.float32), (1, 2, 2, 21, 64, False, mx.bfloat16),
-                 (1, 4, 1, 19, 128, True, mx.float16)]
+LAUNCH_SHAPES = [
+    (2, 4, 2, 37, 32, True, mx.float32),
+    (1, 2, 2, 21, 64, False, mx.bfloat16),
+    (1, 4, 1, 19, 128, True, mx.float16),
+]
 
 
 def test_launch_matches_what_fused_passes_to_mlx(monkeypatch):
@@ -218,6 +234,7 @@ def test_launch_matches_what_fused_passes_to_mlx(monkeypatch):
         def launch(**kw):
             calls.append((spec, kw))
             return [mx.zeros(s, d) for s, d in zip(kw["output_shapes"], kw["output_dtypes"])]
+
         return launch
 
     monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_kernel)
@@ -228,13 +245,21 @@ def test_launch_matches_what_fused_passes_to_mlx(monkeypatch):
             q, do = (mx.random.normal((B, H, L, D)).astype(dtype) for _ in range(2))
             k, v = (mx.random.normal((B, Hkv, L, D)).astype(dtype) for _ in range(2))
             lse, delta = mx.random.normal((B, H, L)), mx.random.normal((B, H, L))
-            kw = dict(scale=D ** -0.5, causal=causal, backend="cuda")
+            kw = dict(scale=D**-0.5, causal=causal, backend="cuda")
             calls.clear()
             fused.fused_forward(q, k, v, **kw)
             fused.fused_dq(q, k, v, do, lse, delta, **kw)
             fused.fused_dkv(q, k, v, do, lse, delta, **kw)
-            arrays = {"q": q, "k": k, "v": v, "dout": do, "lse": lse, "delta": delta,
-                      "dims": mx.array([B, H, Hkv, L], mx.int32), "scale": mx.array([D ** -0.5], mx.float32)}
+            arrays = {
+                "q": q,
+                "k": k,
+                "v": v,
+                "dout": do,
+                "lse": lse,
+                "delta": delta,
+                "dims": mx.array([B, H, Hkv, L], mx.int32),
+                "scale": mx.array([D**-0.5], mx.float32),
+            }
             assert [spec["name"] for spec, _ in calls] == [f"mlxllm_fa_{kind}" for kind in KINDS]
             for kind, (spec, call) in zip(KINDS, calls):
                 plan = kernel_launch(kind, dtype, B, H, Hkv, L, D, causal)
@@ -254,21 +279,28 @@ def test_launch_matches_what_fused_passes_to_mlx(monkeypatch):
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: cannot build the cubins")
 def test_production_kernels_build_to_cubin_without_spills(tmp_path):
     """Every kind, head dim and dtype at the production tiles, for sm_90 (the H100/H200)."""
-    plans = [kernel_launch(kind, dt, 1, 4, 2, 64, D, True) for dt in DTYPES.values() for D in fused.HEAD_DIMS
-             for kind in KINDS]
+    plans = [
+        kernel_launch(kind, dt, 1, 4, 2, 64, D, True)
+        for dt in DTYPES.values()
+        for D in fused.HEAD_DIMS
+        for kind in KINDS
+    ]
     report = compile_cubin([p.source for p in plans], tmp_path / "all.cubin", "90")
     resources = ptxas_resources(report)
     cubin = (tmp_path / "all.cubin").read_bytes()
     for p in plans:
         r = resources[mangled_name(cubin, p.kernel)]
         d = dict(p.template)["D"]
-        print(f"{p.kernel}: {r['registers']} registers, {r['spill_stores']}/{r['spill_loads']} bytes spilled "
-              f"(stores/loads), {r['stack']} bytes stack, {r['smem']} bytes shared")
+        print(
+            f"{p.kernel}: {r['registers']} registers, {r['spill_stores']}/{r['spill_loads']} bytes spilled "
+            f"(stores/loads), {r['stack']} bytes stack, {r['smem']} bytes shared"
+        )
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, p.kernel
         assert r["smem"] == declared_shared_bytes(p.kind, d) <= STATIC_SHARED_LIMIT, p.kernel
 
 
 # ---- On a GPU ----
+
 
 @pytest.fixture(scope="module")
 def cuda_kernels(tmp_path_factory):
@@ -288,8 +320,14 @@ def test_kernels_match_torch(cuda_kernels, case):
 
 def sanitize(tool: str) -> subprocess.CompletedProcess:
     cmd = [COMPUTE_SANITIZER, "--tool", tool, "--error-exitcode", "99", sys.executable, __file__, "--small"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parent.parent,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 @pytest.mark.parametrize("tool", SANITIZER_TOOLS)
@@ -305,6 +343,7 @@ def test_small_shapes_pass_compute_sanitizer(tool):
 
 # ---- As a script ----
 
+
 def report(cases: list, with_sanitizer: bool) -> int:
     reason = gpu_missing()
     if reason:
@@ -314,8 +353,10 @@ def report(cases: list, with_sanitizer: bool) -> int:
         kernels = CudaKernels(cases, Path(tmp))
         print(f"GPU sm_{kernels.arch}; ptxas resources:")
         for entry, r in sorted(kernels.resources.items()):
-            print(f"  {entry[:90]}: {r['registers']} regs, spills {r['spill_stores']}/{r['spill_loads']} B, "
-                  f"stack {r['stack']} B, smem {r['smem']} B")
+            print(
+                f"  {entry[:90]}: {r['registers']} regs, spills {r['spill_stores']}/{r['spill_loads']} B, "
+                f"stack {r['stack']} B, smem {r['smem']} B"
+            )
         failures = 0
         for case in cases:
             errors = run_case(kernels, case)

@@ -5,14 +5,13 @@ device header; to keep nvcc to one run per dtype, the single-kernel units are co
 tests/test_cuda_exec.py runs the same units on a GPU.
 """
 
-import mlxllm  # noqa: F401  (must precede mlx.core)
-
 import subprocess
 
 import mlx.core as mx
 import pytest
-
 from cuda_tu import NVCC, STAND_IN
+
+import mlxllm  # noqa: F401  (must precede mlx.core)
 from mlxllm.kernels.cuda import translation_unit
 
 # (head dim, causal, query heads per K/V head): the largest shared-memory case and a small non-causal one.
@@ -32,7 +31,9 @@ def test_cuda_kernels_compile_to_ptx(tmp_path, dtype):
     path.write_text("\n".join(units))
     res = subprocess.run(
         [NVCC, "-arch=sm_90", "-ptx", "-std=c++17", str(path), "-o", str(path.with_suffix(".ptx"))],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode == 0, res.stderr[-5000:]
     ptx = path.with_suffix(".ptx").read_text()

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-
 from conftest import tiny_configs
 
 BIN = Path(sys.executable).parent
@@ -43,12 +42,36 @@ def _is_free(port: int) -> bool:
 
 def _config(tmp_path: Path, corpus: Path, name: str, **train) -> Path:
     model, t, _ = tiny_configs(corpus, tmp_path / name, max_steps=STEPS, eval_interval=10, **train)
-    lines = ["[model]", *(f"{k} = {json.dumps(v)}" for k, v in
-                          dict(n_layers=model.n_layers, d_model=model.d_model, n_heads=model.n_heads,
-                               n_kv_heads=model.n_kv_heads, max_seq_len=model.max_seq_len).items()),
-             "[tokenizer]", 'kind = "byte"', "[train]"]
-    for key in ("data", "out_dir", "batch_size", "learning_rate", "warmup_steps", "max_steps", "eval_interval",
-                "eval_batches", "log_interval", "sample_tokens", "max_seconds", "grad_accum"):
+    lines = [
+        "[model]",
+        *(
+            f"{k} = {json.dumps(v)}"
+            for k, v in dict(
+                n_layers=model.n_layers,
+                d_model=model.d_model,
+                n_heads=model.n_heads,
+                n_kv_heads=model.n_kv_heads,
+                max_seq_len=model.max_seq_len,
+            ).items()
+        ),
+        "[tokenizer]",
+        'kind = "byte"',
+        "[train]",
+    ]
+    for key in (
+        "data",
+        "out_dir",
+        "batch_size",
+        "learning_rate",
+        "warmup_steps",
+        "max_steps",
+        "eval_interval",
+        "eval_batches",
+        "log_interval",
+        "sample_tokens",
+        "max_seconds",
+        "grad_accum",
+    ):
         if getattr(t, key) is not None:
             lines.append(f"{key} = {json.dumps(getattr(t, key))}")
     path = tmp_path / f"{name}.toml"
@@ -57,19 +80,32 @@ def _config(tmp_path: Path, corpus: Path, name: str, **train) -> Path:
 
 
 def _launch(n: int, *args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "mlx.launch"), "-n", str(n), "--starting-port", str(_free_ports(n)), "--",
-           str(BIN / "mlxllm"), *args]
+    cmd = [
+        str(BIN / "mlx.launch"),
+        "-n",
+        str(n),
+        "--starting-port",
+        str(_free_ports(n)),
+        "--",
+        str(BIN / "mlxllm"),
+        *args,
+    ]
     quiet_in, keep_open = os.pipe()  # an open, empty stdin: at end of file mlx.launch's input loop spins a core
     try:
-        return subprocess.run(cmd, stdin=quiet_in, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **(env or {})})
+        return subprocess.run(
+            cmd, stdin=quiet_in, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        )
     finally:
         os.close(quiet_in), os.close(keep_open)
 
 
 def _train(config: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "mlxllm"), "train", "--config", str(config), "--quiet", *extra],
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [str(BIN / "mlxllm"), "train", "--config", str(config), "--quiet", *extra],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def _weights(run_dir: Path, step: int = STEPS) -> dict[str, mx.array]:
@@ -116,16 +152,26 @@ def _ring_env(rank: int, hostfile: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile), **extra}
 
 
-def _start_pair(tmp_path: Path, config: Path, rank1_env: dict[str, str],
-                rank0_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+def _start_pair(
+    tmp_path: Path, config: Path, rank1_env: dict[str, str], rank0_env: dict[str, str] | None = None
+) -> list[subprocess.Popen]:
     """The two processes of a ring group started as mlx.launch starts them, so each can be handled alone."""
     port = _free_ports(2)
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
     cmd = [str(BIN / "mlxllm"), "train", "--config", str(config), "--quiet", "--steps", "100000"]
-    return [subprocess.Popen(cmd, env=_ring_env(0, hostfile, **(rank0_env or {})), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-            subprocess.Popen(cmd, env=_ring_env(1, hostfile, **rank1_env), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)]
+    return [
+        subprocess.Popen(
+            cmd,
+            env=_ring_env(0, hostfile, **(rank0_env or {})),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
+        subprocess.Popen(
+            cmd, env=_ring_env(1, hostfile, **rank1_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ),
+    ]
 
 
 def test_a_rank_that_dies_stops_the_other_with_a_clear_error(tmp_path: Path, corpus: Path) -> None:

@@ -22,12 +22,15 @@ from mlxllm import checkpoint as ckpt
 TESTS = Path(__file__).resolve().parent
 
 
-def _train_in_subprocess(corpus: Path, out: Path, crash_at: str | None = None, wait: bool = True,
-                         **overrides) -> subprocess.Popen:
+def _train_in_subprocess(
+    corpus: Path, out: Path, crash_at: str | None = None, wait: bool = True, **overrides
+) -> subprocess.Popen:
     """train() in another process (so that it can be killed), with tiny_configs and these overrides."""
-    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); from conftest import tiny_configs; from mlxllm import train; "
-            f"m, t, k = tiny_configs({str(corpus)!r}, {str(out)!r}, **{overrides!r}); "
-            "train(m, t, k, show_progress=False, resume=True)")
+    code = (
+        f"import sys; sys.path.insert(0, {str(TESTS)!r}); from conftest import tiny_configs; from mlxllm import train; "
+        f"m, t, k = tiny_configs({str(corpus)!r}, {str(out)!r}, **{overrides!r}); "
+        "train(m, t, k, show_progress=False, resume=True)"
+    )
     env = {**os.environ, **({"MLXLLM_CRASH_AT": crash_at} if crash_at else {})}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
     if wait:
@@ -68,8 +71,9 @@ def test_killed_in_training_and_in_a_checkpoint_resumes_exactly(corpus: Path, tm
     assert not any(p.name.startswith(".tmp-") for p in ckpt.checkpoint_dir(out).iterdir())
 
 
-def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(corpus: Path, tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture):
+def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(
+    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
     m, t, k = tiny_configs(corpus, tmp_path / "run", max_steps=20, eval_interval=10, keep_last=3)
     train(m, t, k, show_progress=False)
     last = ckpt.latest_checkpoint(tmp_path / "run")
@@ -108,8 +112,9 @@ def test_a_second_trainer_is_refused_and_a_dead_ones_lock_does_not_stick(corpus:
     finally:
         live.kill()
         live.wait(timeout=30)
-    m, t, k = tiny_configs(corpus, out, max_steps=ckpt.read_state(ckpt.latest_checkpoint(out))["step"] + 5,
-                           eval_interval=10)
+    m, t, k = tiny_configs(
+        corpus, out, max_steps=ckpt.read_state(ckpt.latest_checkpoint(out))["step"] + 5, eval_interval=10
+    )
     assert train(m, t, k, show_progress=False, resume=True).step > 0
 
 

@@ -21,8 +21,9 @@ EXAMPLES = ROOT / "examples"
 
 def run_example(name: str, cwd: Path, *args: str, steps: int) -> str:
     env = {**os.environ, "MLXLLM_EXAMPLE_STEPS": str(steps)}  # the session's private MLXLLM_CACHE_DIR comes along
-    out = subprocess.run([sys.executable, str(EXAMPLES / name), *args], cwd=cwd, env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out.stdout
 
@@ -45,8 +46,11 @@ def test_resume_example_stops_then_finishes(tmp_path: Path) -> None:
     assert "stopped at step 4 (callback)" in stdout
     m = re.search(r"resumed and finished at step (\d+), validation loss ([\d.]+)", stdout)
     assert m and int(m.group(1)) == 8 and float(m.group(2)) > 0, stdout
-    steps = sorted(read_state(p)["step"] for p in (tmp_path / "runs" / "resume-example" / "checkpoints").iterdir()
-                   if (p / "state.json").exists())
+    steps = sorted(
+        read_state(p)["step"]
+        for p in (tmp_path / "runs" / "resume-example" / "checkpoints").iterdir()
+        if (p / "state.json").exists()
+    )
     assert steps == [4, 8]  # the resumed run kept the first half's checkpoint and added its own
 
 

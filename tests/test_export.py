@@ -77,8 +77,9 @@ def test_mlx_lm_and_transformers_give_our_logits_ids_and_greedy_text(exports, ca
     model, _ = load(run)
     want = generate_ids(model, prompt, 16, temperature=0)
     with torch.no_grad():
-        got = hf_model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None,
-                                pad_token_id=tok.eos_id)[0, len(prompt):].tolist()
+        got = hf_model.generate(
+            torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=tok.eos_id
+        )[0, len(prompt) :].tolist()
     assert got == want
     from mlx_lm.generate import generate_step
 
@@ -89,8 +90,17 @@ def test_mlx_lm_and_transformers_give_our_logits_ids_and_greedy_text(exports, ca
 def test_export_writes_every_file_and_a_model_card(exports):
     run, hf = exports[("bpe", True, 2)]
     names = {p.name for p in hf.iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer.model",
-            "tokenizer_config.json", "special_tokens_map.json", "README.md", "loss_curves.png"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "README.md",
+        "loss_curves.png",
+    } <= names
     config = json.loads((hf / "config.json").read_text())
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] and config["bos_token_id"] is None
     card = (hf / "README.md").read_text()
@@ -99,13 +109,34 @@ def test_export_writes_every_file_and_a_model_card(exports):
 
 def test_mlx_lm_generate_server_and_convert_on_an_export(exports, tmp_path):
     _, hf = exports[("bpe", True, 2)]
-    out = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model", str(hf), "--prompt", "The cat",
-                          "--max-tokens", "8", "--temp", "0"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "generate",
+            "--model",
+            str(hf),
+            "--prompt",
+            "The cat",
+            "--max-tokens",
+            "8",
+            "--temp",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
 
     q = tmp_path / "q4"
-    out = subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(hf), "--mlx-path", str(q), "-q"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(hf), "--mlx-path", str(q), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     model, tok = mlx_lm.load(str(q))
     assert len(mlx_lm.generate(model, tok, "The cat", max_tokens=8)) > 0
@@ -113,15 +144,19 @@ def test_mlx_lm_generate_server_and_convert_on_an_export(exports, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(hf), "--host", "127.0.0.1",
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlx_lm", "server", "--model", str(hf), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         body = json.dumps({"prompt": "The cat", "max_tokens": 8, "temperature": 0}).encode()
         deadline, reply = time.monotonic() + 60, None
         while reply is None and time.monotonic() < deadline and server.poll() is None:
             try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
-                                             {"Content-Type": "application/json"})
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
+                )
                 reply = json.loads(urllib.request.urlopen(req, timeout=10).read())
             except OSError:
                 time.sleep(0.5)
@@ -188,14 +223,17 @@ def test_bad_init_from_is_refused_with_nothing_written(exports, corpus, tmp_path
     _, hf = exports[("byte", True, 4)]
     out = tmp_path / "run"
     (tmp_path / "empty").mkdir()
-    assert "is not a model" in _fails(["train", "--init-from", str(tmp_path / "empty"), "--data", str(corpus),
-                                       "--out", str(out)])
+    assert "is not a model" in _fails(
+        ["train", "--init-from", str(tmp_path / "empty"), "--data", str(corpus), "--out", str(out)]
+    )
     wrong = tmp_path / "wrong-tokenizer"
     shutil.copytree(hf, wrong)
     bpe_hf = exports[("bpe", True, 2)][1]
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
         shutil.copy(bpe_hf / name, wrong / name)  # 320 pieces for embeddings of 257 rows
-    assert "do not belong together" in _fails(["train", "--init-from", str(wrong), "--data", str(corpus), "--out", str(out)])
+    assert "do not belong together" in _fails(
+        ["train", "--init-from", str(wrong), "--data", str(corpus), "--out", str(out)]
+    )
     mistral = tmp_path / "mistral"
     shutil.copytree(hf, mistral)
     config = json.loads((mistral / "config.json").read_text())
@@ -209,10 +247,20 @@ def test_bad_init_from_is_refused_with_nothing_written(exports, corpus, tmp_path
 
 
 def test_a_llama_saved_by_transformers_loads_with_equal_logits(exports, tmp_path):
-    config = transformers.LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                                      rms_norm_eps=1e-5, rope_theta=500.0, max_position_embeddings=64,
-                                      bos_token_id=None, eos_token_id=256)
+    config = transformers.LlamaConfig(
+        vocab_size=257,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        rope_theta=500.0,
+        max_position_embeddings=64,
+        bos_token_id=None,
+        eos_token_id=256,
+    )
     torch.manual_seed(0)
     hf_model = transformers.LlamaForCausalLM(config).eval()
     hf_model.save_pretrained(str(tmp_path / "llama"))
@@ -234,8 +282,9 @@ def test_lora_fine_tuning_trains_adapters_only_and_merges_on_load_and_export(exp
     _, hf = exports[("bpe", False, 4)]
     other = tmp_path / "other.txt"
     other.write_text("\n".join(f"Line {i}: the quick brown fox jumps over {i % 7} lazy dogs." for i in range(3000)))
-    m, t, k = tiny_configs(other, tmp_path / "lora", max_steps=30, eval_interval=15, init_from=str(hf),
-                           lora_rank=4, learning_rate=1e-2)
+    m, t, k = tiny_configs(
+        other, tmp_path / "lora", max_steps=30, eval_interval=15, init_from=str(hf), lora_rank=4, learning_rate=1e-2
+    )
     result = train(m, t, k, show_progress=False)
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
     last = max((tmp_path / "lora" / "checkpoints").iterdir())
@@ -244,8 +293,9 @@ def test_lora_fine_tuning_trains_adapters_only_and_merges_on_load_and_export(exp
     base = {n.replace(".base.weight", ".weight"): w for n, w in saved.items() if not n.endswith((".lora_a", ".lora_b"))}
     assert base.keys() == start.keys() and all(mx.array_equal(base[n], start[n]).item() for n in start)  # frozen
     assert any(mx.abs(w).max().item() > 0 for n, w in saved.items() if n.endswith(".lora_b"))  # the adapters learned
-    assert set(mx.load(str(last / "optimizer.safetensors"))) <= {f"{n}.{s}" for n in saved if "lora_" in n
-                                                                  for s in ("m", "v")} | {"step", "learning_rate"}
+    assert set(mx.load(str(last / "optimizer.safetensors"))) <= {
+        f"{n}.{s}" for n in saved if "lora_" in n for s in ("m", "v")
+    } | {"step", "learning_rate"}
 
     adapted = pretrained.build(pretrained.find(hf))  # the model as training ran it: frozen weights + adapters
     lora.apply(adapted, 4, t.lora_alpha)

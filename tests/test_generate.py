@@ -20,12 +20,16 @@ def _without_cache(model, prompt, n, temperature, seed=0, top_k=None, top_p=None
             start = len(ids) - window // 2
         logits = model(mx.array([ids[start:]]))[:, -1]
         ids.append(sample_next(logits, temperature, top_k, top_p, sub).item())
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def test_greedy_with_kv_cache_equals_greedy_without():
-    model = build_model(ModelConfig(vocab_size=61, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=24,
-                                    tie_embeddings=False), seed=5)
+    model = build_model(
+        ModelConfig(
+            vocab_size=61, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=24, tie_embeddings=False
+        ),
+        seed=5,
+    )
     for i, layer in enumerate((model.model.embed_tokens, model.lm_head)):  # livelier than a fresh init
         layer.weight = mx.random.normal(layer.weight.shape, key=mx.random.key(i))
     prompt = [3, 14, 15, 9, 26]
@@ -82,7 +86,11 @@ def test_cache_growing_past_its_step_and_restarting_gives_the_ids_of_no_cache(mo
     # 50 tokens: the window of 30 fills, decoding restarts from its last 15, and fills it again.
     for temperature, top_k, top_p, seed in ((0.0, None, None, 0), (1.0, None, None, 7), (0.9, 8, 0.9, 3)):
         cached = generate_ids(model, prompt, 50, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        assert cached == _without_cache(model, prompt, 50, temperature, seed=seed, top_k=top_k, top_p=top_p), (temperature, top_k, top_p)
+        assert cached == _without_cache(model, prompt, 50, temperature, seed=seed, top_k=top_k, top_p=top_p), (
+            temperature,
+            top_k,
+            top_p,
+        )
     assert len(set(cached)) > 3
     # A prompt longer than the window starts from its last max_seq_len ids.
     long_prompt = [(7 * i) % 61 for i in range(40)]
@@ -152,9 +160,33 @@ def test_bench_generate_reports_mlxllm_and_mlx_lm(tmp_path: Path):
     from mlxllm.cli import app
 
     out = tmp_path / "bench.json"
-    r = CliRunner().invoke(app, ["bench", "generate", "--layers", "2", "--d-model", "64", "--heads", "4", "--kv-heads", "2",
-                                 "--vocab", "61", "--context", "32", "--prompt-tokens", "6", "--tokens", "12",
-                                 "--rounds", "1", "--json", str(out)])
+    r = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "generate",
+            "--layers",
+            "2",
+            "--d-model",
+            "64",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--vocab",
+            "61",
+            "--context",
+            "32",
+            "--prompt-tokens",
+            "6",
+            "--tokens",
+            "12",
+            "--rounds",
+            "1",
+            "--json",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     result = json.loads(out.read_text())
     rows = {row["impl"]: row for row in result["rows"]}

@@ -36,14 +36,21 @@ NEEDS_LLAMA_CPP = "llama.cpp checks need llama-cpp-python (built from source, se
 # like special tokens but must stay plain text.
 TEXT = (
     "def square(x):\n    return x ** 2  # 2 spaces before the comment\n\n"
-    "\tcafé naïve façade Ωμέγα 日本語 😀👍🏽 it 's \"quoted\" , odd .   end\n"
+    '\tcafé naïve façade Ωμέγα 日本語 😀👍🏽 it \'s "quoted" , odd .   end\n'
     "windows\r\nline 👩\u200d💻 ✓ \u00a0nbsp ﬁ\n"
     "</s> <unk> <0x41> <|endoftext|>     \n\n\n  trailing  "
 )
 # Besides the grammar, some code and Unicode so that the BPE has multi-space and non-ASCII pieces.
 EXTRA_LINES = [
-    "def square(x):", "    return x * x", "        if x > 10:", "\tprint('tab')", "café naïve façade",
-    "Ωμέγα αλφα", "日本語のテキスト", "emoji 😀 😀 👍", "a  b   c    d",
+    "def square(x):",
+    "    return x * x",
+    "        if x > 10:",
+    "\tprint('tab')",
+    "café naïve façade",
+    "Ωμέγα αλφα",
+    "日本語のテキスト",
+    "emoji 😀 😀 👍",
+    "a  b   c    d",
 ] * 20
 
 CASES = [  # (tokenizer kind, tied embeddings, n_kv_heads of 4 heads)
@@ -66,8 +73,17 @@ def _tokenizer(kind: str, bpe: Tokenizer) -> Tokenizer:
 
 
 def _model(vocab_size: int, tied: bool, kv_heads: int, seed: int = 3) -> Transformer:
-    cfg = ModelConfig(vocab_size=vocab_size, n_layers=2, d_model=64, n_heads=4, n_kv_heads=kv_heads,
-                      max_seq_len=MAX_SEQ_LEN, tie_embeddings=tied, rope_theta=5000.0, norm_eps=1e-6)
+    cfg = ModelConfig(
+        vocab_size=vocab_size,
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=kv_heads,
+        max_seq_len=MAX_SEQ_LEN,
+        tie_embeddings=tied,
+        rope_theta=5000.0,
+        norm_eps=1e-6,
+    )
     model = build_model(cfg, seed=seed)
     # Livelier than a fresh init, and every norm different, so a swapped or misnamed tensor shows.
     new = {}
@@ -99,12 +115,20 @@ def test_gguf_reads_back_to_the_model(kind: str, tied: bool, kv_heads: int, bpe:
     cfg = model.config
     reader = gguf.GGUFReader(write_gguf(model, tok, tmp_path / "m.gguf"))
     expected = {
-        "general.architecture": "llama", "general.name": "m", "general.file_type": 0,
-        "llama.context_length": MAX_SEQ_LEN, "llama.embedding_length": 64, "llama.block_count": 2,
-        "llama.feed_forward_length": cfg.hidden_dim, "llama.attention.head_count": 4,
-        "llama.attention.head_count_kv": kv_heads, "llama.rope.dimension_count": 16,
-        "llama.vocab_size": tok.vocab_size, "tokenizer.ggml.eos_token_id": tok.eos_id,
-        "tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.add_eos_token": False,
+        "general.architecture": "llama",
+        "general.name": "m",
+        "general.file_type": 0,
+        "llama.context_length": MAX_SEQ_LEN,
+        "llama.embedding_length": 64,
+        "llama.block_count": 2,
+        "llama.feed_forward_length": cfg.hidden_dim,
+        "llama.attention.head_count": 4,
+        "llama.attention.head_count_kv": kv_heads,
+        "llama.rope.dimension_count": 16,
+        "llama.vocab_size": tok.vocab_size,
+        "tokenizer.ggml.eos_token_id": tok.eos_id,
+        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.ggml.add_eos_token": False,
     }
     assert {k: _field(reader, k) for k in expected} == expected
     assert _field(reader, "llama.rope.freq_base") == 5000.0
@@ -183,9 +207,17 @@ def test_bad_dtype_and_a_foreign_tokenizer_are_refused(tmp_path: Path):
 
 
 def _llama(path: Path, llama_cpp):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=MAX_SEQ_LEN, n_batch=MAX_SEQ_LEN, logits_all=True,
-                           verbose=False, n_threads=2, type_k=llama_cpp.GGML_TYPE_F32,
-                           type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False)
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=MAX_SEQ_LEN,
+        n_batch=MAX_SEQ_LEN,
+        logits_all=True,
+        verbose=False,
+        n_threads=2,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+        flash_attn=False,
+    )
 
 
 def _llama_detokenize(llm, ids: list[int], llama_cpp) -> bytes:
@@ -198,8 +230,9 @@ def _llama_detokenize(llm, ids: list[int], llama_cpp) -> bytes:
 
 
 @pytest.mark.parametrize("kind,tied,kv_heads", CASES)
-def test_llama_cpp_tokenizes_computes_and_continues_as_mlxllm(kind: str, tied: bool, kv_heads: int,
-                                                             bpe: Tokenizer, tmp_path: Path):
+def test_llama_cpp_tokenizes_computes_and_continues_as_mlxllm(
+    kind: str, tied: bool, kv_heads: int, bpe: Tokenizer, tmp_path: Path
+):
     llama_cpp = pytest.importorskip("llama_cpp", reason=NEEDS_LLAMA_CPP)
     tok = _tokenizer(kind, bpe)
     model = _model(tok.vocab_size, tied, kv_heads)
@@ -219,8 +252,10 @@ def test_llama_cpp_tokenizes_computes_and_continues_as_mlxllm(kind: str, tied: b
     got = np.array(llm.scores[: len(ids)])
     want = np.array(model(mx.array([ids]))[0])
     diff = float(np.abs(got - want).max())
-    print(f"\n[{kind}, {'tied' if tied else 'untied'}, kv_heads={kv_heads}] {len(ids)} tokens, "
-          f"max |logit| {np.abs(want).max():.2f}, max |llama.cpp - mlxllm| {diff:.2e}")
+    print(
+        f"\n[{kind}, {'tied' if tied else 'untied'}, kv_heads={kv_heads}] {len(ids)} tokens, "
+        f"max |logit| {np.abs(want).max():.2f}, max |llama.cpp - mlxllm| {diff:.2e}"
+    )
     assert diff < 1e-4
 
     prompt = ids[:24]

@@ -16,8 +16,6 @@ a kernel (MUTANTS) that it must catch. Everything is one translation unit, compi
 program runs the named kernels only, so each mutant runs in a process of its own.
 """
 
-import mlxllm  # noqa: F401  (must precede mlx.core)
-
 import json
 import os
 import re
@@ -30,6 +28,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import mlxllm  # noqa: F401  (must precede mlx.core)
 from mlxllm.attention import reference_attention
 from mlxllm.kernels.fused import ROWS_PER_GROUP, launch_grid
 
@@ -75,8 +74,9 @@ INSTANCE = re.compile(r"decltype\((\w+<[^>]*>)\)")
 
 def generated_sources(configs: list, tmp: Path) -> list[dict[str, str]]:
     """{'forward': src, 'dq': src, 'dkv': src} per config, exactly as MLX prints them."""
-    res = subprocess.run([sys.executable, "-c", GENERATE, json.dumps(configs), str(tmp)],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", GENERATE, json.dumps(configs), str(tmp)], capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr
     blocks = BLOCK.findall(res.stdout)
     assert len(blocks) == 3 * len(configs), res.stdout[:2000]
@@ -102,17 +102,21 @@ def kernel_name(src: str) -> str:
 
 def edit(old: str, new: str):
     """An edit that replaces the one occurrence of `old` in a kernel's source."""
+
     def apply(src: str) -> str:
         assert src.count(old) == 1, old
         return src.replace(old, new)
+
     return apply
 
 
 def drop_barrier(index: int):
     """An edit that removes the kernel's `index`-th FA_BARRIER() (0-based)."""
+
     def apply(src: str) -> str:
         cut = [m.start() for m in re.finditer(r"FA_BARRIER\(\);", src)][index]
-        return src[:cut] + src[cut + len("FA_BARRIER();"):]
+        return src[:cut] + src[cut + len("FA_BARRIER();") :]
+
     return apply
 
 
@@ -120,44 +124,64 @@ FIRST_BARRIER = "FA_BARRIER();  // the previous tile is consumed (and qs is writ
 # name -> (config, kind, edit, how it must be caught: ("error", stderr text) or ("values", output checked))
 MUTANTS = {
     # missing barriers: the race check (uninitialised read, or write-after-read)
-    "forward_read_before_load": ("gqa_causal_d32", "forward", drop_barrier(1),
-                                 ("error", "which no thread has written")),
-    "forward_overwrite_while_read": ("gqa_causal_d32", "forward", drop_barrier(0),
-                                     ("error", "read since threadgroup_barrier")),
-    "dkv_read_before_load": ("gqa_causal_d32", "dkv", drop_barrier(1),
-                             ("error", "which no thread has written")),
+    "forward_read_before_load": (
+        "gqa_causal_d32",
+        "forward",
+        drop_barrier(1),
+        ("error", "which no thread has written"),
+    ),
+    "forward_overwrite_while_read": (
+        "gqa_causal_d32",
+        "forward",
+        drop_barrier(0),
+        ("error", "read since threadgroup_barrier"),
+    ),
+    "dkv_read_before_load": ("gqa_causal_d32", "dkv", drop_barrier(1), ("error", "which no thread has written")),
     # wrong arithmetic: the values (the mask one gives NaN rows, which must count as a failure)
-    "forward_causal_mask": ("gqa_causal_d32", "forward", edit("j <= row", "j < row"),
-                            ("values", "out")),
-    "dq_without_delta": ("gqa_causal_d32", "dq", edit("(dp - di)", "(dp)"),
-                         ("values", "dq")),
+    "forward_causal_mask": ("gqa_causal_d32", "forward", edit("j <= row", "j < row"), ("values", "out")),
+    "dq_without_delta": ("gqa_causal_d32", "dq", edit("(dp - di)", "(dp)"), ("values", "dq")),
     # barriers and SIMD-group calls in divergent control flow
-    "forward_divergent_barriers": ("gqa_causal_d32", "forward", edit(
-        FIRST_BARRIER, "if (warp == 0) {\n      FA_BARRIER();\n    } else {\n      FA_BARRIER();\n    }"),
-        ("error", "threads wait at different barriers")),
-    "forward_divergent_simd": ("gqa_causal_d32", "forward", edit(
-        "const float mn = FA_FMAX(m, FA_WARP_MAX(s));",
-        "float wm;\n    if (lane < 16) {\n      wm = FA_WARP_MAX(s);\n    } else {\n      wm = FA_WARP_MAX(s);\n    }\n"
-        "    const float mn = FA_FMAX(m, wm);"),
-        ("error", "lanes of one SIMD group call different SIMD-group functions")),
-    "forward_early_return": ("gqa_causal_d32", "forward", edit(
-        "const int row = q0 + warp;", "const int row = q0 + warp;\n  if (row >= L) return;"),
-        ("error", "returned while threads 0-31 wait at threadgroup_barrier")),
+    "forward_divergent_barriers": (
+        "gqa_causal_d32",
+        "forward",
+        edit(FIRST_BARRIER, "if (warp == 0) {\n      FA_BARRIER();\n    } else {\n      FA_BARRIER();\n    }"),
+        ("error", "threads wait at different barriers"),
+    ),
+    "forward_divergent_simd": (
+        "gqa_causal_d32",
+        "forward",
+        edit(
+            "const float mn = FA_FMAX(m, FA_WARP_MAX(s));",
+            "float wm;\n    if (lane < 16) {\n      wm = FA_WARP_MAX(s);\n    } else {\n      wm = FA_WARP_MAX(s);\n    }\n"
+            "    const float mn = FA_FMAX(m, wm);",
+        ),
+        ("error", "lanes of one SIMD group call different SIMD-group functions"),
+    ),
+    "forward_early_return": (
+        "gqa_causal_d32",
+        "forward",
+        edit("const int row = q0 + warp;", "const int row = q0 + warp;\n  if (row >= L) return;"),
+        ("error", "returned while threads 0-31 wait at threadgroup_barrier"),
+    ),
     # out-of-bounds reads: of a device buffer (ASan), of a threadgroup array (the shim's bounds check)
-    "forward_unguarded_load": ("gqa_causal_d32", "forward", edit(
-        "const bool ok = k0 + r < L;", "const bool ok = true;"),
-        ("error", "AddressSanitizer: heap-buffer-overflow")),
-    "dkv_all_lanes_score": ("mqa_causal_d128", "dkv", edit("lane < BK && i < L", "i < L"),
-                            ("error", "out of bounds")),
+    "forward_unguarded_load": (
+        "gqa_causal_d32",
+        "forward",
+        edit("const bool ok = k0 + r < L;", "const bool ok = true;"),
+        ("error", "AddressSanitizer: heap-buffer-overflow"),
+    ),
+    "dkv_all_lanes_score": ("mqa_causal_d128", "dkv", edit("lane < BK && i < L", "i < L"), ("error", "out of bounds")),
     # over Metal's threadgroup memory limit
-    **{f"{kind}_tile32_d128": (OVERSIZE[0], kind, lambda src: src, ("error", "more than Metal's limit of 32768"))
-       for kind in KINDS},
+    **{
+        f"{kind}_tile32_d128": (OVERSIZE[0], kind, lambda src: src, ("error", "more than Metal's limit of 32768"))
+        for kind in KINDS
+    },
 }
 
 
 def call_code(tag: str, src: str, sizes: dict[str, int], inputs: str, outputs: str, grid, tg) -> str:
     """C++ that, when `tag` is asked for, loads the inputs, runs the kernel over the grid and saves the outputs."""
-    sig = src[src.index("[[kernel]] void"): src.index(") {\n")]
+    sig = src[src.index("[[kernel]] void") : src.index(") {\n")]
     buffers, builtins = [], []
     for line in sig.splitlines()[1:]:
         if m := PARAM.match(line):
@@ -218,8 +242,16 @@ def reference(B, H, Hkv, L, D, causal, dtype, seed):
     lse = mx.logsumexp(s, axis=-1).reshape(B, H, L)
     delta = (dof * o).sum(-1)
     dq, dk, dv = mx.grad(fn, argnums=(0, 1, 2))(qf, kf, vf)
-    inputs = {"q": q, "k": k, "v": v, "dout": do, "lse": lse, "delta": delta,
-              "dims": mx.array([B, H, Hkv, L], mx.int32), "scale": mx.array([scale], mx.float32)}
+    inputs = {
+        "q": q,
+        "k": k,
+        "v": v,
+        "dout": do,
+        "lse": lse,
+        "delta": delta,
+        "dims": mx.array([B, H, Hkv, L], mx.int32),
+        "scale": mx.array([scale], mx.float32),
+    }
     return inputs, {"out": o, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
 
 
@@ -233,8 +265,16 @@ def compiler() -> list[str]:
         pytest.fail("a C++ compiler (g++ or clang++, or $CXX) is required to compile the Metal source on the CPU")
     # -O0: with the sanitizers, -O1 triples the compile time (30 s on 2 cores) to save 2 s of run time.
     # -fno-sanitize-recover: a UBSan finding ends the run instead of scrolling past.
-    return [cxx, "-std=c++20", "-O0", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-            "-fno-omit-frame-pointer", "-Wno-attributes", f"-I{HERE}"]
+    return [
+        cxx,
+        "-std=c++20",
+        "-O0",
+        "-fsanitize=address,undefined",
+        "-fno-sanitize-recover=all",
+        "-fno-omit-frame-pointer",
+        "-Wno-attributes",
+        f"-I{HERE}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -260,8 +300,14 @@ def shim(tmp_path_factory):
             grid, tg = launch_grid(L, Hkv if kind == "dkv" else H, B, ROWS_PER_GROUP)
             calls.append(call_code(tag, src, sizes, str(tmp / name), str(tmp / tag), grid, tg))
     cpp = tmp / "kernels.cpp"
-    cpp.write_text('#include "metal_shim.h"\n' + "\n".join(units) + MAIN + "int main(int argc, char** argv) {\n"
-                   + "\n".join(calls) + "\n}\n")
+    cpp.write_text(
+        '#include "metal_shim.h"\n'
+        + "\n".join(units)
+        + MAIN
+        + "int main(int argc, char** argv) {\n"
+        + "\n".join(calls)
+        + "\n}\n"
+    )
     exe = tmp / "kernels"
     res = subprocess.run(compiler() + [str(cpp), "-o", str(exe)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-5000:]

@@ -1,10 +1,10 @@
 import math
 
-import mlxllm  # noqa: F401
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
+import mlxllm  # noqa: F401
 from mlxllm import MlxllmError, ModelConfig
 from mlxllm.attention import attention, reference_attention
 from mlxllm.model import build_model

@@ -17,9 +17,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Marker environments of the machines one `pip install mlxllm` has to serve (Python 3.11).
 PLATFORMS = {
-    "linux-x86_64": {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix"},
-    "linux-aarch64": {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "aarch64", "os_name": "posix"},
-    "darwin-arm64": {"sys_platform": "darwin", "platform_system": "Darwin", "platform_machine": "arm64", "os_name": "posix"},
+    "linux-x86_64": {
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "os_name": "posix",
+    },
+    "linux-aarch64": {
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "aarch64",
+        "os_name": "posix",
+    },
+    "darwin-arm64": {
+        "sys_platform": "darwin",
+        "platform_system": "Darwin",
+        "platform_machine": "arm64",
+        "os_name": "posix",
+    },
 }
 # What each must get: the MLX build (its extras) and whether the pip-only MKL comes along.
 WANTED = {"linux-x86_64": ({"cpu"}, True), "linux-aarch64": ({"cpu"}, False), "darwin-arm64": (set(), False)}
@@ -35,7 +50,9 @@ def _can_build_here() -> bool:
     except ImportError:  # Python 3.10: the tomli dependency
         import tomli as tomllib
 
-    (needed,) = [Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]]
+    (needed,) = [
+        Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    ]
     try:
         return needed.specifier.contains(version(needed.name), prereleases=True)
     except PackageNotFoundError:
@@ -45,9 +62,24 @@ def _can_build_here() -> bool:
 def _built_requirements() -> list[Requirement]:
     """The Requires-Dist pip builds from this tree, as `pip install .` would install it."""
     report = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed", "--quiet",
-         "--report", "-", *(["--no-build-isolation"] if _can_build_here() else []), str(ROOT)],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--no-deps",
+            "--ignore-installed",
+            "--quiet",
+            "--report",
+            "-",
+            *(["--no-build-isolation"] if _can_build_here() else []),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert report.returncode == 0, report.stderr
     (item,) = json.loads(report.stdout)["install"]
     assert item["metadata"]["name"] == "mlxllm"
@@ -84,8 +116,10 @@ def test_optimized_blas_is_loaded_before_mlx_when_present():
         assert _blas.loaded is None and "reference BLAS" in _blas.describe()
 
 
-@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
-                    reason="the mkl wheel is mlxllm's pip-only BLAS on Linux x86_64 only")
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
+    reason="the mkl wheel is mlxllm's pip-only BLAS on Linux x86_64 only",
+)
 def test_without_a_system_openblas_the_pip_installed_mkl_is_fast():
     """What a user without root gets: blas.py's search with every OpenBLAS hidden finds the `mkl`
     wheel that pip installed with mlxllm, and matmuls run far above the reference BLAS."""
@@ -112,8 +146,13 @@ def test_mlxllm_blas_none_is_said_loudly():
 
     from mlxllm.cli import app
 
-    out = subprocess.run([sys.executable, "-c", "from mlxllm.cli import main; main()", "info"], capture_output=True,
-                         text=True, timeout=120, env={**os.environ, "MLXLLM_BLAS": "none"})
+    out = subprocess.run(
+        [sys.executable, "-c", "from mlxllm.cli import main; main()", "info"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MLXLLM_BLAS": "none"},
+    )
     assert out.returncode == 0, out.stderr
     if sys.platform.startswith("linux"):
         assert "MLXLLM_BLAS=none" in out.stdout and "Warning:" in out.stderr and "pip install mkl" in out.stderr

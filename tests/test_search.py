@@ -19,14 +19,14 @@ import pytest
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
 
+from mlxllm_search import search  # noqa: E402
+from mlxllm_search.spec import load_spec  # noqa: E402
+from mlxllm_search.storage import LOST, counts  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 import mlxllm.cli  # noqa: E402
 from mlxllm import MlxllmError, load_config  # noqa: E402
-from mlxllm_search import search  # noqa: E402
-from mlxllm_search.spec import load_spec  # noqa: E402
-from mlxllm_search.storage import LOST, counts  # noqa: E402
 
 WORDS = ["the cat", "a dog", "my friend", "sees", "likes", "follows", "the red ball", "an old book", "the river"]
 
@@ -74,9 +74,11 @@ def base_tables(name: str, data: Path, train: str = "") -> str:
     """) + textwrap.dedent(train)
 
 
-def write_spec(tmp_path: Path, data: Path, *, name: str = "t", space: str = "", budget: str = "", search: str = "",
-               caps: str = "") -> Path:
+def write_spec(
+    tmp_path: Path, data: Path, *, name: str = "t", space: str = "", budget: str = "", search: str = "", caps: str = ""
+) -> Path:
     """A tiny spec; `space`, `budget`, `search` and `caps` lines replace the defaults key by key."""
+
     def merged(defaults: dict[str, str], extra: str) -> str:
         for line in filter(None, (x.strip() for x in extra.splitlines())):
             key, _, value = line.partition("=")
@@ -84,10 +86,21 @@ def write_spec(tmp_path: Path, data: Path, *, name: str = "t", space: str = "", 
         return "\n".join(f"{k} = {v}" for k, v in defaults.items() if v)
 
     spec = base_tables(name, data)
-    spec += "[space]\n" + merged({"n_layers": "[1]", "head_dim": "[16]", "n_heads": "[1, 2]", "kv_group": "[1]",
-                                  "mlp_ratio": "[2.0]", "learning_rate": "{ min = 1e-5, max = 1e-2, log = true }"}, space)
+    spec += "[space]\n" + merged(
+        {
+            "n_layers": "[1]",
+            "head_dim": "[16]",
+            "n_heads": "[1, 2]",
+            "kv_group": "[1]",
+            "mlp_ratio": "[2.0]",
+            "learning_rate": "{ min = 1e-5, max = 1e-2, log = true }",
+        },
+        space,
+    )
     spec += "\n[budget]\n" + merged({"kind": '"steps"', "amount": "20", "eval_interval": "10"}, budget)
-    spec += "\n[search]\n" + merged({"objectives": '["val_loss"]', "pruner": '"hyperband"', "sampler": '"tpe"', "trials": "3"}, search)
+    spec += "\n[search]\n" + merged(
+        {"objectives": '["val_loss"]', "pruner": '"hyperband"', "sampler": '"tpe"', "trials": "3"}, search
+    )
     if caps:
         spec += "\n[search.caps]\n" + merged({}, caps)
     path = tmp_path / f"{name}.toml"
@@ -132,13 +145,18 @@ def test_cli_run_and_report_multi_objective(tmp_path: Path, text: Path) -> None:
     result = cli("search", "run", str(spec), "--out", str(out), "--trials", "3", "--seed", "1")
     assert result.exit_code == 0, result.output
     assert "Leaderboard" in result.output and "Pareto front" in result.output
-    study = optuna.load_study(study_name="t", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))))
+    study = optuna.load_study(
+        study_name="t",
+        storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))),
+    )
     front = study.best_trials
     assert front and all(len(t.values) == 2 for t in front)
     for a in front:  # nothing on the front is dominated
-        assert not any(all(x <= y for x, y in zip(b.values, a.values)) and b.values != a.values for b in study.trials
-                       if b.state == TrialState.COMPLETE)
+        assert not any(
+            all(x <= y for x, y in zip(b.values, a.values)) and b.values != a.values
+            for b in study.trials
+            if b.state == TrialState.COMPLETE
+        )
     result = cli("search", "report", str(out))
     assert result.exit_code == 0, result.output
     assert (out / "history.png").stat().st_size > 0 and (out / "pareto_front.png").is_file()
@@ -148,7 +166,9 @@ def test_pruner_prunes_a_hopeless_trial(tmp_path: Path, text: Path) -> None:
     # The base (lr 1e-2) runs first; a seed config with lr 1e-5 has learned nothing at the first rung.
     spec = write_spec(tmp_path, text, search='pruner = "successive-halving"')
     slow = tmp_path / "slow.toml"
-    slow.write_text('[model]\nn_layers = 1\nd_model = 32\nn_heads = 2\nmlp_ratio = 2.0\n[train]\nlearning_rate = 1e-5\n')
+    slow.write_text(
+        "[model]\nn_layers = 1\nd_model = 32\nn_heads = 2\nmlp_ratio = 2.0\n[train]\nlearning_rate = 1e-5\n"
+    )
     study = search(spec, out=tmp_path / "s", trials=2, seed_configs=[slow], show=False).study
     assert states(study) == [TrialState.COMPLETE, TrialState.PRUNED]
     assert study.trials[1].params["learning_rate"] == 1e-5 and max(study.trials[1].intermediate_values) == 10
@@ -184,11 +204,15 @@ def test_killed_worker_leaves_no_running_trial_and_its_config_is_retried(tmp_pat
     while running is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
         if storage.exists():
-            study = optuna.load_study(study_name="t", storage=optuna.storages.JournalStorage(
-                optuna.storages.journal.JournalFileBackend(str(storage))))
+            study = optuna.load_study(
+                study_name="t",
+                storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(storage))),
+            )
             # Wait until the trial has drawn its parameters, so the retry has something to compare with.
-            running = next((t for t in study.get_trials(states=(TrialState.RUNNING,))
-                            if "worker" in t.user_attrs and t.params), None)
+            running = next(
+                (t for t in study.get_trials(states=(TrialState.RUNNING,)) if "worker" in t.user_attrs and t.params),
+                None,
+            )
     assert running is not None, "the search never started a trial"
     proc.send_signal(signal.SIGKILL)
     proc.wait()

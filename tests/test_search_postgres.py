@@ -21,13 +21,13 @@ import pytest
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
 
+from mlxllm_search import search  # noqa: E402
+from mlxllm_search.storage import GRACE_ENV, HEARTBEAT_ENV, LOST, counts, open_storage  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 from postgres_server import PostgresServer, missing, postgres_server  # noqa: E402
 from test_search import cli, write_spec  # noqa: E402
 
 from mlxllm import MlxllmError  # noqa: E402
-from mlxllm_search import search  # noqa: E402
-from mlxllm_search.storage import GRACE_ENV, HEARTBEAT_ENV, LOST, counts, open_storage  # noqa: E402
 
 CLI = "import sys; from mlxllm.cli import main; sys.argv[0] = 'mlxllm'; main()"
 FINISHED = {TrialState.COMPLETE, TrialState.PRUNED}
@@ -46,10 +46,24 @@ def pg() -> Iterator[PostgresServer]:
 
 def worker(spec: Path, out: Path, url: str, trials: int, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`mlxllm search run` as one machine would run it."""
-    args = [sys.executable, "-c", CLI, "search", "run", str(spec), "--out", str(out), "--storage", url,
-            "--trials", str(trials), "--quiet"]
-    return subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    args = [
+        sys.executable,
+        "-c",
+        CLI,
+        "search",
+        "run",
+        str(spec),
+        "--out",
+        str(out),
+        "--storage",
+        url,
+        "--trials",
+        str(trials),
+        "--quiet",
+    ]
+    return subprocess.Popen(
+        args, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
@@ -109,8 +123,9 @@ def retry_of(original: FrozenTrial, trials: list[FrozenTrial]) -> FrozenTrial:
     return t
 
 
-def test_workers_on_two_machines_share_one_study_and_lose_no_trial(tmp_path: Path, corpus: Path,
-                                                                   pg: PostgresServer) -> None:
+def test_workers_on_two_machines_share_one_study_and_lose_no_trial(
+    tmp_path: Path, corpus: Path, pg: PostgresServer
+) -> None:
     url = pg.create_database("shared")
     spec = write_spec(tmp_path, corpus, search='pruner = "none"', budget="amount = 60\neval_interval = 30")
     # A plain postgresql:// URL and one naming the driver reach the same study.
@@ -124,8 +139,10 @@ def test_workers_on_two_machines_share_one_study_and_lose_no_trial(tmp_path: Pat
     assert len(trials) == 5 and {t.state for t in trials} <= FINISHED, [t.state for t in trials]
     assert counts(study) == (5, 0)
     assert {t.user_attrs["worker"]["pid"] for t in trials} == {p.pid for p in procs}  # both machines trained
-    assert trials[0].params["n_heads"] == 2 and sum(t.params["n_heads"] == 2 and t.params["learning_rate"] == 1e-2
-                                                     for t in trials) == 1  # the base config is queued once
+    assert (
+        trials[0].params["n_heads"] == 2
+        and sum(t.params["n_heads"] == 2 and t.params["learning_rate"] == 1e-2 for t in trials) == 1
+    )  # the base config is queued once
     # The worker that ran out of trials first waited for the other's last one: both report the same winner.
     assert best_header(tmp_path / "machine0") == best_header(tmp_path / "machine1")
     result = cli("search", "report", str(tmp_path / "machine1"))  # the directory names the shared storage
@@ -133,8 +150,9 @@ def test_workers_on_two_machines_share_one_study_and_lose_no_trial(tmp_path: Pat
     assert (tmp_path / "machine1" / "history.png").stat().st_size > 0
 
 
-def test_a_killed_worker_is_found_by_its_heartbeat_and_its_trial_is_retried(tmp_path: Path, corpus: Path,
-                                                                           pg: PostgresServer) -> None:
+def test_a_killed_worker_is_found_by_its_heartbeat_and_its_trial_is_retried(
+    tmp_path: Path, corpus: Path, pg: PostgresServer
+) -> None:
     url = pg.create_database("killed")
     doomed, survivor = two_slow_workers(tmp_path, corpus, url)
     # Once both are mid-trial: the survivor has started, so only the heartbeat can find the dead one.
@@ -185,8 +203,9 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_bad_storage_is_one_clear_error_and_touches_nothing(tmp_path: Path, corpus: Path, pg: PostgresServer,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_storage_is_one_clear_error_and_touches_nothing(
+    tmp_path: Path, corpus: Path, pg: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spec = write_spec(tmp_path, corpus, budget="amount = 20\neval_interval = 10")
     out = tmp_path / "s"
     search(spec, out=out, trials=1, show=False)  # an earlier search (journal) whose files must survive

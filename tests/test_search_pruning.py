@@ -15,11 +15,10 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from optuna.trial import TrialState  # noqa: E402
-
 from mlxllm_search import search  # noqa: E402
 from mlxllm_search.run import make_pruner  # noqa: E402
 from mlxllm_search.spec import load_spec  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
 from test_search import base_tables  # noqa: E402
 
 BUDGET, EVAL_EVERY = 90, 10  # Hyperband's rungs: steps 10, 30 and 90 (reduction factor 3)
@@ -38,7 +37,9 @@ def write_spec(tmp_path: Path) -> Path:
     data.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(1500)))
     spec = tmp_path / "hyperband.toml"
     # No `pruner` under [search]: the default is under test.
-    spec.write_text(base_tables("hyperband", data) + textwrap.dedent(f"""
+    spec.write_text(
+        base_tables("hyperband", data)
+        + textwrap.dedent(f"""
         [space]
         n_layers = [1]
         head_dim = [16]
@@ -53,7 +54,8 @@ def write_spec(tmp_path: Path) -> Path:
         [search]
         objectives = ["val_loss"]
         sampler = "tpe"
-    """))
+    """)
+    )
     return spec
 
 
@@ -67,7 +69,9 @@ def test_default_hyperband_prunes_hopeless_trials_before_the_full_budget(tmp_pat
     seeds = []
     for i, lr in enumerate(HOPELESS_LRS):
         p = tmp_path / f"slow{i}.toml"
-        p.write_text(f"[model]\nn_layers = 1\nd_model = 32\nn_heads = 2\nmlp_ratio = 2.0\n[train]\nlearning_rate = {lr}\n")
+        p.write_text(
+            f"[model]\nn_layers = 1\nd_model = 32\nn_heads = 2\nmlp_ratio = 2.0\n[train]\nlearning_rate = {lr}\n"
+        )
         seeds.append(p)
     study = search(spec_path, out=tmp_path / "s", trials=1 + len(seeds), seed_configs=seeds, show=False).study
     trials = study.get_trials()
@@ -111,6 +115,8 @@ def test_a_trial_at_its_last_evaluation_is_finished_not_pruned(tmp_path: Path, m
     # Each trial is pruned at its first evaluation (step 10), before its last (step 20).
     for t in trials:
         assert t.state == TrialState.PRUNED and max(t.intermediate_values) == EVAL_EVERY, t.intermediate_values
-    spec_path.write_text(spec_path.read_text().replace(f"eval_interval = {EVAL_EVERY}", f"eval_interval = {2 * EVAL_EVERY}"))
+    spec_path.write_text(
+        spec_path.read_text().replace(f"eval_interval = {EVAL_EVERY}", f"eval_interval = {2 * EVAL_EVERY}")
+    )
     trials = search(spec_path, out=tmp_path / "t", trials=2, show=False).study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2  # its only evaluation is its last

@@ -17,20 +17,18 @@ import pytest
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
 
+from mlxllm_search import search  # noqa: E402
+from mlxllm_search.curve import fit_curve, kendall_tau  # noqa: E402
+from mlxllm_search.spec import load_spec, make_target  # noqa: E402
+from mlxllm_search.storage import counts  # noqa: E402
+from mlxllm_search.target import HUGE_STEPS, Point, Speed, Target, make_plan  # noqa: E402
+from mlxllm_search.targeted import uncounted  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
+from test_search import base_tables, search_cache, text  # noqa: E402, F401 - the module's cache and corpus
 from typer.testing import CliRunner  # noqa: E402
 
 import mlxllm.cli  # noqa: E402
 from mlxllm import MlxllmError, load_config  # noqa: E402
-from mlxllm_search import search  # noqa: E402
-from mlxllm_search.curve import fit_curve, kendall_tau  # noqa: E402
-from mlxllm_search.spec import load_spec, make_target  # noqa: E402
-from mlxllm_search.target import HUGE_STEPS, Point, Speed, Target, make_plan  # noqa: E402
-from mlxllm_search.targeted import uncounted  # noqa: E402
-from mlxllm_search.storage import counts  # noqa: E402
-
-from test_search import base_tables, search_cache, text  # noqa: E402, F401 - the module's cache and corpus
-
 
 SPACE = """
 [space]
@@ -57,11 +55,16 @@ def cli(*args: str):
 
 # --- the pieces ------------------------------------------------------------------------------------------
 
+
 def test_curve_fit_recovers_a_known_curve() -> None:
     a, b, c = 1.6, 8.0, 0.45
     x = np.geomspace(20, 400, 10)
     exact = fit_curve(x, a + b * x**-c)
-    assert exact.a == pytest.approx(a, abs=1e-3) and exact.b == pytest.approx(b, rel=1e-2) and exact.c == pytest.approx(c, abs=1e-3)
+    assert (
+        exact.a == pytest.approx(a, abs=1e-3)
+        and exact.b == pytest.approx(b, rel=1e-2)
+        and exact.c == pytest.approx(c, abs=1e-3)
+    )
     rng = np.random.default_rng(0)
     misses = []
     for _ in range(20):  # with evaluation noise: the 10x extrapolation lands within its stated uncertainty
@@ -122,8 +125,15 @@ def test_plan_of_rungs_follows_the_search_budget() -> None:
 
 def test_target_settings_and_spec_errors(tmp_path: Path, text: Path) -> None:
     target = make_target("seconds", 2)
-    assert target.apply(load_config(None).train).max_seconds == 2 and target.apply(load_config(None).train).max_steps == HUGE_STEPS
-    for kind, amount, message in (("minutes", 2, "one of seconds"), ("steps", 2.5, "whole number"), ("seconds", -1, "positive")):
+    assert (
+        target.apply(load_config(None).train).max_seconds == 2
+        and target.apply(load_config(None).train).max_steps == HUGE_STEPS
+    )
+    for kind, amount, message in (
+        ("minutes", 2, "one of seconds"),
+        ("steps", 2.5, "whole number"),
+        ("seconds", -1, "positive"),
+    ):
         with pytest.raises(MlxllmError, match=message):
             make_target(kind, amount)
     both = write_spec(tmp_path, text, tables='[target]\nseconds = 2\n[budget]\nkind = "steps"\namount = 20\n')
@@ -132,11 +142,29 @@ def test_target_settings_and_spec_errors(tmp_path: Path, text: Path) -> None:
     none = write_spec(tmp_path, text, tables="[target]\nmin_fraction = 0.1\n", name="n")
     with pytest.raises(MlxllmError, match="exactly one of seconds, steps, tokens"):
         load_spec(none)
-    result = cli("search", "run", str(write_spec(tmp_path, text, tables="", name="c")), "--target-seconds", "2",
-                 "--target-steps", "10", "--out", str(tmp_path / "c"))
+    result = cli(
+        "search",
+        "run",
+        str(write_spec(tmp_path, text, tables="", name="c")),
+        "--target-seconds",
+        "2",
+        "--target-steps",
+        "10",
+        "--out",
+        str(tmp_path / "c"),
+    )
     assert result.exit_code == 1 and "Give one target" in result.output and isinstance(result.exception, SystemExit)
-    result = cli("search", "run", str(write_spec(tmp_path, text, tables="", name="d")), "--target-seconds", "100",
-                 "--search-seconds", "1", "--out", str(tmp_path / "d"))
+    result = cli(
+        "search",
+        "run",
+        str(write_spec(tmp_path, text, tables="", name="d")),
+        "--target-seconds",
+        "100",
+        "--search-seconds",
+        "1",
+        "--out",
+        str(tmp_path / "d"),
+    )
     assert result.exit_code == 1 and "too short to train even one trial" in result.output
     assert not (tmp_path / "d" / "study.journal").exists()  # refused before any study or training
 
@@ -144,7 +172,9 @@ def test_target_settings_and_spec_errors(tmp_path: Path, text: Path) -> None:
 def test_the_target_is_part_of_what_makes_trials_comparable(tmp_path: Path, text: Path) -> None:
     spec = write_spec(tmp_path, text, tables="[target]\nseconds = 2\n")
     base = load_spec(spec)
-    rungs = write_spec(tmp_path, text, tables="[target]\nseconds = 2\nmin_fraction = 0.2\n[search]\nseconds = 30\n", name="r")
+    rungs = write_spec(
+        tmp_path, text, tables="[target]\nseconds = 2\nmin_fraction = 0.2\n[search]\nseconds = 30\n", name="r"
+    )
     longer = write_spec(tmp_path, text, tables="[target]\nseconds = 3\n", name="l")
     assert load_spec(rungs).space_hash() == base.space_hash()  # other rungs, same predictions: resumable
     assert load_spec(longer).space_hash() != base.space_hash()
@@ -152,9 +182,13 @@ def test_the_target_is_part_of_what_makes_trials_comparable(tmp_path: Path, text
 
 # --- searches ---------------------------------------------------------------------------------------------
 
+
 def test_tiny_target_search_end_to_end_within_its_budget(tmp_path: Path, text: Path) -> None:
     # A 3 s target; 14 s of search: rungs at 1/9 and 1/3 of it, then the best one continued to the whole target.
-    spec = write_spec(tmp_path, text, tables="""
+    spec = write_spec(
+        tmp_path,
+        text,
+        tables="""
         [target]
         seconds = 3
         min_fraction = 0.111
@@ -163,13 +197,16 @@ def test_tiny_target_search_end_to_end_within_its_budget(tmp_path: Path, text: P
         [search]
         pruner = "successive-halving"
         startup_trials = 3
-    """)
+    """,
+    )
     out, budget = tmp_path / "s", 14.0
     start = time.perf_counter()
     result = cli("search", "run", str(spec), "--out", str(out), "--search-seconds", str(budget), "--seed", "0")
     wall = time.perf_counter() - start
     assert result.exit_code == 0, result.output
-    assert wall < budget + 4, f"the search ran {wall:.1f} s on a {budget:g} s budget"  # +: the last evaluation, best.toml
+    assert wall < budget + 4, (
+        f"the search ran {wall:.1f} s on a {budget:g} s budget"
+    )  # +: the last evaluation, best.toml
     assert "pred@T" in result.output and "meas@T" in result.output and "Search cost" in result.output
 
     best = load_config(out / "best.toml")
@@ -177,8 +214,10 @@ def test_tiny_target_search_end_to_end_within_its_budget(tmp_path: Path, text: P
     assert best.train.warmup_steps == 2 and best.train.batch_size == 4 and best.model.max_seq_len == 32
     assert "validation loss at the target" in (out / "best.toml").read_text()
 
-    study = optuna.load_study(study_name="t", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))))
+    study = optuna.load_study(
+        study_name="t",
+        storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))),
+    )
     trials = study.get_trials()
     assert len(trials) >= 3
     plan = load_spec(spec).plan
@@ -194,14 +233,19 @@ def test_tiny_target_search_end_to_end_within_its_budget(tmp_path: Path, text: P
     assert len(confirms) == 1 and confirms[0].state == TrialState.COMPLETE
     c = confirms[0]
     src = trials[c.user_attrs["confirms"]]
-    assert c.params == src.params and c.user_attrs["points"][: len(src.user_attrs["points"])] == src.user_attrs["points"]
+    assert (
+        c.params == src.params and c.user_attrs["points"][: len(src.user_attrs["points"])] == src.user_attrs["points"]
+    )
     assert c.user_attrs["points"][-1][0] > src.user_attrs["points"][-1][0]
     if c.user_attrs.get("actual") is not None:  # got to the target (a loaded machine may cut it short)
         assert c.value == c.user_attrs["actual"] and c.user_attrs["rung"] == 1.0
 
 
 def test_rungs_are_seconds_of_the_target_so_a_slow_architecture_gets_fewer_steps(tmp_path: Path, text: Path) -> None:
-    spec = write_spec(tmp_path, text, tables="""
+    spec = write_spec(
+        tmp_path,
+        text,
+        tables="""
         [target]
         seconds = 4
         min_fraction = 0.25
@@ -209,10 +253,16 @@ def test_rungs_are_seconds_of_the_target_so_a_slow_architecture_gets_fewer_steps
         confirm_top = 0
         [search]
         pruner = "none"
-    """, space=SPACE.replace("[1]", "[1, 3]").replace("[1, 2]", "[1, 4]").replace("[2.0]", "[2.0, 4.0]"))
+    """,
+        space=SPACE.replace("[1]", "[1, 3]").replace("[1, 2]", "[1, 4]").replace("[2.0]", "[2.0, 4.0]"),
+    )
     small, slow = tmp_path / "small.toml", tmp_path / "slow.toml"
-    small.write_text("[model]\nn_layers = 1\nd_model = 16\nn_heads = 1\nmlp_ratio = 2.0\n[train]\nlearning_rate = 1e-2\n")
-    slow.write_text("[model]\nn_layers = 3\nd_model = 64\nn_heads = 4\nmlp_ratio = 4.0\n[train]\nlearning_rate = 1e-2\n")
+    small.write_text(
+        "[model]\nn_layers = 1\nd_model = 16\nn_heads = 1\nmlp_ratio = 2.0\n[train]\nlearning_rate = 1e-2\n"
+    )
+    slow.write_text(
+        "[model]\nn_layers = 3\nd_model = 64\nn_heads = 4\nmlp_ratio = 4.0\n[train]\nlearning_rate = 1e-2\n"
+    )
     study = search(spec, out=tmp_path / "s", trials=2, seed_configs=[small, slow], show=False).study
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2, [t.user_attrs for t in study.trials]
     by_width = {t.user_attrs["model"]["d_model"]: t for t in study.trials}
@@ -227,7 +277,10 @@ def test_rungs_are_seconds_of_the_target_so_a_slow_architecture_gets_fewer_steps
 
 def test_over_cap_architectures_are_rejected_for_free_and_not_counted(tmp_path: Path, text: Path) -> None:
     # Two heads (18,560 parameters) are over the cap; the base config has two: rejected before training.
-    spec = write_spec(tmp_path, text, tables="""
+    spec = write_spec(
+        tmp_path,
+        text,
+        tables="""
         [budget]
         kind = "steps"
         amount = 20
@@ -237,7 +290,8 @@ def test_over_cap_architectures_are_rejected_for_free_and_not_counted(tmp_path: 
         pruner = "none"
         [search.caps]
         params = 10_000
-    """)
+    """,
+    )
     study = search(spec, out=tmp_path / "s", trials=3, seed=1, show=False).study
     free = [t for t in study.trials if t.user_attrs.get("free")]
     trained = [t for t in study.trials if t.state == TrialState.COMPLETE]

@@ -20,6 +20,7 @@ from mlxllm.cpu import fastexp
 from mlxllm.cpu.streams import BFS_WIDTH, stream_count
 from mlxllm.errors import MlxllmError
 from mlxllm.model import build_model
+
 linux_openblas = pytest.mark.skipif(
     not (sys.platform.startswith("linux") and _blas.loaded and "openblas" in _blas.loaded),
     reason="needs OpenBLAS preloaded on Linux",
@@ -28,7 +29,9 @@ linux_openblas = pytest.mark.skipif(
 
 def _python(code: str, **env: str) -> str:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("OPENBLAS_")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env}, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env}, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
@@ -41,13 +44,20 @@ def test_blas_setup_sets_thread_timeout_before_loading():
     assert _python(code, OPENBLAS_THREAD_TIMEOUT="12") == "12"
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="set only on Linux, where the step is split over streams")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="set only on Linux, where the step is split over streams"
+)
 def test_import_widens_mlx_graph_walk_unless_the_user_set_it():
     """Importing mlxllm sets MLX_BFS_MAX_WIDTH before MLX's first evaluation (see cpu.streams.BFS_WIDTH)."""
     code = "import os, mlxllm; print(os.environ['MLX_BFS_MAX_WIDTH'])"
     clean = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"}
-    run = lambda **env: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
-                                       env={**clean, **env}, timeout=120).stdout.strip()
+    run = lambda **env: subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,  # noqa: E731
+        env={**clean, **env},
+        timeout=120,
+    ).stdout.strip()
     assert run() == BFS_WIDTH
     assert run(MLX_BFS_MAX_WIDTH="33") == "33"
 
@@ -263,8 +273,10 @@ def test_the_pytorch_reference_is_mlxllms_model():
     tmodel = ref.make_trainer({**cfg, "hidden_dim": mc.hidden_dim}).model
     assert sum(p.numel() for p in tmodel.parameters()) == mc.num_params()
     ours = build_model(mc, seed=1)
-    names = {k.replace("model.", "", 1).replace("self_attn.", "").replace("mlp.", ""): v
-             for k, v in tree_flatten(ours.parameters())}
+    names = {
+        k.replace("model.", "", 1).replace("self_attn.", "").replace("mlp.", ""): v
+        for k, v in tree_flatten(ours.parameters())
+    }
     with torch.no_grad():
         for name, p in tmodel.named_parameters():
             p.copy_(torch.from_numpy(np.array(names.pop(name))))

@@ -35,8 +35,9 @@ def test_split_step_matches_one_stream(corpus: Path, tmp_path: Path, streams: in
 
 
 def test_split_step_with_accumulation_and_bfloat16(corpus: Path, tmp_path: Path):
-    m, t, k = tiny_configs(corpus, tmp_path / "one", max_steps=4, eval_interval=4, cpu_streams=1, grad_accum=2,
-                           dtype="bfloat16")
+    m, t, k = tiny_configs(
+        corpus, tmp_path / "one", max_steps=4, eval_interval=4, cpu_streams=1, grad_accum=2, dtype="bfloat16"
+    )
     one = train(m, t, k, show_progress=False)
     split = train(m, replace(t, out_dir=str(tmp_path / "split"), cpu_streams=2), k, show_progress=False)
     assert split.val_loss == pytest.approx(one.val_loss, abs=2e-2)  # bf16 sums in another order
@@ -50,8 +51,10 @@ def test_auto_stream_count_divides_the_batch():
     assert stream_count(TrainConfig(batch_size=16, cpu_streams=4)) == 4
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or mx.default_device().type != mx.DeviceType.cpu,
-                    reason="auto splits over streams only on the Linux CPU backend")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or mx.default_device().type != mx.DeviceType.cpu,
+    reason="auto splits over streams only on the Linux CPU backend",
+)
 def test_auto_uses_every_core_on_the_linux_cpu():
     cores = usable_cores()
     n = stream_count(TrainConfig(batch_size=16))
@@ -61,8 +64,10 @@ def test_auto_uses_every_core_on_the_linux_cpu():
         assert n > 1  # 16 has a divisor between 2 and any core count
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or mx.default_device().type != mx.DeviceType.cpu
-                    or usable_cores() < 2, reason="auto splits over streams only on a multi-core Linux CPU")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or mx.default_device().type != mx.DeviceType.cpu or usable_cores() < 2,
+    reason="auto splits over streams only on a multi-core Linux CPU",
+)
 def test_auto_keeps_small_models_on_one_stream():
     from mlxllm import ModelConfig
 
@@ -80,7 +85,9 @@ def test_stream_count_must_divide_the_batch():
         TrainConfig(cpu_streams=-1)
 
 
-@pytest.mark.skipif(_blas.threads() is None or not _blas.loaded, reason="needs a preloaded BLAS whose thread count can be set")
+@pytest.mark.skipif(
+    _blas.threads() is None or not _blas.loaded, reason="needs a preloaded BLAS whose thread count can be set"
+)
 def test_blas_threads_lowered_for_streams_and_restored(corpus: Path, tmp_path: Path):
     before = _blas.threads()
     seen = []

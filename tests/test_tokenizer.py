@@ -40,7 +40,9 @@ def test_tokenizer_train_command(corpus: Path, tmp_path: Path):
     from mlxllm.cli import app
 
     out = tmp_path / "tok"
-    result = CliRunner().invoke(app, ["tokenizer", "train", "--data", str(corpus), "--vocab-size", "300", "--out", str(out)])
+    result = CliRunner().invoke(
+        app, ["tokenizer", "train", "--data", str(corpus), "--vocab-size", "300", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     tok = load_tokenizer(out)
     assert tok.decode(tok.encode("a dog finds")) == "a dog finds"

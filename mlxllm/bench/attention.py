@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import mlx.core as mx
 
@@ -32,8 +33,7 @@ def _attention_fn(impl: str) -> Callable[..., mx.array]:
     return lambda q, k, v, scale: attention(q, k, v, scale=scale, causal=True, impl=impl)
 
 
-def _measure(impl: str, L: int, batch: int, heads: int, head_dim: int, dtype: mx.Dtype,
-             repeats: int) -> dict[str, Any]:
+def _measure(impl: str, L: int, batch: int, heads: int, head_dim: int, dtype: mx.Dtype, repeats: int) -> dict[str, Any]:
     mx.random.seed(0)
     q, k, v, cot = (mx.random.normal((batch, heads, L, head_dim)).astype(dtype) for _ in range(4))
     mx.eval(q, k, v, cot)
@@ -104,4 +104,3 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     recorded = [r["impl"] for r in rows if r.get("recorded")]
     if recorded:
         console.print(f"recorded '{recorded[0]}' as auto attention for {device_name()} in {rows[0]['record_path']}")
-

@@ -93,8 +93,11 @@ def time_run(stream: Iterable[int], prompt_len: int) -> dict[str, Any]:
     t_first = time.perf_counter()
     rest = list(it)
     end = time.perf_counter()
-    return {"ids": [first, *rest], "prompt_tps": prompt_len / (t_first - start),
-            "decode_tps": len(rest) / (end - t_first) if rest else float("nan")}
+    return {
+        "ids": [first, *rest],
+        "prompt_tps": prompt_len / (t_first - start),
+        "decode_tps": len(rest) / (end - t_first) if rest else float("nan"),
+    }
 
 
 def agreement(a: list[int], b: list[int]) -> int:
@@ -102,8 +105,16 @@ def agreement(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def run_benchmark(run: str | Path | None = None, cfg: ModelConfig | None = None, *, prompt_tokens: int = 32,
-                  tokens: int = 200, rounds: int = 5, seed: int = 0, impls: tuple[str, ...] = IMPLS) -> dict[str, Any]:
+def run_benchmark(
+    run: str | Path | None = None,
+    cfg: ModelConfig | None = None,
+    *,
+    prompt_tokens: int = 32,
+    tokens: int = 200,
+    rounds: int = 5,
+    seed: int = 0,
+    impls: tuple[str, ...] = IMPLS,
+) -> dict[str, Any]:
     """Measure each implementation; returns the table's data (see print_table)."""
     model, source = benchmark_model(run, cfg, seed)
     c = model.config
@@ -113,7 +124,8 @@ def run_benchmark(run: str | Path | None = None, cfg: ModelConfig | None = None,
         raise MlxllmError(
             f"--prompt-tokens + --tokens ({prompt_tokens + tokens}) is past this model's context window "
             f"({c.max_seq_len}). There mlxllm restarts from the window's most recent half and mlx-lm does not, "
-            "so their outputs would differ by design; choose fewer tokens.")
+            "so their outputs would differ by design; choose fewer tokens."
+        )
     notes = []
     missing = mlx_lm_available() if "mlx-lm" in impls else None
     if missing:
@@ -132,18 +144,31 @@ def run_benchmark(run: str | Path | None = None, cfg: ModelConfig | None = None,
     reference = runs["mlx-lm"][0]["ids"] if "mlx-lm" in runs else None
     rows = []
     for name, rs in runs.items():
-        rows.append({
-            "impl": name, "note": IMPL_NOTES[name],
-            "prompt_tps": statistics.median(x["prompt_tps"] for x in rs),
-            "decode_tps": statistics.median(x["decode_tps"] for x in rs),
-            "decode_tps_rounds": [x["decode_tps"] for x in rs], "prompt_tps_rounds": [x["prompt_tps"] for x in rs],
-            "same_each_round": all(x["ids"] == rs[0]["ids"] for x in rs),
-            "agrees_with_mlx_lm": None if reference is None else agreement(rs[0]["ids"], reference),
-        })
-    return {"model": source, "config": {k: getattr(c, k) for k in ("n_layers", "d_model", "n_heads", "kv_heads",
-                                                                    "hidden_dim", "vocab_size", "max_seq_len")},
-            "prompt_tokens": prompt_tokens, "tokens": tokens, "rounds": rounds, "rows": rows, "notes": notes,
-            "system": system_line()}
+        rows.append(
+            {
+                "impl": name,
+                "note": IMPL_NOTES[name],
+                "prompt_tps": statistics.median(x["prompt_tps"] for x in rs),
+                "decode_tps": statistics.median(x["decode_tps"] for x in rs),
+                "decode_tps_rounds": [x["decode_tps"] for x in rs],
+                "prompt_tps_rounds": [x["prompt_tps"] for x in rs],
+                "same_each_round": all(x["ids"] == rs[0]["ids"] for x in rs),
+                "agrees_with_mlx_lm": None if reference is None else agreement(rs[0]["ids"], reference),
+            }
+        )
+    return {
+        "model": source,
+        "config": {
+            k: getattr(c, k)
+            for k in ("n_layers", "d_model", "n_heads", "kv_heads", "hidden_dim", "vocab_size", "max_seq_len")
+        },
+        "prompt_tokens": prompt_tokens,
+        "tokens": tokens,
+        "rounds": rounds,
+        "rows": rows,
+        "notes": notes,
+        "system": system_line(),
+    }
 
 
 def system_line() -> str:
@@ -167,22 +192,30 @@ def print_table(result: dict[str, Any]) -> None:
 
     console = Console(width=None if sys.stdout.isatty() else 200)
     c = result["config"]
-    title = (f"Greedy generation, {c['n_layers']} layers x d_model {c['d_model']}, {c['n_heads']} heads "
-             f"({c['kv_heads']} KV), ffn {c['hidden_dim']}, vocab {c['vocab_size']}, {result['model']}: "
-             f"{result['prompt_tokens']}-token prompt, {result['tokens']} new tokens")
+    title = (
+        f"Greedy generation, {c['n_layers']} layers x d_model {c['d_model']}, {c['n_heads']} heads "
+        f"({c['kv_heads']} KV), ffn {c['hidden_dim']}, vocab {c['vocab_size']}, {result['model']}: "
+        f"{result['prompt_tokens']}-token prompt, {result['tokens']} new tokens"
+    )
     t = Table(title=title)
     for col in ("implementation", "prompt tokens/s", "decode tokens/s", "decode vs mlx-lm", "same ids as mlx-lm"):
         t.add_column(col, justify="left" if col == "implementation" else "right")
     base = next((r["decode_tps"] for r in result["rows"] if r["impl"] == "mlx-lm"), None)
     for r in result["rows"]:
         same = r["agrees_with_mlx_lm"]
-        t.add_row(r["impl"], f"{r['prompt_tps']:,.0f}", f"{r['decode_tps']:,.0f}",
-                  f"{r['decode_tps'] / base:.2f}x" if base else "-",
-                  "-" if same is None else ("all" if same == result["tokens"] else f"first {same} of {result['tokens']}"))
+        t.add_row(
+            r["impl"],
+            f"{r['prompt_tps']:,.0f}",
+            f"{r['decode_tps']:,.0f}",
+            f"{r['decode_tps'] / base:.2f}x" if base else "-",
+            "-" if same is None else ("all" if same == result["tokens"] else f"first {same} of {result['tokens']}"),
+        )
     console.print(t)
     console.print(f"  {result['system']}")
-    console.print(f"  medians of {result['rounds']} interleaved rounds after a warm-up run of each; "
-                  + "; ".join(f"{r['impl']}: {r['note']}" for r in result["rows"]))
+    console.print(
+        f"  medians of {result['rounds']} interleaved rounds after a warm-up run of each; "
+        + "; ".join(f"{r['impl']}: {r['note']}" for r in result["rows"])
+    )
     for n in result["notes"]:
         console.print(f"[yellow]{n}[/yellow]")
 
@@ -193,8 +226,13 @@ def architecture(overrides: dict[str, int | None]) -> ModelConfig | None:
     return ModelConfig(**{"vocab_size": 2048, **given}) if given else None
 
 
-def main(run: str | Path | None = None, cfg: ModelConfig | None = None, *, json_path: str | Path | None = None,
-         **options: Any) -> dict[str, Any]:
+def main(
+    run: str | Path | None = None,
+    cfg: ModelConfig | None = None,
+    *,
+    json_path: str | Path | None = None,
+    **options: Any,
+) -> dict[str, Any]:
     """Run, print the table, and write the results as JSON when json_path is given."""
     result = run_benchmark(run, cfg, **options)
     print_table(result)

@@ -69,8 +69,17 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, vocab: int, n_layers: int, d: int, n_heads: int, hidden: int, max_seq: int,
-                 theta: float = 10000.0, eps: float = 1e-5):
+    def __init__(
+        self,
+        vocab: int,
+        n_layers: int,
+        d: int,
+        n_heads: int,
+        hidden: int,
+        max_seq: int,
+        theta: float = 10000.0,
+        eps: float = 1e-5,
+    ):
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab, d)
         self.layers = nn.ModuleList(Block(d, n_heads, hidden, eps) for _ in range(n_layers))
@@ -147,8 +156,9 @@ def make_trainer(cfg: dict, *, mode: str = "eager", seed: int = 0, backend: str 
     return Trainer(step, model, kind)
 
 
-def _compiled_whole_step(loss_of: Callable, params: list[nn.Parameter], opt: torch.optim.Optimizer,
-                         clip: float, backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def _compiled_whole_step(
+    loss_of: Callable, params: list[nn.Parameter], opt: torch.optim.Optimizer, clip: float, backend: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """Forward, backward, clipping and the AdamW step under one torch.compile.
 
     Dynamo traces loss.backward() into the graph only with trace_autograd_ops (PyTorch 2.13; without

@@ -44,7 +44,15 @@ DEFAULT_CONFIGS: list[dict[str, Any]] = [
     {"name": "d256", "vocab_size": 65, "n_layers": 4, "d_model": 256, "n_heads": 4, "seq_len": 256, "batch_size": 16},
     {"name": "d512", "vocab_size": 65, "n_layers": 4, "d_model": 512, "n_heads": 8, "seq_len": 256, "batch_size": 16},
 ]
-TINY_CONFIG = {"name": "tiny", "vocab_size": 65, "n_layers": 2, "d_model": 64, "n_heads": 4, "seq_len": 32, "batch_size": 4}
+TINY_CONFIG = {
+    "name": "tiny",
+    "vocab_size": 65,
+    "n_layers": 2,
+    "d_model": 64,
+    "n_heads": 4,
+    "seq_len": 32,
+    "batch_size": 4,
+}
 
 
 def torch_available() -> str | None:
@@ -82,7 +90,6 @@ def _theoretical_peak() -> float:
 
 def measure_peak(seconds: float = 1.0) -> float:
     import mlxllm  # noqa: F401
-
     from mlxllm.device import measure_matmul_flops
 
     return measure_matmul_flops(seconds=seconds)
@@ -107,8 +114,9 @@ def measure_rounds(workers: list[Worker], windows: int, steps: int, offset: int 
     return rounds
 
 
-def _bench_config(cfg: dict[str, Any], impls: list[str], steps: int, warmup: int, windows: int,
-                  offset: int) -> tuple[list[Worker], dict[str, list[dict[str, Any]]]]:
+def _bench_config(
+    cfg: dict[str, Any], impls: list[str], steps: int, warmup: int, windows: int, offset: int
+) -> tuple[list[Worker], dict[str, list[dict[str, Any]]]]:
     workers: list[Worker] = []
     try:
         # Started one at a time, so a compile does not compete with another; in a rotated order too.
@@ -123,27 +131,40 @@ def _bench_config(cfg: dict[str, Any], impls: list[str], steps: int, warmup: int
             w.close()
 
 
-def _row(cfg: dict[str, Any], w: Worker, replies: list[dict[str, Any]], peak: float, peaks: list[float]) -> dict[str, Any]:
+def _row(
+    cfg: dict[str, Any], w: Worker, replies: list[dict[str, Any]], peak: float, peaks: list[float]
+) -> dict[str, Any]:
     warm, ws = replies[0], replies[1:]
     model_flops, exec_flops = model_config(cfg).flops_per_token(cfg["seq_len"]), executed_matmul_flops_per_token(cfg)
     tps = statistics.median(r["tokens_per_s"] for r in ws)
     compiled = w.impl in COMPILED_MLX or w.impl.startswith("torch-compile")
     note = IMPL_NOTES[w.impl] + (f", {w.ready['optimizer']} AdamW" if "optimizer" in w.ready else "")
     return {
-        "config": cfg["name"], "impl": w.impl, "note": note,
+        "config": cfg["name"],
+        "impl": w.impl,
+        "note": note,
         "model": {k: v for k, v in cfg.items() if k not in ("name", "hidden_dim")},
-        "tokens_per_s": tps, "tokens_per_s_windows": [r["tokens_per_s"] for r in ws],
-        "warmup_window": warm, "windows": ws,
+        "tokens_per_s": tps,
+        "tokens_per_s_windows": [r["tokens_per_s"] for r in ws],
+        "warmup_window": warm,
+        "windows": ws,
         "step_ms": 1000 * cfg["batch_size"] * cfg["seq_len"] / tps,
-        "mfu": tps * model_flops / peak, "exec_mfu": tps * exec_flops / peak,
-        "model_flops_per_token": model_flops, "peak_measured": max(peaks), "exec_flops_per_token": exec_flops,
-        "peak_flops": peak, "first_step_s": w.ready["first_step_s"], "traces": ws[-1]["traces"],
+        "mfu": tps * model_flops / peak,
+        "exec_mfu": tps * exec_flops / peak,
+        "model_flops_per_token": model_flops,
+        "peak_measured": max(peaks),
+        "exec_flops_per_token": exec_flops,
+        "peak_flops": peak,
+        "first_step_s": w.ready["first_step_s"],
+        "traces": ws[-1]["traces"],
         # Graphs traced after the first step: a recompile (the first step's own count is 1 for MLX,
         # 2 for the whole PyTorch step, whose optimizer step is a graph of its own).
         "recompiles": ws[-1]["traces"] - w.ready["first_traces"] if compiled else None,
-        "optimizer": w.ready.get("optimizer"), "attention": w.ready.get("attention"),
+        "optimizer": w.ready.get("optimizer"),
+        "attention": w.ready.get("attention"),
         "cache_dir": w.ready["cache_dir"],
-        "peak_mem_mb": ws[-1]["peak_mem_mb"], "max_rss_mb": ws[-1]["max_rss_mb"],
+        "peak_mem_mb": ws[-1]["peak_mem_mb"],
+        "max_rss_mb": ws[-1]["max_rss_mb"],
         "cpu_per_wall": statistics.median(r["cpu_per_wall"] for r in ws),
     }
 
@@ -183,8 +204,18 @@ def run_benchmark(
         from mlxllm.cpu import blas
         from mlxllm.device import cpu_facts
 
-        Path(json_path).write_text(json.dumps({"results": results, "notes": notes, "peak_flops_runs": peaks,
-                                               "cpu": cpu_facts(), "blas": blas.describe()}, indent=1))
+        Path(json_path).write_text(
+            json.dumps(
+                {
+                    "results": results,
+                    "notes": notes,
+                    "peak_flops_runs": peaks,
+                    "cpu": cpu_facts(),
+                    "blas": blas.describe(),
+                },
+                indent=1,
+            )
+        )
     return results
 
 
@@ -197,7 +228,11 @@ def memory_check(cfg: dict[str, Any], checkpoints: tuple[int, ...] = (100, 1000)
         for n in checkpoints:
             r = w.window(n - done)
             done = n
-            out[n] = {"peak_mem_mb": r["peak_mem_mb"], "active_mem_mb": r["active_mem_mb"], "max_rss_mb": r["max_rss_mb"]}
+            out[n] = {
+                "peak_mem_mb": r["peak_mem_mb"],
+                "active_mem_mb": r["active_mem_mb"],
+                "max_rss_mb": r["max_rss_mb"],
+            }
     finally:
         w.close()
     first, last = out[checkpoints[0]], out[checkpoints[-1]]
@@ -213,8 +248,10 @@ def memory_check(cfg: dict[str, Any], checkpoints: tuple[int, ...] = (100, 1000)
         for n, m in out.items():
             t.add_row(f"{n:,}", f"{m['peak_mem_mb']:.1f}", f"{m['active_mem_mb']:.1f}", f"{m['max_rss_mb']:.1f}")
         Console().print(t)
-        Console().print(f"peak growth from step {checkpoints[0]} to {checkpoints[-1]}: {growth:+.2%} "
-                        f"({'steady' if result['steady'] else 'GROWING'})")
+        Console().print(
+            f"peak growth from step {checkpoints[0]} to {checkpoints[-1]}: {growth:+.2%} "
+            f"({'steady' if result['steady'] else 'GROWING'})"
+        )
     return result
 
 
@@ -226,20 +263,42 @@ def print_table(results: list[dict[str, Any]], notes: list[str] = ()) -> None:
     for cfg_name in dict.fromkeys(r["config"] for r in results):
         rows = [r for r in results if r["config"] == cfg_name]
         m = rows[0]["model"]
-        title = (f"{cfg_name}: {m['n_layers']} layers x d_model {m['d_model']}, {m['n_heads']} heads, "
-                 f"context {m['seq_len']}, batch {m['batch_size']}, vocab {m['vocab_size']}, fp32 AdamW")
+        title = (
+            f"{cfg_name}: {m['n_layers']} layers x d_model {m['d_model']}, {m['n_heads']} heads, "
+            f"context {m['seq_len']}, batch {m['batch_size']}, vocab {m['vocab_size']}, fp32 AdamW"
+        )
         t = Table(title=title)
-        for c in ("implementation", "tokens/s", "vs torch eager", "ms/step", "MFU", "MFU (executed)", "peak MB",
-                  "max RSS MB", "traces", "recompiles", "first step s", "CPU/wall"):
+        for c in (
+            "implementation",
+            "tokens/s",
+            "vs torch eager",
+            "ms/step",
+            "MFU",
+            "MFU (executed)",
+            "peak MB",
+            "max RSS MB",
+            "traces",
+            "recompiles",
+            "first step s",
+            "CPU/wall",
+        ):
             t.add_column(c, justify="left" if c == "implementation" else "right")
         base = next((r["tokens_per_s"] for r in rows if r["impl"] == "torch-eager"), None)
         for r in rows:
             t.add_row(
-                r["impl"], f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / base:.2f}x" if base else "-",
-                f"{r['step_ms']:.0f}", f"{r['mfu']:.1%}", f"{r['exec_mfu']:.1%}",
-                "-" if math.isnan(r["peak_mem_mb"]) else f"{r['peak_mem_mb']:.0f}", f"{r['max_rss_mb']:.0f}",
-                *(("-", "-") if r["recompiles"] is None else (str(r["traces"]), str(r["recompiles"]))),  # compiled rows only
-                f"{r['first_step_s']:.1f}", f"{r['cpu_per_wall']:.2f}",
+                r["impl"],
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['tokens_per_s'] / base:.2f}x" if base else "-",
+                f"{r['step_ms']:.0f}",
+                f"{r['mfu']:.1%}",
+                f"{r['exec_mfu']:.1%}",
+                "-" if math.isnan(r["peak_mem_mb"]) else f"{r['peak_mem_mb']:.0f}",
+                f"{r['max_rss_mb']:.0f}",
+                *(
+                    ("-", "-") if r["recompiles"] is None else (str(r["traces"]), str(r["recompiles"]))
+                ),  # compiled rows only
+                f"{r['first_step_s']:.1f}",
+                f"{r['cpu_per_wall']:.2f}",
             )
         console.print(t)
         r0 = rows[0]
@@ -267,20 +326,39 @@ def print_table(results: list[dict[str, Any]], notes: list[str] = ()) -> None:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", action="append", choices=[c["name"] for c in DEFAULT_CONFIGS] + ["tiny"],
-                   help="which config(s) to run (default: all defaults)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        choices=[c["name"] for c in DEFAULT_CONFIGS] + ["tiny"],
+        help="which config(s) to run (default: all defaults)",
+    )
     p.add_argument("--impl", action="append", choices=IMPLS, help="which implementation(s) (default: all)")
     p.add_argument("--steps", type=int, default=3, help="steps per window")
     p.add_argument("--warmup", type=int, default=2, help="steps before measuring (the first one compiles)")
-    p.add_argument("--windows", type=int, default=4,
-                   help="measured windows per implementation, after one discarded warm-up window (median reported)")
-    p.add_argument("--peak-gflops", type=float, default=None,
-                   help="use this matmul peak for MFU instead of measuring it (e.g. one taken on a quiet machine)")
+    p.add_argument(
+        "--windows",
+        type=int,
+        default=4,
+        help="measured windows per implementation, after one discarded warm-up window (median reported)",
+    )
+    p.add_argument(
+        "--peak-gflops",
+        type=float,
+        default=None,
+        help="use this matmul peak for MFU instead of measuring it (e.g. one taken on a quiet machine)",
+    )
     p.add_argument("--attention", choices=("auto", "fast", "reference"), default=None, help="override model.attention")
     p.add_argument("--json", dest="json_path", help="write the results here")
-    p.add_argument("--memory-check", nargs="?", const="100,1000", metavar="STEPS",
-                   help="instead: peak memory of mlxllm's compiled step after each of these steps (default 100,1000)")
+    p.add_argument(
+        "--memory-check",
+        nargs="?",
+        const="100,1000",
+        metavar="STEPS",
+        help="instead: peak memory of mlxllm's compiled step after each of these steps (default 100,1000)",
+    )
     a = p.parse_args(argv)
     by_name = {c["name"]: c for c in [*DEFAULT_CONFIGS, TINY_CONFIG]}
     configs = [dict(by_name[n]) for n in a.config] if a.config else [dict(c) for c in DEFAULT_CONFIGS]
@@ -293,8 +371,15 @@ def main(argv: list[str] | None = None) -> None:
         if a.json_path:
             Path(a.json_path).write_text(json.dumps(res, indent=1))
         return
-    run_benchmark(configs, steps=a.steps, warmup=a.warmup, windows=a.windows, json_path=a.json_path,
-                  impls=tuple(a.impl) if a.impl else IMPLS, peak_flops=a.peak_gflops * 1e9 if a.peak_gflops else None)
+    run_benchmark(
+        configs,
+        steps=a.steps,
+        warmup=a.warmup,
+        windows=a.windows,
+        json_path=a.json_path,
+        impls=tuple(a.impl) if a.impl else IMPLS,
+        peak_flops=a.peak_gflops * 1e9 if a.peak_gflops else None,
+    )
 
 
 if __name__ == "__main__":

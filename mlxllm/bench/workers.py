@@ -27,8 +27,14 @@ def model_config(cfg: dict[str, Any]) -> Any:
     """The benchmark config's mlxllm ModelConfig (imports mlxllm: MLX workers and the driver only)."""
     from mlxllm.config import ModelConfig
 
-    return ModelConfig(vocab_size=cfg["vocab_size"], n_layers=cfg["n_layers"], d_model=cfg["d_model"],
-                       n_heads=cfg["n_heads"], max_seq_len=cfg["seq_len"], attention=cfg.get("attention", "auto"))
+    return ModelConfig(
+        vocab_size=cfg["vocab_size"],
+        n_layers=cfg["n_layers"],
+        d_model=cfg["d_model"],
+        n_heads=cfg["n_heads"],
+        max_seq_len=cfg["seq_len"],
+        attention=cfg.get("attention", "auto"),
+    )
 
 
 def _rss_mb() -> float:
@@ -38,13 +44,12 @@ def _rss_mb() -> float:
 
 
 def _mlx_worker(impl: str, cfg: dict[str, Any]):
-    import mlxllm  # noqa: F401 - loads the optimized BLAS before mlx.core
-
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
     import numpy as np
 
+    import mlxllm  # noqa: F401 - loads the optimized BLAS before mlx.core
     from mlxllm import step as step_mod
     from mlxllm.attention import resolve_attention
     from mlxllm.config import TrainConfig
@@ -52,8 +57,12 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
     from mlxllm.model import build_model
 
     mc = model_config(cfg)
-    tc = TrainConfig(batch_size=cfg["batch_size"], seq_len=cfg["seq_len"], compile=impl in COMPILED_MLX,
-                     cpu_streams=1 if impl == "mlxllm-1stream" else 0)
+    tc = TrainConfig(
+        batch_size=cfg["batch_size"],
+        seq_len=cfg["seq_len"],
+        compile=impl in COMPILED_MLX,
+        cpu_streams=1 if impl == "mlxllm-1stream" else 0,
+    )
     traces = [0]
     real_loss_fn = step_mod.loss_fn
     # A trace calls loss_fn once per stream the step is split over.
@@ -113,8 +122,11 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
             return batch
 
     def memory() -> dict[str, float]:
-        return {"peak_mem_mb": mx.get_peak_memory() / 2**20, "active_mem_mb": mx.get_active_memory() / 2**20,
-                "max_rss_mb": _rss_mb()}
+        return {
+            "peak_mem_mb": mx.get_peak_memory() / 2**20,
+            "active_mem_mb": mx.get_active_memory() / 2**20,
+            "max_rss_mb": _rss_mb(),
+        }
 
     return run, next_batch, traces, memory, {"attention": resolve_attention(mc.attention)}
 
@@ -170,8 +182,20 @@ def worker_main(impl: str, cfg: dict[str, Any], warmup: int) -> None:
     batch = run(1, batch)  # the first step compiles
     first, first_traces = time.perf_counter() - t0, traces[0]
     batch = run(max(0, warmup - 1), batch)
-    out.write(json.dumps({"ready": True, "first_step_s": first, "first_traces": first_traces, "traces": traces[0],
-                          "cache_dir": os.environ.get("MLXLLM_CACHE_DIR"), **facts, **memory()}) + "\n")
+    out.write(
+        json.dumps(
+            {
+                "ready": True,
+                "first_step_s": first,
+                "first_traces": first_traces,
+                "traces": traces[0],
+                "cache_dir": os.environ.get("MLXLLM_CACHE_DIR"),
+                **facts,
+                **memory(),
+            }
+        )
+        + "\n"
+    )
     out.flush()
     done = warmup
     for line in sys.stdin:
@@ -185,8 +209,16 @@ def worker_main(impl: str, cfg: dict[str, Any], warmup: int) -> None:
         batch = run(n, batch)
         dt = time.perf_counter() - t
         done += n
-        reply = {"started": started, "seconds": dt, "steps": n, "tokens_per_s": n * cfg["batch_size"] * cfg["seq_len"] / dt,
-                 "cpu_per_wall": (time.process_time() - c) / dt, "traces": traces[0], "steps_done": done, **memory()}
+        reply = {
+            "started": started,
+            "seconds": dt,
+            "steps": n,
+            "tokens_per_s": n * cfg["batch_size"] * cfg["seq_len"] / dt,
+            "cpu_per_wall": (time.process_time() - c) / dt,
+            "traces": traces[0],
+            "steps_done": done,
+            **memory(),
+        }
         out.write(json.dumps(reply) + "\n")
         out.flush()
 
@@ -195,8 +227,12 @@ def isolated_env(cache: Path) -> dict[str, str]:
     """The environment of a worker whose caches are all its own, under `cache`: it neither reads the
     user's (a recorded attention choice in MLXLLM_CACHE_DIR would change what 'auto' runs; Inductor's
     compiled kernels from an earlier run would hide PyTorch's compile time) nor another worker's."""
-    return {**os.environ, "MLXLLM_CACHE_DIR": str(cache / "mlxllm"),
-            "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
+    return {
+        **os.environ,
+        "MLXLLM_CACHE_DIR": str(cache / "mlxllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+        "TRITON_CACHE_DIR": str(cache / "triton"),
+    }
 
 
 class Worker:
@@ -204,11 +240,23 @@ class Worker:
         self.impl = impl
         self.cache = Path(tempfile.mkdtemp(prefix=f"mlxllm-bench-{impl}-"))
         # This file by its path: importing it as mlxllm.bench.workers would import the package (see above).
-        boot = ("import importlib.util as u, sys; s = u.spec_from_file_location('mlxllm_bench_worker', sys.argv[1]); "
-                "m = u.module_from_spec(s); s.loader.exec_module(m); m.main(sys.argv[2:])")
-        cmd = [sys.executable, "-c", boot, str(Path(__file__).resolve()), "--worker", impl, json.dumps(cfg), str(warmup)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env=isolated_env(self.cache))
+        boot = (
+            "import importlib.util as u, sys; s = u.spec_from_file_location('mlxllm_bench_worker', sys.argv[1]); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m); m.main(sys.argv[2:])"
+        )
+        cmd = [
+            sys.executable,
+            "-c",
+            boot,
+            str(Path(__file__).resolve()),
+            "--worker",
+            impl,
+            json.dumps(cfg),
+            str(warmup),
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=isolated_env(self.cache)
+        )
         self.ready: dict[str, Any] | None = None
 
     def _reply(self) -> dict[str, Any]:
@@ -238,8 +286,6 @@ class Worker:
             self.proc.kill()
             self.proc.wait()
         shutil.rmtree(self.cache, ignore_errors=True)
-
-
 
 
 def main(argv: list[str]) -> None:

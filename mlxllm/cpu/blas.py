@@ -113,7 +113,7 @@ _THREAD_API = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _thread_api(path: str) -> tuple | None:
     """The (setter, getter) of the library at path, looked up once."""
     lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)

@@ -53,7 +53,7 @@ def _sum_groups(x: mx.array) -> mx.array:
     return x.squeeze(2) if x.shape[2] == 1 else x.sum(axis=2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _halves(scale: float) -> Callable:
     """The two-halves attention with its gradient, for one scale. q: (B, Hkv, G, L, D);
     k, v: (B, Hkv, 1, L, D). Returns (out in (B, L, Hkv, G, D) order, e1, l1, e2, l2); the last four
@@ -92,8 +92,10 @@ def _halves(scale: float) -> Callable:
             return mx.concatenate([g2[:, :, :h] + g1, g2[:, :, h:]], axis=2)[:, :, None]
 
         dk = key_grad(ds1.swapaxes(-1, -2) @ q[:, :, :, :h], ds2.swapaxes(-1, -2) @ q[:, :, :, h:])
-        dv = key_grad(e1.astype(dt).swapaxes(-1, -2) @ (do[:, :, :, :h] / l1).astype(dt),
-                      e2.astype(dt).swapaxes(-1, -2) @ (do[:, :, :, h:] / l2).astype(dt))
+        dv = key_grad(
+            e1.astype(dt).swapaxes(-1, -2) @ (do[:, :, :, :h] / l1).astype(dt),
+            e2.astype(dt).swapaxes(-1, -2) @ (do[:, :, :, h:] / l2).astype(dt),
+        )
         return dq, dk, dv
 
     return halves

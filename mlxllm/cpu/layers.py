@@ -51,7 +51,7 @@ def _rotate(x5: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return x5 * cos[..., None, :] + x5[..., ::-1, :] * mx.stack([-sin, sin], axis=-2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sequence_rope(base: float) -> Callable[[mx.array], mx.array]:
     """x: (B, L, H, D), positions 0..L-1 -> rotated, in (B, H, L, D) order.
 
@@ -75,7 +75,7 @@ def sequence_rope(base: float) -> Callable[[mx.array], mx.array]:
     return rope
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rms_norm(eps: float) -> Callable[[mx.array, mx.array], mx.array]:
     """mx.fast.rms_norm with its gradient written out. For training-sized arrays: decoding one token,
     the wrapper costs more than it saves."""

@@ -6,7 +6,8 @@ forward -> (O, lse); backward: delta = rowsum(dO * O) in MLX ops, then the dQ ke
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import mlx.core as mx
 
@@ -23,7 +24,7 @@ def inner_tile(head_dim: int) -> int:
     return 32 if head_dim <= 64 else 16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_kernel(kind: str, backend: str) -> Any:
     """One MLX kernel object per (kind, backend); dtype, D, tiles, causal and G are template arguments,
     which MLX compiles and caches once per combination."""
@@ -58,9 +59,18 @@ def launch_grid(n_rows: int, heads: int, batch: int, rows: int) -> tuple[tuple[i
     return (groups * rows * 32, heads, batch), (rows * 32, 1, 1)
 
 
-def _launch(kind: str, backend: str, inputs: list[mx.array], outputs: list[tuple[tuple[int, ...], mx.Dtype]],
-            grid_rows: int, heads: int, batch: int, targs: list[tuple[str, Any]], rows: int,
-            verbose: bool) -> list[mx.array]:
+def _launch(
+    kind: str,
+    backend: str,
+    inputs: list[mx.array],
+    outputs: list[tuple[tuple[int, ...], mx.Dtype]],
+    grid_rows: int,
+    heads: int,
+    batch: int,
+    targs: list[tuple[str, Any]],
+    rows: int,
+    verbose: bool,
+) -> list[mx.array]:
     grid, threadgroup = launch_grid(grid_rows, heads, batch, rows)
     return build_kernel(kind, backend)(
         inputs=inputs,
@@ -73,41 +83,95 @@ def _launch(kind: str, backend: str, inputs: list[mx.array], outputs: list[tuple
     )
 
 
-def fused_forward(q: mx.array, k: mx.array, v: mx.array, *, scale: float, causal: bool, backend: str,
-                  rows: int = ROWS_PER_GROUP, tile: int | None = None, verbose: bool = False
-                  ) -> tuple[mx.array, mx.array]:
+def fused_forward(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    *,
+    scale: float,
+    causal: bool,
+    backend: str,
+    rows: int = ROWS_PER_GROUP,
+    tile: int | None = None,
+    verbose: bool = False,
+) -> tuple[mx.array, mx.array]:
     B, H, L, D = q.shape
     dims, sc = _scalars(q, k, scale)
     targs = template_args(q.dtype, D, causal, H // k.shape[1], rows, tile)
-    o, lse = _launch("forward", backend, [q, k, v, dims, sc], [(q.shape, q.dtype), ((B, H, L), mx.float32)],
-                     L, H, B, targs, rows, verbose)
+    o, lse = _launch(
+        "forward",
+        backend,
+        [q, k, v, dims, sc],
+        [(q.shape, q.dtype), ((B, H, L), mx.float32)],
+        L,
+        H,
+        B,
+        targs,
+        rows,
+        verbose,
+    )
     return o, lse
 
 
-def fused_dq(q: mx.array, k: mx.array, v: mx.array, do: mx.array, lse: mx.array, delta: mx.array, *,
-             scale: float, causal: bool, backend: str, rows: int = ROWS_PER_GROUP, tile: int | None = None,
-             verbose: bool = False) -> mx.array:
+def fused_dq(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    do: mx.array,
+    lse: mx.array,
+    delta: mx.array,
+    *,
+    scale: float,
+    causal: bool,
+    backend: str,
+    rows: int = ROWS_PER_GROUP,
+    tile: int | None = None,
+    verbose: bool = False,
+) -> mx.array:
     B, H, L, D = q.shape
     dims, sc = _scalars(q, k, scale)
     targs = template_args(q.dtype, D, causal, H // k.shape[1], rows, tile)
-    (dq,) = _launch("dq", backend, [q, k, v, do, lse, delta, dims, sc], [(q.shape, q.dtype)],
-                    L, H, B, targs, rows, verbose)
+    (dq,) = _launch(
+        "dq", backend, [q, k, v, do, lse, delta, dims, sc], [(q.shape, q.dtype)], L, H, B, targs, rows, verbose
+    )
     return dq
 
 
-def fused_dkv(q: mx.array, k: mx.array, v: mx.array, do: mx.array, lse: mx.array, delta: mx.array, *,
-              scale: float, causal: bool, backend: str, rows: int = ROWS_PER_GROUP, tile: int | None = None,
-              verbose: bool = False) -> tuple[mx.array, mx.array]:
+def fused_dkv(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    do: mx.array,
+    lse: mx.array,
+    delta: mx.array,
+    *,
+    scale: float,
+    causal: bool,
+    backend: str,
+    rows: int = ROWS_PER_GROUP,
+    tile: int | None = None,
+    verbose: bool = False,
+) -> tuple[mx.array, mx.array]:
     B, H, L, D = q.shape
     hkv = k.shape[1]
     dims, sc = _scalars(q, k, scale)
     targs = template_args(q.dtype, D, causal, H // hkv, rows, tile)
-    dk, dv = _launch("dkv", backend, [q, k, v, do, lse, delta, dims, sc], [(k.shape, k.dtype), (v.shape, v.dtype)],
-                     L, hkv, B, targs, rows, verbose)
+    dk, dv = _launch(
+        "dkv",
+        backend,
+        [q, k, v, do, lse, delta, dims, sc],
+        [(k.shape, k.dtype), (v.shape, v.dtype)],
+        L,
+        hkv,
+        B,
+        targs,
+        rows,
+        verbose,
+    )
     return dk, dv
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fused_function(scale: float, causal: bool, backend: str) -> Callable:
     """custom_function (q, k, v) -> (O, lse) with the two-kernel FlashAttention-2 backward as its VJP."""
 
@@ -129,12 +193,14 @@ def fused_function(scale: float, causal: bool, backend: str) -> Callable:
     return fwd
 
 
-def fused_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, causal: bool = True,
-                    backend: str) -> mx.array:
+def fused_attention(
+    q: mx.array, k: mx.array, v: mx.array, *, scale: float, causal: bool = True, backend: str
+) -> mx.array:
     """Fused attention on the GPU. q: (B, H, L, D); k, v: (B, Hkv, L, D); D in 32, 64, 128."""
     _check(q, k, v)
     if q.shape[-1] not in HEAD_DIMS or q.dtype not in DTYPES:
-        raise ValueError(f"fused attention supports head dims {HEAD_DIMS} and fp32/fp16/bf16; got "
-                         f"D={q.shape[-1]}, {q.dtype}")
+        raise ValueError(
+            f"fused attention supports head dims {HEAD_DIMS} and fp32/fp16/bf16; got D={q.shape[-1]}, {q.dtype}"
+        )
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     return fused_function(float(scale), bool(causal), backend)(q, k, v)[0]

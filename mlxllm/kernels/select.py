@@ -24,7 +24,7 @@ def _read(path: Path) -> dict[str, str]:
     return data if isinstance(data, dict) else {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _recorded(path: str, key: str) -> str | None:
     choice = _read(Path(path)).get(key)
     return choice if choice in IMPLS else None

@@ -7,7 +7,7 @@ It runs on any device. Its point is memory: no (L, S) score matrix is ever mater
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -149,7 +149,7 @@ def attention_delta(o: mx.array, do: mx.array, dlse: mx.array | None = None) -> 
     return delta
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiled_function(scale: float, causal: bool, tile_q: int = TILE_Q, tile_k: int = TILE_K) -> Callable:
     """A custom_function (q, k, v) -> (O, lse) whose VJP is the tiled backward."""
 
@@ -191,5 +191,11 @@ def _check(q: mx.array, k: mx.array, v: mx.array) -> None:
 
 
 __all__ = [
-    "TILE_K", "TILE_Q", "attention_delta", "tiled_attention", "tiled_backward", "tiled_forward", "tiled_function",
+    "TILE_K",
+    "TILE_Q",
+    "attention_delta",
+    "tiled_attention",
+    "tiled_backward",
+    "tiled_forward",
+    "tiled_function",
 ]

@@ -28,22 +28,22 @@ class Curve:
     n: int  # points fitted
 
     def __call__(self, x: float) -> float:
-        return self.a + self.b * x ** -self.c
+        return self.a + self.b * x**-self.c
 
     def predict(self, x: float) -> tuple[float, float]:
         """(loss, its standard deviation) at x."""
         mean = self(x)
         if self.cov is None:  # an exact fit of two points: the extrapolated drop itself is the uncertainty
-            return mean, max(abs(self.b * x ** -self.c), 1e-3)
+            return mean, max(abs(self.b * x**-self.c), 1e-3)
         cov = np.array(self.cov)
-        grad = np.array([1.0, x ** -self.c, -self.b * x ** -self.c * math.log(x)])[: len(cov)]
+        grad = np.array([1.0, x**-self.c, -self.b * x**-self.c * math.log(x)])[: len(cov)]
         return mean, math.sqrt(max(0.0, float(grad @ cov @ grad)) + self.noise**2)
 
 
 def _linear(x: np.ndarray, y: np.ndarray, c: float) -> tuple[float, float, float]:
     """Least-squares (a, b) for a fixed c, with b >= 0 (a loss curve does not rise) and a >= 0 (nor does a
     cross-entropy fall below zero); returns (a, b, rss)."""
-    z = x ** -c
+    z = x**-c
     A = np.stack([np.ones_like(z), z], axis=1)
     (a, b), *_ = np.linalg.lstsq(A, y, rcond=None)
     if b < 0:
@@ -83,7 +83,7 @@ def fit_curve(x: Sequence[float], y: Sequence[float], c: float | None = None) ->
     noise = math.sqrt(rss / dof) if dof > 0 else 0.0
     if dof <= 0:
         return Curve(a, b, c, None, 0.0, len(xs))
-    z = xs ** -c
+    z = xs**-c
     J = np.stack([np.ones_like(z), z, -b * z * np.log(xs)], axis=1)[:, :k]
     cov = np.linalg.pinv(J.T @ J) * noise**2
     return Curve(a, b, c, tuple(map(tuple, cov.tolist())), noise, len(xs))

@@ -29,8 +29,11 @@ def describe(t: FrozenTrial) -> dict[str, str]:
     loss = t.values[0] if t.values else t.user_attrs.get("val_loss", last)
     note = t.user_attrs.get("rejected") or t.user_attrs.get("lost") or t.user_attrs.get("cut") or ""
     # A target-aware trial's rungs are fractions of the target (its intermediate steps are ms or steps of it).
-    where = f"{t.user_attrs['rung']:.3g}" if "rung" in t.user_attrs else (
-        str(max(t.intermediate_values)) if t.intermediate_values else "")
+    where = (
+        f"{t.user_attrs['rung']:.3g}"
+        if "rung" in t.user_attrs
+        else (str(max(t.intermediate_values)) if t.intermediate_values else "")
+    )
     if t.state == TrialState.PRUNED and not note:
         note = f"pruned@{where}" if where else "pruned"
     if t.state == TrialState.RUNNING and where:
@@ -59,7 +62,9 @@ def describe(t: FrozenTrial) -> dict[str, str]:
     }
 
 
-def table(trials: list[FrozenTrial], title: str, objectives: tuple[str, ...], marks: dict[int, str] | None = None) -> Table:
+def table(
+    trials: list[FrozenTrial], title: str, objectives: tuple[str, ...], marks: dict[int, str] | None = None
+) -> Table:
     # Measured costs beyond step time only when the search optimizes or caps them: the table must fit 80 columns.
     cols = ["#", "state", "L", "d", "h/kv", "mlp", "lr", "params", "loss", "ms/step", "note"]
     if any("predicted" in t.user_attrs for t in trials):  # a target-aware search: the loss at the target
@@ -86,8 +91,11 @@ def leaderboard(study: optuna.Study, objectives: tuple[str, ...], shown: tuple[s
     infeasible = {t.number for t in done if any(v > 0 for v in t.constraints.values())}
     done.sort(key=lambda t: (t.number in infeasible, t.values[0]))
     targeted = any("predicted" in t.user_attrs for t in done)
-    what = ("validation loss at the target: predicted (±1 sd) from the fraction trained (at), measured where it got there"
-            if targeted else "validation loss")
+    what = (
+        "validation loss at the target: predicted (±1 sd) from the fraction trained (at), measured where it got there"
+        if targeted
+        else "validation loss"
+    )
     title = f"Leaderboard ({what}" + (", * = Pareto front over " + ", ".join(objectives) if front else "") + ")"
     marks = {t.number: "*" for t in done if t.number in front}
     marks.update({n: "over a cap" for n in infeasible})
@@ -127,10 +135,13 @@ class LiveTrials:
             if t.state.is_finished() and t.number not in self._printed:
                 self._printed.add(t.number)
                 c = describe(t)
-                print(f"trial {c['#']:>3} {c['state']:<8} layers={c['L']} d_model={c['d']} heads/kv={c['h/kv']} "
-                      f"mlp={c['mlp']} lr={c['lr']} params={c['params']} val_loss={c['loss']} step_ms={c['ms/step']}"
-                      + (f" predicted@target={c['pred@T']}±{c['±']} at={c['at']}" if c["pred@T"] != "-" else "")
-                      + (f"  ({c['note']})" if c["note"] else ""), flush=True)
+                print(
+                    f"trial {c['#']:>3} {c['state']:<8} layers={c['L']} d_model={c['d']} heads/kv={c['h/kv']} "
+                    f"mlp={c['mlp']} lr={c['lr']} params={c['params']} val_loss={c['loss']} step_ms={c['ms/step']}"
+                    + (f" predicted@target={c['pred@T']}±{c['±']} at={c['at']}" if c["pred@T"] != "-" else "")
+                    + (f"  ({c['note']})" if c["note"] else ""),
+                    flush=True,
+                )
 
 
 def objective_names(objectives: tuple[str, ...]) -> str:

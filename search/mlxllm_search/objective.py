@@ -48,15 +48,23 @@ def _last_step(run: RunConfig) -> int:
     t = run.train
     if t.max_tokens is None:
         return t.max_steps
-    return min(t.max_steps, math.ceil(t.max_tokens / (t.batch_size * (t.seq_len or run.model.max_seq_len) * t.grad_accum)))
+    return min(
+        t.max_steps, math.ceil(t.max_tokens / (t.batch_size * (t.seq_len or run.model.max_seq_len) * t.grad_accum))
+    )
 
 
 class Objective:
     """Callable for `study.optimize`; `on_trial_start` lets the caller know a trial now exists (see storage.Gate)."""
 
-    def __init__(self, spec: SearchSpec, search_dir: Path, data: TokenData,
-                 on_trial_start: Callable[[], None] | None = None, on_eval: Callable[[], None] | None = None,
-                 deadlines: Deadlines | None = None):
+    def __init__(
+        self,
+        spec: SearchSpec,
+        search_dir: Path,
+        data: TokenData,
+        on_trial_start: Callable[[], None] | None = None,
+        on_eval: Callable[[], None] | None = None,
+        deadlines: Deadlines | None = None,
+    ):
         self.spec, self.search_dir, self.data = spec, search_dir, data
         self.on_trial_start, self.on_eval = on_trial_start, on_eval
         self.deadlines = deadlines or Deadlines()
@@ -106,7 +114,9 @@ class Objective:
         if not math.isfinite(loss):
             raise MlxllmError(f"trial {trial.number} ended without a finite validation loss")
         if not measured["step_ms"]:  # the budget ended before the first evaluation callback
-            measured["step_ms"].append(1000 * trial.user_attrs.get("elapsed", 0.0) / max(trial.user_attrs.get("steps", 1), 1))
+            measured["step_ms"].append(
+                1000 * trial.user_attrs.get("elapsed", 0.0) / max(trial.user_attrs.get("steps", 1), 1)
+            )
             measured["memory_gb"].append(mx.get_peak_memory() / 1e9)
 
         values = {
@@ -132,6 +142,7 @@ class Objective:
 
     def _train_budget(self, trial: optuna.Trial, run: RunConfig, measure: Callable[[dict[str, Any]], None]) -> float:
         """Train the [budget], reporting each evaluation to the pruner; returns the final validation loss."""
+
         def report(metrics: dict[str, Any]) -> None:
             measure(metrics)
             step = metrics["step"]
@@ -145,8 +156,9 @@ class Objective:
                     raise optuna.TrialPruned(f"validation loss {metrics['val_loss']:.4f} at step {step}")
             self._refresh()
 
-        result = train(run.model, run.train, run.tokenizer, overwrite=True, callback=report, show_progress=False,
-                       data=self.data)
+        result = train(
+            run.model, run.train, run.tokenizer, overwrite=True, callback=report, show_progress=False, data=self.data
+        )
         if result.val_loss is None or not math.isfinite(result.val_loss):
             raise MlxllmError(f"trial {trial.number} ended without a finite validation loss")
         for key, value in (("steps", result.step), ("elapsed", result.elapsed), ("run_dir", str(result.run_dir))):

@@ -40,14 +40,22 @@ def typical_exponent(trials: Sequence[FrozenTrial]) -> float | None:
     return statistics.median(cs) if cs else None
 
 
-def predict(points: Sequence[Point], warmup_steps: int, steps_at_target: float, typical_c: float | None,
-            vocab_size: int, c: float | None = None) -> tuple[float, float, list[float] | None]:
+def predict(
+    points: Sequence[Point],
+    warmup_steps: int,
+    steps_at_target: float,
+    typical_c: float | None,
+    vocab_size: int,
+    c: float | None = None,
+) -> tuple[float, float, list[float] | None]:
     """(loss at the target, its sd, the fit [a, b, c, points, free] or None with a single evaluation); `c`
     fixes the exponent."""
     fit = fit_window(points, warmup_steps)
     if len(fit) < 2:  # one evaluation: no curve, and the whole drop to come is unknown
         return points[-1].loss, abs(math.log(vocab_size) - points[-1].loss), None
     free = c is None and len(fit) >= FIT_MIN_POINTS
-    curve = fit_curve([p.step for p in fit], [p.loss for p in fit], None if free else (c if c is not None else typical_c))
+    curve = fit_curve(
+        [p.step for p in fit], [p.loss for p in fit], None if free else (c if c is not None else typical_c)
+    )
     mean, std = curve.predict(max(steps_at_target, fit[-1].step))
     return mean, std, [curve.a, curve.b, curve.c, len(fit), free]

@@ -26,17 +26,23 @@ def report(search_dir: str | Path, *, storage: str | None = None, study_name: st
     meta_path = search_dir / META_NAME
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if not meta and storage is None:
-        raise MlxllmError(f"{search_dir} is not a search directory (it has no {META_NAME}). Pass the --out of `mlxllm search run`, or --storage and --study-name.")
+        raise MlxllmError(
+            f"{search_dir} is not a search directory (it has no {META_NAME}). Pass the --out of `mlxllm search run`, or --storage and --study-name."
+        )
     store = open_storage(storage or meta.get("storage"), search_dir)
     name = study_name or meta.get("study_name")
     try:
         study = optuna.load_study(study_name=name, storage=store)
     except (KeyError, ValueError):
         names = optuna.get_all_study_names(store)
-        raise MlxllmError(f"No study named {name!r} in that storage (it holds {', '.join(names) or 'none'}). Pass --study-name.") from None
+        raise MlxllmError(
+            f"No study named {name!r} in that storage (it holds {', '.join(names) or 'none'}). Pass --study-name."
+        ) from None
     objectives = study.user_attrs.get("objectives") or meta.get("objectives") or ["val_loss"]
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        raise MlxllmError(f"The study {name!r} has no completed trial yet, so there is nothing to plot. Run the search first.")
+        raise MlxllmError(
+            f"The study {name!r} has no completed trial yet, so there is nothing to plot. Run the search first."
+        )
     multi = len(objectives) > 1
     loss = {"target": (lambda t: t.values[0]) if multi else None, "target_name": "val_loss"}
 

@@ -23,11 +23,18 @@ from mlxllm_search.display import LiveTrials, leaderboard, objective_names
 from mlxllm_search.objective import Objective
 from mlxllm_search.space import SearchSpec, run_config
 from mlxllm_search.spec import UNLIMITED_TRIALS, load_spec, make_target, with_target
-from mlxllm_search.storage import (POLL_S, counts, default_url, next_step, open_storage, sweep, taken_over,
-                                   trial_gate)
+from mlxllm_search.storage import POLL_S, counts, default_url, next_step, open_storage, sweep, taken_over, trial_gate
 from mlxllm_search.target import ETA, Deadlines, Target
-from mlxllm_search.targeted import (confirm, describe_plan, spent, target_best, target_header, time_for_a_trial,
-                                    too_many_free, uncounted)
+from mlxllm_search.targeted import (
+    confirm,
+    describe_plan,
+    spent,
+    target_best,
+    target_header,
+    time_for_a_trial,
+    too_many_free,
+    uncounted,
+)
 
 META_NAME = "search.json"
 BEST_NAME = "best.toml"
@@ -60,21 +67,27 @@ def make_pruner(spec: SearchSpec) -> optuna.pruners.BasePruner:
     if plan is not None:  # rungs of the target: their resource is ms of the target run (or steps), as reported
         first = plan.ticks(plan.fractions[0])
         if name == "hyperband":
-            return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=plan.ticks(plan.fractions[-1]),
-                                                  reduction_factor=ETA)
+            return optuna.pruners.HyperbandPruner(
+                min_resource=first, max_resource=plan.ticks(plan.fractions[-1]), reduction_factor=ETA
+            )
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
     if name == "successive-halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
     steps = spec.budget.steps(spec.tokens_per_step)
-    return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=steps if steps is not None else "auto", reduction_factor=3)
+    return optuna.pruners.HyperbandPruner(
+        min_resource=first, max_resource=steps if steps is not None else "auto", reduction_factor=3
+    )
 
 
-def open_study(spec: SearchSpec, search_dir: Path, storage: str | None, study_name: str, seed: int | None,
-               create: bool = True) -> optuna.Study:
+def open_study(
+    spec: SearchSpec, search_dir: Path, storage: str | None, study_name: str, seed: int | None, create: bool = True
+) -> optuna.Study:
     """Create the study or load it; a study of the same name over another space is refused."""
     store = open_storage(storage, search_dir)
-    kwargs: dict[str, Any] = dict(study_name=study_name, storage=store, sampler=make_sampler(spec, seed), pruner=make_pruner(spec))
+    kwargs: dict[str, Any] = dict(
+        study_name=study_name, storage=store, sampler=make_sampler(spec, seed), pruner=make_pruner(spec)
+    )
     if create:
         study = optuna.create_study(directions=spec.settings.directions, load_if_exists=True, **kwargs)
     else:
@@ -99,8 +112,17 @@ def open_study(spec: SearchSpec, search_dir: Path, storage: str | None, study_na
     return study
 
 
-def _work(spec: SearchSpec, search_dir: Path, storage: str | None, study_name: str, target: int, seed: int | None,
-          data_dir: Path, live: LiveTrials | None = None, deadlines: Deadlines | None = None) -> None:
+def _work(
+    spec: SearchSpec,
+    search_dir: Path,
+    storage: str | None,
+    study_name: str,
+    target: int,
+    seed: int | None,
+    data_dir: Path,
+    live: LiveTrials | None = None,
+    deadlines: Deadlines | None = None,
+) -> None:
     """One worker: take trials until the study holds `target` of them (finished or running; rejections
     before training and confirmations not counted) or the search's time is up, each trained on the
     token data prepared once in data_dir."""
@@ -111,8 +133,14 @@ def _work(spec: SearchSpec, search_dir: Path, storage: str | None, study_name: s
     sweep(study)
     gate = trial_gate(storage, search_dir, study_name)
     refresh = (lambda: live.update(study)) if live else None
-    objective = Objective(spec, search_dir, data_mod.open_prepared(data_dir), on_trial_start=gate.release, on_eval=refresh,
-                          deadlines=deadlines)
+    objective = Objective(
+        spec,
+        search_dir,
+        data_mod.open_prepared(data_dir),
+        on_trial_start=gate.release,
+        on_eval=refresh,
+        deadlines=deadlines,
+    )
     while True:
         if not time_for_a_trial(spec, deadlines) or too_many_free(study, target):
             return
@@ -190,26 +218,55 @@ def write_best(study: optuna.Study, spec: SearchSpec, search_dir: Path) -> Path 
     return path
 
 
-def _announce(console: LiveTrials, study: optuna.Study, spec: SearchSpec, storage: str | None, search_dir: Path,
-              target: int, workers: int, requeued: list[int], n_fits: int) -> None:
+def _announce(
+    console: LiveTrials,
+    study: optuna.Study,
+    spec: SearchSpec,
+    storage: str | None,
+    search_dir: Path,
+    target: int,
+    workers: int,
+    requeued: list[int],
+    n_fits: int,
+) -> None:
     finished, running = counts(study)
     console.console.print(
         f"Study [bold]{study.study_name}[/] in {storage or default_url(search_dir)}: {finished} trials done"
         + (f", {len(requeued)} lost trial(s) of dead workers queued again" if requeued else "")
-        + (f"; running until it holds {target} ({max(0, target - finished - running)} more)" if target < UNLIMITED_TRIALS
-           else f"; running for {spec.settings.seconds:g} s") + f" with {workers} worker(s). "
+        + (
+            f"; running until it holds {target} ({max(0, target - finished - running)} more)"
+            if target < UNLIMITED_TRIALS
+            else f"; running for {spec.settings.seconds:g} s"
+        )
+        + f" with {workers} worker(s). "
         f"Objectives: {objective_names(spec.settings.objectives)}; "
-        + (describe_plan(spec, workers) if spec.target else f"budget {spec.budget.amount:g} {spec.budget.kind} per trial")
+        + (
+            describe_plan(spec, workers)
+            if spec.target
+            else f"budget {spec.budget.amount:g} {spec.budget.kind} per trial"
+        )
         + f"; {n_fits} architectures within the caps.",
         highlight=False,
     )
     if spec.space.params_of(spec.base) is None:
-        console.console.print("The [base] config's architecture is not in the search space, so it does not seed the study.",
-                              highlight=False)
+        console.console.print(
+            "The [base] config's architecture is not in the search space, so it does not seed the study.",
+            highlight=False,
+        )
 
 
-def _run_workers(console: LiveTrials, study: optuna.Study, spec: SearchSpec, search_dir: Path, storage: str | None,
-                 target: int, workers: int, seed: int | None, data_dir: Path, deadlines: Deadlines) -> None:
+def _run_workers(
+    console: LiveTrials,
+    study: optuna.Study,
+    spec: SearchSpec,
+    search_dir: Path,
+    storage: str | None,
+    target: int,
+    workers: int,
+    seed: int | None,
+    data_dir: Path,
+    deadlines: Deadlines,
+) -> None:
     """Run the workers (in this process for one) until the study holds `target` trials."""
     n_before = len(study.get_trials(deepcopy=False))
     args = (spec, search_dir, storage, study.study_name, target)
@@ -217,8 +274,10 @@ def _run_workers(console: LiveTrials, study: optuna.Study, spec: SearchSpec, sea
         _work(*args, _sampler_seed(seed, n_before, 0), data_dir, console, deadlines)
         return
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(*args, _sampler_seed(seed, n_before, i), data_dir, None, deadlines))
-             for i in range(workers)]
+    procs = [
+        ctx.Process(target=_worker_main, args=(*args, _sampler_seed(seed, n_before, i), data_dir, None, deadlines))
+        for i in range(workers)
+    ]
     for p in procs:
         p.start()
     while any(p.is_alive() for p in procs):
@@ -241,8 +300,9 @@ def _show_result(console: LiveTrials, study: optuna.Study, spec: SearchSpec, bes
         front = sorted(study.best_trials, key=lambda t: t.number)
         console.console.print(f"Pareto front: trials {', '.join(str(t.number) for t in front)}")
     console.console.print(
-        f"Best config: {best} (mlxllm train --config {best})" if best else
-        "No trial finished within the caps, so there is no best config yet. Add trials or relax [search.caps].",
+        f"Best config: {best} (mlxllm train --config {best})"
+        if best
+        else "No trial finished within the caps, so there is no best config yet. Add trials or relax [search.caps].",
         highlight=False,
     )
 
@@ -301,8 +361,12 @@ def search(
         requeued = sweep(study)
         for params in seeds:
             study.enqueue_trial(params, skip_if_exists=True)
-    (search_dir / META_NAME).write_text(json.dumps(
-        {"study_name": name, "storage": storage, "spec": spec.source, "objectives": list(spec.settings.objectives)}, indent=2))
+    (search_dir / META_NAME).write_text(
+        json.dumps(
+            {"study_name": name, "storage": storage, "spec": spec.source, "objectives": list(spec.settings.objectives)},
+            indent=2,
+        )
+    )
 
     console = LiveTrials(spec.settings.objectives + tuple(k for k, _ in spec.settings.caps.items()), show)
     if show:
@@ -311,8 +375,12 @@ def search(
     deadlines = Deadlines.start(spec.settings.seconds, plan.reserve_s if plan else 0.0, since=started)
     with console:
         _run_workers(console, study, spec, search_dir, storage, total, workers, seed, prepared.directory, deadlines)
-        confirmed = confirm(study, spec, Objective(spec, search_dir, prepared, on_eval=lambda: console.update(study),
-                                                   deadlines=deadlines), deadlines)
+        confirmed = confirm(
+            study,
+            spec,
+            Objective(spec, search_dir, prepared, on_eval=lambda: console.update(study), deadlines=deadlines),
+            deadlines,
+        )
     best = write_best(study, spec, search_dir)
     if show:
         _show_result(console, study, spec, best)

@@ -143,7 +143,9 @@ class RungTrainer:
         return max(1, math.ceil((until - now) / max(per_step, 1e-9) / evals))
 
     def _flops_per_step(self, run: RunConfig) -> float:
-        return run.model.flops_per_token(self.spec.base.train.seq_len or run.model.max_seq_len) * self.spec.tokens_per_step
+        return (
+            run.model.flops_per_token(self.spec.base.train.seq_len or run.model.max_seq_len) * self.spec.tokens_per_step
+        )
 
     def _guess_step_s(self, trial: optuna.Trial, run: RunConfig) -> tuple[float, bool]:
         """A step's seconds before this trial measured it: the study's measured steps scaled by FLOPs (True),
@@ -151,31 +153,48 @@ class RungTrainer:
         flops = self._flops_per_step(run)
         trial.set_user_attr("flops_per_step", flops)
         assumed = STEP_OVERHEAD_S + flops / (ASSUMED_MFU * peak_flops(run.train.dtype)[0])
-        seen = [t.user_attrs["speed"][0] * flops / t.user_attrs["flops_per_step"] for t in trial.study.get_trials(deepcopy=False)
-                if t.user_attrs.get("speed") and t.user_attrs.get("flops_per_step")]
+        seen = [
+            t.user_attrs["speed"][0] * flops / t.user_attrs["flops_per_step"]
+            for t in trial.study.get_trials(deepcopy=False)
+            if t.user_attrs.get("speed") and t.user_attrs.get("flops_per_step")
+        ]
         return (max(assumed, statistics.median(seen)), True) if seen else (assumed, False)
 
-    def _segment(self, trial: optuna.Trial, run: RunConfig, points: list[Point], until: int, resume: bool,
-                 confirming: bool) -> TrainResult:
+    def _segment(
+        self, trial: optuna.Trial, run: RunConfig, points: list[Point], until: int, resume: bool, confirming: bool
+    ) -> TrainResult:
         """One training call, from the last checkpoint (resume) up to the first evaluation at or past `until`."""
         interval = self._interval(trial, run, points, until)
         cfg = replace(run.train, eval_interval=interval, log_interval=interval, keep_last=1)
         first = [True]
 
         def callback(metrics: dict[str, Any]) -> bool:
-            points.append(Point(metrics["step"], metrics["elapsed"], metrics["tokens_per_sec"], metrics["val_loss"], first[0]))
+            points.append(
+                Point(metrics["step"], metrics["elapsed"], metrics["tokens_per_sec"], metrics["val_loss"], first[0])
+            )
             first[0] = False
             self.on_eval(metrics)
             return self.ticks(points, points[-1].step) >= until or self.deadlines.left(confirming) <= 0
 
-        result = train(run.model, cfg, run.tokenizer, resume=resume, overwrite=not resume, callback=callback,
-                       show_progress=False, data=self.data)
+        result = train(
+            run.model,
+            cfg,
+            run.tokenizer,
+            resume=resume,
+            overwrite=not resume,
+            callback=callback,
+            show_progress=False,
+            data=self.data,
+        )
         if result.val_loss is not None and (not points or result.step > points[-1].step):
             # The run ended between evaluations (its target): the trainer evaluated its last step itself.
             # With no log before the end (a target shorter than the first step's compilation, on a busy
             # machine), the speed is the whole call's, compilation included: slow, so rungs are not overshot.
-            tps = result.tokens_per_sec or (points[-1].tokens_per_sec if points else
-                                            result.step * self.spec.tokens_per_step / max(result.elapsed, 1e-9))
+            tps = result.tokens_per_sec or (
+                points[-1].tokens_per_sec
+                if points
+                else result.step * self.spec.tokens_per_step / max(result.elapsed, 1e-9)
+            )
             points.append(Point(result.step, result.elapsed, tps, result.val_loss, True))
         return result
 
@@ -187,8 +206,13 @@ class RungTrainer:
         speed = self.speed(points)
         s_target = self.steps_at_target(points)
         trials = trial.study.get_trials(deepcopy=False)
-        mean, std, fit = predict(points, self.spec.base.train.warmup_steps, s_target, typical_exponent(trials),
-                                 self.data.tokenizer.vocab_size)
+        mean, std, fit = predict(
+            points,
+            self.spec.base.train.warmup_steps,
+            s_target,
+            typical_exponent(trials),
+            self.data.tokenizer.vocab_size,
+        )
         if fit is not None:
             trial.set_user_attr("fit", fit)
         if actual is not None:
@@ -196,9 +220,16 @@ class RungTrainer:
             trial.set_user_attr("actual", actual)
         predictions = dict(trial.user_attrs.get("predictions") or {})
         predictions[f"{reached:.6g}"] = [mean, std]
-        for key, value in (("points", [list(p) for p in points]), ("speed", [speed.step_s, speed.eval_s, speed.start_s]),
-                           ("fraction", 1.0 if actual is not None else self.fraction(points)), ("steps_at_target", s_target),
-                           ("predicted", mean), ("predicted_std", std), ("predictions", predictions),
-                           ("rung", reached), ("steps", points[-1].step)):
+        for key, value in (
+            ("points", [list(p) for p in points]),
+            ("speed", [speed.step_s, speed.eval_s, speed.start_s]),
+            ("fraction", 1.0 if actual is not None else self.fraction(points)),
+            ("steps_at_target", s_target),
+            ("predicted", mean),
+            ("predicted_std", std),
+            ("predictions", predictions),
+            ("rung", reached),
+            ("steps", points[-1].step),
+        ):
             trial.set_user_attr(key, value)
         return mean

@@ -108,9 +108,18 @@ class Space:
         return self.build(base.model, n_layers, head_dim, n_heads, group, mlp_ratio), lr
 
     @staticmethod
-    def build(base: ModelConfig, n_layers: int, head_dim: int, n_heads: int, group: int, mlp_ratio: float) -> ModelConfig:
-        return replace(base, n_layers=n_layers, d_model=head_dim * n_heads, n_heads=n_heads,
-                       n_kv_heads=n_heads // group, ffn_dim=None, mlp_ratio=mlp_ratio)
+    def build(
+        base: ModelConfig, n_layers: int, head_dim: int, n_heads: int, group: int, mlp_ratio: float
+    ) -> ModelConfig:
+        return replace(
+            base,
+            n_layers=n_layers,
+            d_model=head_dim * n_heads,
+            n_heads=n_heads,
+            n_kv_heads=n_heads // group,
+            ffn_dim=None,
+            mlp_ratio=mlp_ratio,
+        )
 
     def params_of(self, run: RunConfig) -> dict[str, Any] | None:
         """The trial parameters that reproduce a run config, or None if the space does not hold it."""
@@ -123,7 +132,10 @@ class Space:
             return None
         if len(self.kv_groups(m.n_heads)) > 1:
             p[self.kv_name(m.n_heads)] = group
-        for name, dim, value in (("mlp_ratio", self.mlp_ratio, m.mlp_ratio), ("learning_rate", self.learning_rate, run.train.learning_rate)):
+        for name, dim, value in (
+            ("mlp_ratio", self.mlp_ratio, m.mlp_ratio),
+            ("learning_rate", self.learning_rate, run.train.learning_rate),
+        ):
             if dim is not None:
                 if not dim.contains(value):
                     return None
@@ -215,8 +227,12 @@ class SearchSpec:
 
     def space_hash(self) -> str:
         """What makes trials comparable: the space, the fixed config, budget and objectives."""
-        d = {"space": asdict(self.space), "base": self.base.to_dict(), "budget": asdict(self.budget),
-             "objectives": list(self.settings.objectives)}
+        d = {
+            "space": asdict(self.space),
+            "base": self.base.to_dict(),
+            "budget": asdict(self.budget),
+            "objectives": list(self.settings.objectives),
+        }
         d["base"]["train"].pop("out_dir")
         if self.target is not None:  # its rungs and the search's budget may change on resume: predictions still compare
             d["budget"] = {"target": self.target.key()}
@@ -255,4 +271,6 @@ class SearchSpec:
 
 def run_config(spec: SearchSpec, model: ModelConfig, learning_rate: float, out_dir: str | Path) -> RunConfig:
     """The full run config of one trial, as `mlxllm train --config` reads it."""
-    return replace(spec.base, model=model, train=replace(spec.base.train, learning_rate=learning_rate, out_dir=str(out_dir)))
+    return replace(
+        spec.base, model=model, train=replace(spec.base.train, learning_rate=learning_rate, out_dir=str(out_dir))
+    )

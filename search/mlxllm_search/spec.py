@@ -11,8 +11,20 @@ from typing import Any
 from mlxllm.config import RunConfig, apply_overrides, load_config, read_toml
 from mlxllm.errors import MlxllmError
 from mlxllm_search.space import (
-    BUDGET_KINDS, CAPS, OBJECTIVES, PRUNERS, SAMPLERS, SPACE_KEYS, Budget, Caps, Choice, Dimension, Range, SearchSpec,
-    Settings, Space,
+    BUDGET_KINDS,
+    CAPS,
+    OBJECTIVES,
+    PRUNERS,
+    SAMPLERS,
+    SPACE_KEYS,
+    Budget,
+    Caps,
+    Choice,
+    Dimension,
+    Range,
+    SearchSpec,
+    Settings,
+    Space,
 )
 from mlxllm_search.target import TARGET_KINDS, Target
 
@@ -23,8 +35,13 @@ TARGET_KEYS = (*TARGET_KINDS, "min_fraction", "max_fraction", "confirm_top", "co
 def _dimension(key: str, v: Any, integer: bool, where: str) -> Dimension:
     if isinstance(v, list):
         if not v:
-            raise MlxllmError(f"[space] {key} in {where} is an empty list: give at least one choice, e.g. {key} = [2, 4].")
-        if any(isinstance(x, bool) or not isinstance(x, (int, float)) or (integer and not isinstance(x, int)) or x <= 0 for x in v):
+            raise MlxllmError(
+                f"[space] {key} in {where} is an empty list: give at least one choice, e.g. {key} = [2, 4]."
+            )
+        if any(
+            isinstance(x, bool) or not isinstance(x, (int, float)) or (integer and not isinstance(x, int)) or x <= 0
+            for x in v
+        ):
             kind = "positive integers" if integer else "positive numbers"
             raise MlxllmError(f"[space] {key} in {where} must list {kind} (got {v}).")
         return Choice(tuple(dict.fromkeys(v)))
@@ -33,15 +50,21 @@ def _dimension(key: str, v: Any, integer: bool, where: str) -> Dimension:
     if isinstance(v, dict):
         unknown = set(v) - {"min", "max", "log"}
         if unknown or "min" not in v or "max" not in v:
-            raise MlxllmError(f"[space] {key} in {where} must be a list of choices or a table {{ min = .., max = .., log = false }} (got {v}).")
+            raise MlxllmError(
+                f"[space] {key} in {where} must be a list of choices or a table {{ min = .., max = .., log = false }} (got {v})."
+            )
         low, high = v["min"], v["max"]
         if integer and not (isinstance(low, int) and isinstance(high, int)):
-            raise MlxllmError(f"[space] {key} in {where} is a whole number: min and max must be integers (got {low}, {high}).")
+            raise MlxllmError(
+                f"[space] {key} in {where} is a whole number: min and max must be integers (got {low}, {high})."
+            )
         if not (isinstance(low, (int, float)) and isinstance(high, (int, float))) or low <= 0:
             raise MlxllmError(f"[space] {key} in {where} needs positive numbers for min and max (got {low}, {high}).")
         if low > high:
             raise MlxllmError(f"[space] {key} in {where} has min {low} > max {high}: the range is empty. Swap them.")
-        return Range(float(low) if not integer else low, float(high) if not integer else high, bool(v.get("log", False)), integer)
+        return Range(
+            float(low) if not integer else low, float(high) if not integer else high, bool(v.get("log", False)), integer
+        )
     raise MlxllmError(f"[space] {key} in {where} must be a list of choices or a {{ min, max }} table (got {v!r}).")
 
 
@@ -82,19 +105,31 @@ def _space(d: dict[str, Any], where: str) -> Space:
     s = _table(d, "space", SPACE_KEYS, where)
     for key in ("n_layers", "head_dim", "n_heads"):
         if key not in s:
-            raise MlxllmError(f"[space] in {where} has no {key}: give its choices (e.g. {key} = [2, 4]) or a {{ min, max }} range.")
+            raise MlxllmError(
+                f"[space] in {where} has no {key}: give its choices (e.g. {key} = [2, 4]) or a {{ min, max }} range."
+            )
     dims = {k: _dimension(k, s[k], k != "mlp_ratio" and k != "learning_rate", where) for k in s if k != "kv_group"}
     kv = s.get("kv_group", [1])
     kv = [kv] if isinstance(kv, int) else kv
     if not isinstance(kv, list) or not kv or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in kv):
-        raise MlxllmError(f"[space] kv_group in {where} must list positive integers, query heads per KV head (got {kv!r}); 1 is plain multi-head attention.")
+        raise MlxllmError(
+            f"[space] kv_group in {where} must list positive integers, query heads per KV head (got {kv!r}); 1 is plain multi-head attention."
+        )
     space = Space(kv_group=tuple(dict.fromkeys(kv)), **dims)
     odd = [h for h in space.head_dim.candidates() if h % 2]
     if odd or (isinstance(space.head_dim, Range) and space.head_dim.low != space.head_dim.high):
         if isinstance(space.head_dim, Range):
-            raise MlxllmError(f"[space] head_dim in {where} must be a list of even sizes (rotary embeddings need even head dims), e.g. head_dim = [16, 32], not a range.")
-        raise MlxllmError(f"[space] head_dim in {where} holds odd sizes {odd}: rotary embeddings need even head dims. Use e.g. head_dim = [16, 32].")
-    heads = space.n_heads.candidates() if isinstance(space.n_heads, Choice) or space.n_heads.high - space.n_heads.low <= 64 else []
+            raise MlxllmError(
+                f"[space] head_dim in {where} must be a list of even sizes (rotary embeddings need even head dims), e.g. head_dim = [16, 32], not a range."
+            )
+        raise MlxllmError(
+            f"[space] head_dim in {where} holds odd sizes {odd}: rotary embeddings need even head dims. Use e.g. head_dim = [16, 32]."
+        )
+    heads = (
+        space.n_heads.candidates()
+        if isinstance(space.n_heads, Choice) or space.n_heads.high - space.n_heads.low <= 64
+        else []
+    )
     lonely = [h for h in heads if not space.kv_groups(h)]
     if lonely:
         raise MlxllmError(
@@ -102,7 +137,9 @@ def _space(d: dict[str, Any], where: str) -> Space:
             "Add 1 to kv_group (plain multi-head attention) or drop those head counts."
         )
     if isinstance(space.n_heads, Range) and 1 not in space.kv_group:
-        raise MlxllmError(f"[space] in {where}: with a wide n_heads range, kv_group must include 1 so that every head count can be built.")
+        raise MlxllmError(
+            f"[space] in {where}: with a wide n_heads range, kv_group must include 1 so that every head count can be built."
+        )
     return space
 
 
@@ -112,12 +149,16 @@ def _budget(d: dict[str, Any], base: RunConfig, where: str) -> Budget:
     if kind not in BUDGET_KINDS:
         raise MlxllmError(f"[budget] kind in {where} must be one of {', '.join(BUDGET_KINDS)} (got {kind!r}).")
     if amount is None:
-        amount = {"steps": base.train.max_steps, "tokens": base.train.max_tokens, "seconds": base.train.max_seconds}[kind]
+        amount = {"steps": base.train.max_steps, "tokens": base.train.max_tokens, "seconds": base.train.max_seconds}[
+            kind
+        ]
     if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount <= 0:
         raise MlxllmError(f"[budget] amount in {where} must be a positive number of {kind} (got {amount!r}).")
     eval_interval = b.get("eval_interval", base.train.eval_interval)
     if not isinstance(eval_interval, int) or eval_interval < 1:
-        raise MlxllmError(f"[budget] eval_interval in {where} must be a positive number of steps (got {eval_interval!r}).")
+        raise MlxllmError(
+            f"[budget] eval_interval in {where} must be a positive number of steps (got {eval_interval!r})."
+        )
     return Budget(kind, amount, eval_interval)
 
 
@@ -150,11 +191,21 @@ def make_target(kind: str, amount: Any, where: str = "the command line", **rungs
             raise MlxllmError(f"[target] {key} in {where} is a fraction of the target: a number in (0, 1] (got {v!r}).")
     top = rungs.get("confirm_top", 2)
     if isinstance(top, bool) or not isinstance(top, int) or top < 0:
-        raise MlxllmError(f"[target] confirm_top in {where} must be a whole number, 0 for no confirmation (got {top!r}).")
+        raise MlxllmError(
+            f"[target] confirm_top in {where} must be a whole number, 0 for no confirmation (got {top!r})."
+        )
     if rungs.get("confirm_fraction") is not None and rungs["confirm_fraction"] <= (rungs.get("max_fraction") or 0):
-        raise MlxllmError(f"[target] confirm_fraction in {where} must be above max_fraction: confirmations train further.")
-    return Target(kind, float(amount) if kind == "seconds" else int(amount), rungs.get("min_fraction"),
-                  rungs.get("max_fraction"), top, rungs.get("confirm_fraction"))
+        raise MlxllmError(
+            f"[target] confirm_fraction in {where} must be above max_fraction: confirmations train further."
+        )
+    return Target(
+        kind,
+        float(amount) if kind == "seconds" else int(amount),
+        rungs.get("min_fraction"),
+        rungs.get("max_fraction"),
+        top,
+        rungs.get("confirm_fraction"),
+    )
 
 
 def _target(d: dict[str, Any], where: str) -> Target | None:
@@ -163,18 +214,23 @@ def _target(d: dict[str, Any], where: str) -> Target | None:
     t = _table(d, "target", TARGET_KEYS, where)
     kinds = [k for k in TARGET_KINDS if k in t]
     if len(kinds) != 1:
-        raise MlxllmError(f"[target] in {where} needs exactly one of {', '.join(TARGET_KINDS)}, e.g. seconds = 300 "
-                          f"(got {', '.join(kinds) or 'none'}).")
+        raise MlxllmError(
+            f"[target] in {where} needs exactly one of {', '.join(TARGET_KINDS)}, e.g. seconds = 300 "
+            f"(got {', '.join(kinds) or 'none'})."
+        )
     if "budget" in d:
-        raise MlxllmError(f"{where} has both [target] and [budget]: a target-aware search trains each trial to rungs "
-                          "that are fractions of the target. Remove [budget] (the final run's evaluation interval is "
-                          "[base.train] eval_interval).")
+        raise MlxllmError(
+            f"{where} has both [target] and [budget]: a target-aware search trains each trial to rungs "
+            "that are fractions of the target. Remove [budget] (the final run's evaluation interval is "
+            "[base.train] eval_interval)."
+        )
     return make_target(kinds[0], t[kinds[0]], where, **{k: v for k, v in t.items() if k not in TARGET_KINDS})
 
 
 def _settings(d: dict[str, Any], where: str, targeted: bool = False) -> Settings:
-    t = _table(d, "search", ("objectives", "pruner", "sampler", "trials", "seed", "caps", "startup_trials", "seconds"),
-               where)
+    t = _table(
+        d, "search", ("objectives", "pruner", "sampler", "trials", "seed", "caps", "startup_trials", "seconds"), where
+    )
     for key, valid in (("pruner", PRUNERS), ("sampler", SAMPLERS)):
         if t.get(key, valid[0]) not in valid:
             raise MlxllmError(f"[search] {key} in {where} must be one of {', '.join(valid)} (got {t[key]!r}).")
@@ -187,7 +243,9 @@ def _settings(d: dict[str, Any], where: str, targeted: bool = False) -> Settings
         caps_d = {**caps_d, "params": int(caps_d["params"])}
     seconds = t.get("seconds")
     if seconds is not None and not _positive(seconds):
-        raise MlxllmError(f"[search] seconds in {where} is the search's own budget: a positive number (got {seconds!r}).")
+        raise MlxllmError(
+            f"[search] seconds in {where} is the search's own budget: a positive number (got {seconds!r})."
+        )
     trials = t.get("trials", 20 if seconds is None else UNLIMITED_TRIALS)  # a time budget alone ends the search
     if not isinstance(trials, int) or trials < 1:
         raise MlxllmError(f"[search] trials in {where} must be a positive integer (got {trials!r}).")
@@ -197,8 +255,16 @@ def _settings(d: dict[str, Any], where: str, targeted: bool = False) -> Settings
     # Rungs of a target: one bracket of successive halving keeps a time budget; Hyperband's last bracket trains
     # every one of its trials to the longest rung.
     pruner = t.get("pruner", "successive-halving" if targeted else "hyperband")
-    return Settings(_objectives(t, where), pruner, t.get("sampler", "tpe"), trials, t.get("seed"),
-                    Caps(**caps_d), startup, None if seconds is None else float(seconds))
+    return Settings(
+        _objectives(t, where),
+        pruner,
+        t.get("sampler", "tpe"),
+        trials,
+        t.get("seed"),
+        Caps(**caps_d),
+        startup,
+        None if seconds is None else float(seconds),
+    )
 
 
 def parse_spec(d: dict[str, Any], path: Path | None = None, *, data: str | None = None) -> SearchSpec:
@@ -206,17 +272,22 @@ def parse_spec(d: dict[str, Any], path: Path | None = None, *, data: str | None 
     where = str(path) if path else "the search spec"
     unknown = sorted(set(d) - {"name", "base", "space", "budget", "target", "search"})
     if unknown:
-        raise MlxllmError(f"Unknown table(s) or key(s) {', '.join(unknown)} in {where}. "
-                          "Valid: name, [base], [space], [budget] or [target], [search].")
+        raise MlxllmError(
+            f"Unknown table(s) or key(s) {', '.join(unknown)} in {where}. "
+            "Valid: name, [base], [space], [budget] or [target], [search]."
+        )
     base = _base(d, path, where)
-    base = replace(base, train=replace(base.train, data=_absolute(str(data) if data is not None else base.train.data, path)))
+    base = replace(
+        base, train=replace(base.train, data=_absolute(str(data) if data is not None else base.train.data, path))
+    )
     space = _space(d, where)
     target = _target(d, where)
     budget = _budget(d, base, where)
     base = replace(base, train=budget.apply(base.train) if target is None else target.apply(base.train))
     settings = _settings(d, where, targeted=target is not None)
-    spec = SearchSpec(d.get("name") or (path.stem if path else "search"), base, space, budget, settings, str(path or ""),
-                      target)
+    spec = SearchSpec(
+        d.get("name") or (path.stem if path else "search"), base, space, budget, settings, str(path or ""), target
+    )
     if target is not None:
         spec.plan  # noqa: B018 - refuses, before anything runs, rungs the target or the search budget cannot hold
         return spec

@@ -154,7 +154,10 @@ def open_storage(url: str | None, search_dir: Path) -> optuna.storages.BaseStora
         engine = {"connect_args": _connect_args(url), "pool_pre_ping": True} if is_postgres(url) else None
         with _experimental_ok():
             return optuna.storages.RDBStorage(
-                target, engine_kwargs=engine, heartbeat_interval=interval, grace_period=grace,
+                target,
+                engine_kwargs=engine,
+                heartbeat_interval=interval,
+                grace_period=grace,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
             )
     except Exception as e:  # noqa: BLE001 - drivers raise their own types; all mean "cannot open"
@@ -294,8 +297,9 @@ class StudyLock(_Lock):
         self.url = url
         target = database_url(url)
         try:
-            self._engine = sqlalchemy.create_engine(target, poolclass=sqlalchemy.pool.NullPool,
-                                                    connect_args=_connect_args(url))
+            self._engine = sqlalchemy.create_engine(
+                target, poolclass=sqlalchemy.pool.NullPool, connect_args=_connect_args(url)
+            )
         except Exception as e:  # noqa: BLE001 - a malformed URL or a driver that fails to load
             raise _cannot_open(url, e) from None
         # pg_advisory_lock takes a signed 64-bit key; the prefix keeps clear of other applications' keys.

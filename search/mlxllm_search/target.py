@@ -97,10 +97,14 @@ def make_plan(target: Target, search_seconds: float | None, tokens_per_step: int
     if target.min_fraction is not None:
         f_min = target.min_fraction
     else:  # DEFAULT_LEVELS rungs below the longest, or fewer if the first would be shorter than MIN_RUNG_S
-        levels = DEFAULT_LEVELS if not timed else min(DEFAULT_LEVELS, max(0, int(math.log(f_max * T / MIN_RUNG_S, ETA))))
+        levels = (
+            DEFAULT_LEVELS if not timed else min(DEFAULT_LEVELS, max(0, int(math.log(f_max * T / MIN_RUNG_S, ETA))))
+        )
         f_min = f_max / ETA**levels
     if f_min > f_max:
-        raise MlxllmError(f"[target] min_fraction ({f_min:g}) is above the longest rung ({f_max:g}): lower it, or raise max_fraction.")
+        raise MlxllmError(
+            f"[target] min_fraction ({f_min:g}) is above the longest rung ({f_max:g}): lower it, or raise max_fraction."
+        )
     levels = max(0, round(math.log(f_max / f_min, ETA)))
     fractions = tuple(f_max / ETA**k for k in range(levels, -1, -1))
     total = {"seconds": round(1000 * T), "steps": int(T), "tokens": math.ceil(T / tokens_per_step)}[target.kind]

@@ -55,17 +55,24 @@ def describe_plan(spec: SearchSpec, workers: int) -> str:
     rungs = ", ".join(f"{f:.3g}" for f in plan.fractions)
     text = f"target {target.describe()}, trials trained to rungs at {rungs} of it"
     if plan.confirm_top:
-        text += f", the best {plan.confirm_top} then to {plan.confirm_fraction:.3g} ({plan.reserve_s:,.0f} s kept for that)"
+        text += (
+            f", the best {plan.confirm_top} then to {plan.confirm_fraction:.3g} ({plan.reserve_s:,.0f} s kept for that)"
+        )
     if workers > 1 and target.kind == "seconds":
-        text += (" (several workers share this machine's cores: each measures the speed it gets while sharing, "
-                 "so the steps a trial reaches by a rung are those of a shared machine)")
+        text += (
+            " (several workers share this machine's cores: each measures the speed it gets while sharing, "
+            "so the steps a trial reaches by a rung are those of a shared machine)"
+        )
     return text
 
 
 def _done(study: optuna.Study) -> list[FrozenTrial]:
     """Completed trials within the caps."""
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if not any(v > 0 for v in t.constraints.values())]
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not any(v > 0 for v in t.constraints.values())
+    ]
 
 
 def confirm(study: optuna.Study, spec: SearchSpec, objective: Objective, deadlines: Deadlines) -> list[int]:
@@ -75,8 +82,13 @@ def confirm(study: optuna.Study, spec: SearchSpec, objective: Objective, deadlin
     if plan is None or not plan.confirm_top:
         return []
     done = {t.user_attrs[CONFIRMS] for t in study.get_trials(deepcopy=False) if CONFIRMS in t.user_attrs}
-    explored = [t for t in _done(study) if CONFIRMS not in t.user_attrs and not t.user_attrs.get("cut")
-                and t.user_attrs.get("rung", 0) >= plan.fractions[-1] * 0.999]
+    explored = [
+        t
+        for t in _done(study)
+        if CONFIRMS not in t.user_attrs
+        and not t.user_attrs.get("cut")
+        and t.user_attrs.get("rung", 0) >= plan.fractions[-1] * 0.999
+    ]
     explored.sort(key=lambda t: t.values[0])
     out = []
     for t in explored[: plan.confirm_top]:
@@ -102,8 +114,10 @@ def target_best(study: optuna.Study) -> FrozenTrial | None:
 def _loss_at_target(t: FrozenTrial) -> str:
     if t.user_attrs.get("actual") is not None:
         return f"measured {t.user_attrs['actual']:.4f}"
-    return (f"predicted {t.user_attrs['predicted']:.4f} +- {t.user_attrs['predicted_std']:.4f} "
-            f"(from {t.user_attrs['fraction']:.3g} of it)")
+    return (
+        f"predicted {t.user_attrs['predicted']:.4f} +- {t.user_attrs['predicted_std']:.4f} "
+        f"(from {t.user_attrs['fraction']:.3g} of it)"
+    )
 
 
 def target_header(study: optuna.Study, spec: SearchSpec, t: FrozenTrial, path: object) -> str:
@@ -127,8 +141,10 @@ def spent(study: optuna.Study, spec: SearchSpec, wall_s: float) -> str:
     free = sum(1 for t in trials if t.user_attrs.get(FREE))
     confirms = sum(1 for t in trials if CONFIRMS in t.user_attrs and t.state == TrialState.COMPLETE)
     cut = sum(1 for t in trials if t.user_attrs.get("cut"))
-    by = {s: sum(1 for t in trials if t.state == s and not _extra(t)) for s in (TrialState.COMPLETE, TrialState.PRUNED,
-                                                                                  TrialState.FAIL)}
+    by = {
+        s: sum(1 for t in trials if t.state == s and not _extra(t))
+        for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    }
     train_s = sum(t.user_attrs.get("seconds", 0.0) for t in trials)
     budget = f" of its {spec.settings.seconds:,.0f} s budget" if spec.settings.seconds else ""
     return (
