@@ -44,12 +44,14 @@ def _rss_mb() -> float:
 
 
 def _mlx_worker(impl: str, cfg: dict[str, Any]):
+    import mlxllm  # noqa: F401 - first: it loads the optimized BLAS before mlx.core
+
+    # isort: split
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
     import numpy as np
 
-    import mlxllm  # noqa: F401 - loads the optimized BLAS before mlx.core
     from mlxllm import step as step_mod
     from mlxllm.attention import resolve_attention
     from mlxllm.config import TrainConfig
