@@ -59,9 +59,7 @@ def train(
     steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
     seconds: Annotated[float | None, typer.Option(help="Stop after this much training time.")] = None,
     tokens: Annotated[int | None, typer.Option(help="Stop after this many training tokens.")] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override any config key: section.key=value.")
-    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config key: section.key=value.")] = None,
     init_from: Annotated[
         str | None,
         typer.Option(
@@ -189,9 +187,9 @@ def info() -> None:
 
     from mlxllm.config import ModelConfig, TrainConfig
     from mlxllm.cpu import blas
-    from mlxllm.cpu.streams import stream_count
     from mlxllm.device import backend, describe_cpu, device_name, peak_flops
     from mlxllm.distributed import group
+    from mlxllm.step import stream_count
 
     g = group()  # under mlx.launch, every process prints its own place in the group
     peak, source = g.in_turn(peak_flops, "measuring the machine")
@@ -237,7 +235,7 @@ def bench_attention_cmd(
 )
 @friendly
 def bench_train_cmd(ctx: typer.Context) -> None:
-    """Training speed side by side: mlxllm compiled, plain MLX, PyTorch eager, compiled and compiled whole step (--help for options)."""
+    """Training speed: mlxllm, plain MLX, PyTorch eager, compiled and compiled whole step (--help for options)."""
     from mlxllm.bench.train import main as bench_main
 
     bench_main(list(ctx.args))

@@ -1,5 +1,5 @@
-"""The training step and evaluation: AdamW with warmup and cosine decay, the whole step compiled
-with the model's and the optimizer's state, split over streams where that keeps more cores busy."""
+"""The training step and evaluation: AdamW with warmup and cosine decay, and one optimizer step
+compiled with the model's, the optimizer's and the random state, as mlx-lm's trainer makes it."""
 
 from __future__ import annotations
 
@@ -11,13 +11,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_map, tree_reduce
+from mlx.utils import tree_map
 
 from mlxllm import ops
-from mlxllm.config import TrainConfig
-from mlxllm.cpu.streams import data_streams, split_over, spread, spread_updates, stream_count
+from mlxllm.config import ModelConfig, TrainConfig
+from mlxllm.cpu import streams
+from mlxllm.device import usable_cores
 from mlxllm.distributed import Group
 from mlxllm.model import Transformer
+
+# A transform of a function of a batch (as mx.compile is): cpu.streams.Split runs it over CPU streams.
+Transform = Callable[[Callable[[mx.array], Any]], Callable[[mx.array], Any]]
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -38,6 +42,30 @@ def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
     return optim.AdamW(learning_rate=cfg.learning_rate, betas=[cfg.beta1, cfg.beta2], weight_decay=cfg.weight_decay)
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The random seed of optimizer step `step` of a run seeded `seed`: a pure function of both, so
+    that what a step draws (dropout) is drawn again on resume, with no random state in the checkpoint."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0])
+
+
+def stream_count(cfg: TrainConfig, model: ModelConfig | None = None) -> int:
+    """How many CPU streams a step is split over: train.cpu_streams, or the auto choice for this model
+    on this process's cores (cpu.streams.auto_count)."""
+    if cfg.cpu_streams:
+        return cfg.cpu_streams
+    flops = None
+    if model is not None:
+        seq_len = cfg.seq_len or model.max_seq_len
+        flops = model.flops_per_token(seq_len) * cfg.batch_size * seq_len
+    return streams.auto_count(cfg.batch_size, usable_cores(), flops)
+
+
+def cpu_split(cfg: TrainConfig, model: ModelConfig, group: Group = Group()) -> streams.Split:
+    """The split over CPU streams of this process's step (cfg.batch_size: its rows); open it (`with`)
+    around the steps, for its BLAS thread count."""
+    return streams.Split(stream_count(cfg, model), usable_cores(), shared=group.local_size > 1)
+
+
 def _cast(params: Any, dtype: mx.Dtype) -> Any:
     return params if dtype == mx.float32 else tree_map(lambda p: p.astype(dtype), params)
 
@@ -52,76 +80,74 @@ def _averaged(grads: Any, group: Group, dtype: mx.Dtype) -> Any:
     return tree_map(lambda g: g.astype(mx.float32), sent)
 
 
-def make_step(model: Transformer, optimizer: optim.Optimizer, cfg: TrainConfig, group: Group = Group()) -> Callable:
-    """One optimizer step over `grad_accum` micro-batches, compiled with model and optimizer state.
+def make_step(
+    model: Transformer,
+    optimizer: optim.Optimizer,
+    cfg: TrainConfig,
+    group: Group = Group(),
+    split: Transform | None = None,
+) -> Callable[[mx.array], tuple[mx.array, mx.array]]:
+    """One optimizer step over `grad_accum` micro-batches, compiled with the model's, the optimizer's
+    and the random state: loss and gradients of each micro-batch, summed, averaged over the group,
+    clipped (optim.clip_grad_norm) and applied.
 
     Takes batches of shape (grad_accum, batch_size, seq_len + 1), this process's rows of the global
     batch; returns (mean loss, gradient norm) over the whole group. `cfg.batch_size` is the rows per
-    process. Run it within `cpu.streams.blas_threads_for(stream_count(cfg, model.config))`."""
-    compute = getattr(mx, cfg.dtype)
-    streams = data_streams(stream_count(cfg, model.config))
+    process. `split` transforms the micro-batch's loss-and-gradient function (`cpu_split` runs it
+    over CPU streams); None: it runs as it is. The learning rate is the optimizer's, set by the caller."""
+    compute, k = getattr(mx, cfg.dtype), cfg.grad_accum
 
-    def loss_of(params: Any, batch: mx.array) -> mx.array:
+    def loss(params: Any, batch: mx.array) -> mx.array:
         model.update(_cast(params, compute))  # bf16 compute on fp32 master weights
         return loss_fn(model, batch)
 
-    grad_fn = mx.value_and_grad(loss_of)
+    value_and_grad = mx.value_and_grad(loss)
 
-    def grads_of(batch: mx.array) -> tuple[mx.array, Any]:
+    def loss_and_grad(batch: mx.array) -> tuple[mx.array, Any]:
         params = model.trainable_parameters()
-        # Gradients first, so that spread maps each parameter to the same stream here as in apply.
-        grads, loss = split_over(streams, lambda b: grad_fn(params, b)[::-1], batch)
-        model.update(params)
-        return loss, grads
+        value, grads = value_and_grad(params, batch)
+        model.update(params)  # the master weights again, for the update
+        return value, grads
 
-    def apply(loss: mx.array, grads: Any) -> tuple[mx.array, mx.array]:
-        if cfg.grad_accum > 1:
-            loss, grads = loss / cfg.grad_accum, spread(streams, lambda g: g / cfg.grad_accum, grads)
+    micro = split(loss_and_grad) if split is not None else loss_and_grad
+
+    def step(batch: mx.array, summed: tuple[mx.array, Any] | None, update: bool) -> tuple[mx.array, Any]:
+        value, grads = micro(batch)
+        if summed is not None:
+            value, grads = summed[0] + value, tree_map(mx.add, summed[1], grads)
+        if not update:
+            return value, grads
+        if k > 1:
+            value, grads = value / k, tree_map(lambda g: g / k, grads)
         # One all-reduce per step; each process's rows are an equal share, so the mean of the means
         # is the mean over the global batch, as one process would compute it.
-        grads, loss = _averaged(grads, group, getattr(mx, cfg.allreduce_dtype)), group.mean(loss)
-        if group.size > 1 and cfg.max_seconds:  # a schedule on the clock follows rank 0's clock
-            lr = optimizer.learning_rate
-            optimizer.learning_rate = group.sum(lr if group.primary else mx.zeros_like(lr))
-        # optim.clip_grad_norm, with its per-parameter work spread over the streams.
-        norm = mx.sqrt(tree_reduce(mx.add, spread(streams, lambda g: g.square().sum(), grads)))
-        scale = mx.minimum(cfg.grad_clip / (norm + 1e-6), 1.0)
-        grads = spread(streams, lambda g: g * scale, grads)
-        with spread_updates(optimizer, streams):
-            optimizer.update(model, grads)
-        return loss, norm
+        grads, value = _averaged(grads, group, getattr(mx, cfg.allreduce_dtype)), group.mean(value)
+        grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
+        optimizer.update(model, grads)
+        return value, norm
 
-    # The step draws no random numbers (no dropout; batches come from (seed, step)), so the
-    # state is the model and the optimizer, and a checkpoint of both resumes exactly.
-    state = [model.state, optimizer.state]
-    if cfg.grad_accum == 1:
+    # The random state is the caller's to set before each step (step_seed), so that a checkpoint of
+    # the model and the optimizer resumes exactly.
+    state = [model.state, optimizer.state, mx.random.state]
+    if cfg.compile:
+        step = mx.compile(step, inputs=state, outputs=state)
 
-        def step(batches: mx.array) -> tuple[mx.array, mx.array]:
-            return apply(*grads_of(batches[0]))
+    def accumulated(batches: mx.array) -> tuple[mx.array, mx.array]:
+        # Micro-batches are evaluated one after another, so one micro-batch's activations are alive
+        # at a time, as the memory estimate assumes; traced as one graph, MLX would run parts of them
+        # side by side.
+        summed = None
+        for i in range(k - 1):
+            summed = step(batches[i], summed, False)
+            mx.async_eval(summed)
+        return step(batches[k - 1], summed, True)
 
-        return mx.compile(step, inputs=state, outputs=state) if cfg.compile else step
-
-    # Micro-batches are evaluated one after another (async_eval between them), so one micro-batch's
-    # activations are alive at a time, as the memory estimate assumes; traced as one graph, MLX
-    # would run parts of them side by side.
-    micro = mx.compile(grads_of, inputs=model.state) if cfg.compile else grads_of
-    update = mx.compile(apply, inputs=state, outputs=state) if cfg.compile else apply
-
-    def accumulated_step(batches: mx.array) -> tuple[mx.array, mx.array]:
-        total, grads = micro(batches[0])
-        for i in range(1, cfg.grad_accum):
-            mx.async_eval(total, grads)
-            loss, g = micro(batches[i])
-            total, grads = total + loss, spread(streams, mx.add, grads, g)
-        return update(total, grads)
-
-    return accumulated_step
+    return accumulated
 
 
-def make_eval(model: Transformer, cfg: TrainConfig) -> Callable:
-    """The mean loss of one validation batch, compiled, in the training dtype."""
+def make_eval(model: Transformer, cfg: TrainConfig, split: Transform | None = None) -> Callable:
+    """The mean loss of one validation batch, compiled, in the training dtype; `split` as make_step's."""
     compute = getattr(mx, cfg.dtype)
-    streams = data_streams(stream_count(cfg, model.config))
 
     def loss_at(batch: mx.array) -> mx.array:
         if compute == mx.float32:
@@ -132,9 +158,7 @@ def make_eval(model: Transformer, cfg: TrainConfig) -> Callable:
         model.update(params)
         return loss
 
-    def evaluate(batch: mx.array) -> mx.array:
-        return split_over(streams, loss_at, batch)
-
+    evaluate = split(loss_at) if split is not None else loss_at
     return mx.compile(evaluate, inputs=model.state) if cfg.compile else evaluate
 
 

@@ -18,14 +18,14 @@ from mlxllm import data as data_mod
 from mlxllm import distributed
 from mlxllm.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
 from mlxllm.cpu import blas
-from mlxllm.cpu.streams import blas_threads_for, stream_count
+from mlxllm.cpu.streams import Split
 from mlxllm.data import TokenData
 from mlxllm.device import peak_flops
 from mlxllm.errors import MlxllmError
 from mlxllm.memory import describe as describe_memory
 from mlxllm.progress import Reporter
 from mlxllm.runstate import Run, memory, open_run
-from mlxllm.step import evaluate, lr_at, make_eval, make_step
+from mlxllm.step import cpu_split, evaluate, lr_at, make_eval, make_step, step_seed
 
 
 @dataclass
@@ -108,10 +108,20 @@ def _out_of_time(r: Run) -> bool:
     return r.group.decide(r.elapsed() >= r.cfg.max_seconds)
 
 
-def _loop(r: Run, reporter: Reporter, callback: Callback | None, peak: float) -> _Outcome:
+def _learning_rate(r: Run) -> float | mx.array:
+    """This step's learning rate. On the clock (train.max_seconds) in a group it is rank 0's: each
+    rank's clock differs, and their weights must not. Left lazy, the all-sum runs with the step."""
+    lr, g = lr_at(r.cfg, r.step, r.progress()), r.group
+    if g.size == 1 or not r.cfg.max_seconds:
+        return lr
+    return g.sum(mx.array(lr if g.primary else 0.0))
+
+
+def _loop(r: Run, reporter: Reporter, callback: Callback | None, peak: float, split: Split) -> _Outcome:
     """Step until a budget (or the callback) stops it; evaluate and checkpoint every eval_interval."""
     cfg, out, g = r.cfg, _Outcome(), r.group
-    step_fn, eval_fn = make_step(r.model, r.optimizer, r.local_cfg, g), make_eval(r.model, r.local_cfg)
+    step_fn = make_step(r.model, r.optimizer, r.local_cfg, g, split)
+    eval_fn = make_eval(r.model, r.local_cfg, split)
     val_batches = data_mod.eval_batches(r.data, cfg.batch_size, r.seq_len, cfg.eval_batches)
     r.start = time.perf_counter()
     window, batch = _Window(r.start), r.batch()
@@ -120,7 +130,8 @@ def _loop(r: Run, reporter: Reporter, callback: Callback | None, peak: float) ->
             if _out_of_time(r):
                 out.stopped_by = "max_seconds"
                 break
-            r.optimizer.learning_rate = lr_at(cfg, r.step, r.progress())
+            r.optimizer.learning_rate = _learning_rate(r)
+            mx.random.seed(step_seed(cfg.seed, r.step))
             loss, _ = step_fn(batch)
             mx.async_eval(loss, r.model.parameters(), r.optimizer.state)
             r.step, r.tokens = r.step + 1, r.tokens + r.tokens_per_step
@@ -199,8 +210,8 @@ def train(
         )
         reporter.message(_describe(r))
         try:
-            with blas_threads_for(stream_count(r.local_cfg, r.run.model)):
-                out = _loop(r, reporter, callback, peak)
+            with cpu_split(r.local_cfg, r.run.model, g) as split:  # its BLAS threads while open
+                out = _loop(r, reporter, callback, peak, split)
         except RuntimeError as e:
             if not g.is_lost(e):
                 raise

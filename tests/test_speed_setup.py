@@ -17,9 +17,10 @@ from mlxllm import step as step_mod
 from mlxllm.config import ModelConfig, TrainConfig
 from mlxllm.cpu import blas as _blas
 from mlxllm.cpu import fastexp
-from mlxllm.cpu.streams import BFS_WIDTH, stream_count
+from mlxllm.cpu.streams import BFS_WIDTH
 from mlxllm.errors import MlxllmError
 from mlxllm.model import build_model
+from mlxllm.step import stream_count
 
 linux_openblas = pytest.mark.skipif(
     not (sys.platform.startswith("linux") and _blas.loaded and "openblas" in _blas.loaded),

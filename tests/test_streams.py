@@ -14,8 +14,8 @@ from conftest import tiny_configs
 from mlxllm import MlxllmError, TrainConfig, train
 from mlxllm import checkpoint as ckpt
 from mlxllm.cpu import blas as _blas
-from mlxllm.cpu.streams import stream_count
 from mlxllm.device import usable_cores
+from mlxllm.step import stream_count
 
 
 def _weights(run_dir: Path) -> dict[str, np.ndarray]:

@@ -55,7 +55,6 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
     from mlxllm import step as step_mod
     from mlxllm.attention import resolve_attention
     from mlxllm.config import TrainConfig
-    from mlxllm.cpu.streams import blas_threads_for, stream_count
     from mlxllm.model import build_model
 
     mc = model_config(cfg)
@@ -65,11 +64,9 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
         compile=impl in COMPILED_MLX,
         cpu_streams=1 if impl == "mlxllm-1stream" else 0,
     )
-    traces = [0]
-    real_loss_fn = step_mod.loss_fn
-    # A trace calls loss_fn once per stream the step is split over.
-    n_streams = stream_count(tc, mc) if impl in COMPILED_MLX else 1
-    calls = [0]
+    traces, calls, real_loss_fn = [0], [0], step_mod.loss_fn
+    split = step_mod.cpu_split(tc, mc)  # a trace calls loss_fn once per stream the step is split over
+    n_streams = len(split.streams) if impl in COMPILED_MLX else 1
 
     def counting_loss_fn(model, batch):
         calls[0] += 1  # runs on every call uncompiled, only while tracing when compiled
@@ -89,7 +86,7 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
         configure_cache()  # as mlxllm.trainer.train does
         # The compiled step looks loss_fn up in mlxllm.step when it traces; the counter stays in place.
         step_mod.loss_fn = counting_loss_fn
-        step_fn = step_mod.make_step(model, optimizer, tc)
+        step_fn = step_mod.make_step(model, optimizer, tc, split=split)
 
         def next_batch():  # the training loop's layout: (grad_accum, B, T + 1)
             return mx.array(rng.integers(0, mc.vocab_size, (1, B, T + 1), dtype=np.int32))
@@ -97,7 +94,7 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
         def run(n: int, batch):
             if n == 0:
                 return batch
-            with blas_threads_for(n_streams):  # as training runs the step
+            with split:  # its BLAS threads, as training opens it
                 for i in range(n):
                     optimizer.learning_rate = step_mod.lr_at(tc, i, 0.5)
                     loss, _ = step_fn(batch)

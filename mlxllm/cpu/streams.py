@@ -1,29 +1,27 @@
-"""One training step split over several MLX streams, so that every CPU core has work.
+"""A training step's micro-batch split over several MLX streams, so that every CPU core has work.
 
 MLX runs each stream's ops in order on one thread, and on the CPU most of a small model's
-elementwise work is single-threaded. So the step's micro-batch is split over one stream per core,
-each with single-threaded BLAS calls, and the per-parameter work (gradient average, clipping,
-optimizer update) alternates between the streams leaf by leaf. On one stream (a GPU, or a model
-too small to gain) every function here is the plain computation.
+elementwise work is single-threaded. So the micro-batch is split over one stream per core, each
+with its share of the BLAS threads, and the slices' gradients are averaged leaf by leaf, alternating
+between the streams. On one stream (a GPU, or a model too small to gain) `Split` changes nothing.
+
+The training step (mlxllm.step) is plain MLX; `Split` is a transform of its gradient function,
+given to it by the trainer, which opens the Split (its BLAS threads) around training.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import itertools
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
-import mlx.optimizers as optim
 from mlx.utils import tree_map
 
-from mlxllm.config import ModelConfig, TrainConfig
 from mlxllm.cpu import blas
-from mlxllm.device import usable_cores
-from mlxllm.distributed import current
 
 # Below this many FLOPs per stream and micro-batch, splitting costs more than it gains (see
 # benchmarks/README.md for the measurements behind it).
@@ -43,17 +41,15 @@ def widen_graph_walk() -> None:
         os.environ.setdefault("MLX_BFS_MAX_WIDTH", BFS_WIDTH)
 
 
-def stream_count(cfg: TrainConfig, model: ModelConfig | None = None) -> int:
-    """How many streams a step is split over (train.cpu_streams, or its auto choice for this model)."""
-    if cfg.cpu_streams:
-        return cfg.cpu_streams
+def auto_count(batch_size: int, cores: int, flops: float | None = None) -> int:
+    """How many streams suit a step over `batch_size` rows on `cores` cores (this process's share):
+    the most that divide the batch, one per core at most, each with at least MIN_STREAM_FLOPS of the
+    step's `flops` per micro-batch (None: not known, not limited); 1 off the Linux CPU backend."""
     # Only where the BLAS thread count can be set: else the streams' BLAS threads oversubscribe.
     if mx.default_device().type != mx.DeviceType.cpu or not sys.platform.startswith("linux") or blas.threads() is None:
         return 1
-    choices = [n for n in range(1, min(usable_cores(), cfg.batch_size) + 1) if cfg.batch_size % n == 0]
-    if model is not None:
-        seq_len = cfg.seq_len or model.max_seq_len
-        flops = model.flops_per_token(seq_len) * cfg.batch_size * seq_len
+    choices = [n for n in range(1, min(cores, batch_size) + 1) if batch_size % n == 0]
+    if flops is not None:
         choices = [n for n in choices if n == 1 or flops / n >= MIN_STREAM_FLOPS]
     return max(choices)
 
@@ -70,19 +66,37 @@ def data_streams(n: int) -> list[mx.Stream]:
     return _streams[:n]
 
 
-@contextlib.contextmanager
-def blas_threads_for(n_streams: int) -> Iterator[None]:
-    """Within: each BLAS call uses cores // n_streams threads (with n_streams > 1 on the CPU), so
-    the streams do not oversubscribe the cores; the previous setting is restored after."""
-    before = blas.threads()
-    shared = current().local_size > 1  # other processes of a training group use the other cores
-    if (n_streams > 1 or shared) and mx.default_device().type == mx.DeviceType.cpu:
-        blas.set_threads(max(1, usable_cores() // n_streams))
-    try:
-        yield
-    finally:
-        if before is not None:
-            blas.set_threads(before)
+class Split:
+    """A function of a batch run on equal slices of it, one slice per stream, its results averaged;
+    and, while open (`with`), each BLAS call given its stream's share of the cores.
+
+    `split(fn)` is a transform like `mx.compile`: the training step applies it to its micro-batch's
+    value-and-gradient function, the evaluation to its loss. It wraps the value-and-gradient, not the
+    loss, because MLX computes a custom function's gradient (cpu.halves, cpu.layers) on the stream
+    that differentiates, so each slice is differentiated on its own stream."""
+
+    def __init__(self, n: int, cores: int, shared: bool = False):
+        """n: streams (1: every function unchanged); cores: this process's cores; shared: other
+        processes of a training group use the machine's other cores (the BLAS must be told even on one
+        stream, or each process's BLAS takes every core)."""
+        self.streams = data_streams(n)
+        self.threads = max(1, cores // n) if n > 1 or shared else None  # None: the BLAS's own count
+        self._before: int | None = None
+
+    def __call__(self, fn: Callable[[mx.array], Any]) -> Callable[[mx.array], Any]:
+        if len(self.streams) == 1:
+            return fn
+        return functools.partial(split_over, self.streams, fn)
+
+    def __enter__(self) -> Split:
+        self._before = blas.threads()
+        if self.threads is not None and mx.default_device().type == mx.DeviceType.cpu:
+            blas.set_threads(self.threads)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._before is not None:
+            blas.set_threads(self._before)
 
 
 def split_over(streams: list[mx.Stream], fn: Callable, batch: mx.array) -> Any:
@@ -114,22 +128,6 @@ def _round_robin(streams: list[mx.Stream], fn: Callable) -> Callable:
 def spread(streams: list[mx.Stream], fn: Callable, *trees: Any) -> Any:
     """tree_map(fn, *trees) with leaf i computed on streams[i % len(streams)].
 
-    The gradient average, clipping and optimizer update touch every parameter once: on one stream
-    (one thread) they leave the other cores idle at the end of each step. Trees with the same
-    structure map the same leaf to the same stream (see spread_updates)."""
+    The slices' average touches every parameter once: on one stream (one thread) it would leave the
+    other cores idle between the backward passes and the update."""
     return tree_map(fn if len(streams) == 1 else _round_robin(streams, fn), *trees)
-
-
-@contextlib.contextmanager
-def spread_updates(optimizer: optim.Optimizer, streams: list[mx.Stream]) -> Iterator[None]:
-    """Within: the optimizer updates parameter i on streams[i % len(streams)], as spread does.
-
-    MLX optimizers update each parameter in apply_single, called over the gradient tree in order."""
-    if len(streams) == 1:
-        yield
-        return
-    optimizer.apply_single = _round_robin(streams, optimizer.apply_single)  # shadows the method
-    try:
-        yield
-    finally:
-        del optimizer.apply_single
