@@ -192,7 +192,8 @@ def info() -> None:
     from mlxllm.step import stream_count
 
     g = group()  # under mlx.launch, every process prints its own place in the group
-    peak, source = g.in_turn(peak_flops, "measuring the machine")
+    with g.in_turn("measuring the machine"):
+        peak, source = peak_flops()
     print(f"mlx {mx.__version__}, device {device_name()} ({backend()})")
     print(
         f"group: {g.describe()}"

@@ -18,15 +18,13 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
 
 from mlxllm.errors import MlxllmError
-
-T = TypeVar("T")
 
 # Set by mlx.launch (or by hand) for each backend; without any of them a process trains alone.
 _LAUNCH_ENV = {
@@ -107,37 +105,43 @@ class Group:
         k = batch.shape[axis] // self.size
         return np.take(batch, np.arange(self.rank * k, (self.rank + 1) * k), axis=axis)
 
-    def together(self, work: Callable[[], T] | None, what: str) -> T | None:
-        """Run `work` here (None: nothing to do on this rank), then wait for the whole group. If it
-        failed on any rank, every rank stops: the failed one with its own error, the others saying
-        which rank failed, instead of waiting forever for it."""
-        failure: BaseException | None = None
-        result = None
+    @contextmanager
+    def together(self, what: str) -> Iterator[None]:
+        """Within: work this rank does (or none), then the whole group waits for it. If it failed on
+        any rank, every rank stops: the failed one with its own error, the others saying which rank
+        failed, instead of waiting forever for it."""
         try:
-            result = work() if work is not None else None
-        except BaseException as e:  # noqa: BLE001 - reported to the group first, then raised
-            failure = e
-        if self.size > 1:
-            failed = np.asarray(
-                self.sum(mx.array(np.eye(self.size, dtype=np.int32)[self.rank] * (failure is not None)))
-            )
-            if failure is None and failed.any():
-                ranks = ", ".join(str(i) for i in np.flatnonzero(failed))
-                raise MlxllmError(
-                    f"Rank {ranks} of the training group failed while {what} (its message is above); "
-                    "this rank stops too. Fix what it says and start the whole group again."
-                )
-        if failure is not None:
-            raise failure
-        return result
+            yield
+        except BaseException as e:  # reported to the group first, then raised
+            self._agree(e, what)
+            raise
+        self._agree(None, what)
 
-    def in_turn(self, work: Callable[[], T], what: str) -> T:
-        """`work` on every rank, first by one process per machine, then by the others, which then find
-        what it made in the machine's cache (token files, a measurement) instead of making it twice
-        at the same path."""
-        first = self.together(work if self.local_rank == 0 else None, what)
-        later = self.together(work if self.local_rank != 0 else None, what)
-        return first if self.local_rank == 0 else later  # type: ignore[return-value]
+    def _agree(self, failure: BaseException | None, what: str) -> None:
+        """Tell the group whether this rank failed; raise if another one did."""
+        if self.size == 1:
+            return
+        failed = np.asarray(self.sum(mx.array(np.eye(self.size, dtype=np.int32)[self.rank] * (failure is not None))))
+        if failure is None and failed.any():
+            ranks = ", ".join(str(i) for i in np.flatnonzero(failed))
+            raise MlxllmError(
+                f"Rank {ranks} of the training group failed while {what} (its message is above); "
+                "this rank stops too. Fix what it says and start the whole group again."
+            )
+
+    @contextmanager
+    def in_turn(self, what: str) -> Iterator[None]:
+        """Within: work on every rank, first by one process per machine, then by the others, which
+        then find what it made in the machine's cache (token files, a measurement) instead of making
+        it twice at the same path. Failures stop every rank, as `together`."""
+        if self.local_rank != 0:
+            with self.together(what):  # the first process of each machine works
+                pass
+        with self.together(what):
+            yield
+        if self.local_rank == 0:
+            with self.together(what):  # the others work
+                pass
 
     def check_same(self, value: str, what: str) -> None:
         """Stop every rank unless all hold the same `value` (e.g. the tokenized data's fingerprint)."""

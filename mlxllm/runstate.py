@@ -160,7 +160,8 @@ def _with_source(run: RunConfig, latest: Path | None) -> tuple[RunConfig, Pretra
     seq_len = run.train.seq_len or run.model.max_seq_len
     if seq_len > run.model.max_seq_len:
         raise MlxllmError(
-            f"train.seq_len ({seq_len}) exceeds model.max_seq_len ({run.model.max_seq_len}); raise max_seq_len or shorten seq_len."
+            f"train.seq_len ({seq_len}) exceeds model.max_seq_len ({run.model.max_seq_len}); "
+            "raise max_seq_len or shorten seq_len."
         )
     return run, source
 
@@ -179,46 +180,39 @@ def _check_split(cfg: TrainConfig, g: Group) -> None:
         )
 
 
-def _prepare_data(run: RunConfig, source: Pretrained | None, quiet: bool, g: Group) -> TokenData:
+def _prepare_data(run: RunConfig, source: Pretrained | None, quiet: bool) -> TokenData:
     cfg = run.train
-
-    def prepare() -> TokenData:
-        return data_mod.prepare(
-            cfg.data,
-            run.tokenizer,
-            val_fraction=cfg.val_fraction,
-            quiet=quiet or not g.primary,
-            tokenizer=source.tokenizer if source else None,
-        )
-
-    data = g.in_turn(prepare, "tokenizing the corpus")
-    g.check_same(data.directory.name, "tokenized data (corpus and tokenizer)")
-    return data
+    return data_mod.prepare(
+        cfg.data,
+        run.tokenizer,
+        val_fraction=cfg.val_fraction,
+        quiet=quiet,
+        tokenizer=source.tokenizer if source else None,
+    )
 
 
-def _build(
-    run: RunConfig, source: Pretrained | None, latest: Path | None, data: TokenData | None, quiet: bool, g: Group
-) -> Run:
-    """Tokenize the corpus and build the model (or restore it from the last checkpoint)."""
-    cfg, run_dir = run.train, Path(run.train.out_dir)
-    seq_len = cfg.seq_len or run.model.max_seq_len
-    data = data if data is not None else _prepare_data(run, source, quiet, g)
-    data_mod.check_length(data, seq_len)
-    if source is None:
-        run = replace(run, model=replace(run.model, vocab_size=data.tokenizer.vocab_size))
-    check_fits(
-        memory(run, seq_len, g), cfg.batch_size // g.size, seq_len
-    )  # refuses, with a suggestion, what cannot fit
-    set_wired_limit()  # Apple silicon: keep the working set wired, as mlx-lm does
-    configure_cache()  # CPU: reuse freed activation buffers instead of page-faulting them back every step
+def _claim(run_dir: Path, resume: bool, overwrite: bool) -> tuple[IO[str], Path | None]:
+    """The run directory's lock, and the checkpoint the run resumes (None: a new run)."""
+    lock = rundir.lock_run_dir(run_dir, resume, overwrite)
+    try:
+        return lock, (ckpt.latest_good(run_dir) if resume and not overwrite else None)
+    except BaseException:
+        lock.close()
+        raise
 
-    def write_settings() -> None:
-        if latest is not None:
-            rundir.check_resume(latest, run, data.directory.name)
-        data.tokenizer.save(run_dir)
-        (run_dir / "config.toml").write_text(dump_toml(run))
 
-    g.together(write_settings if g.primary else None, "checking the run directory")
+def _write_settings(run_dir: Path, run: RunConfig, latest: Path | None, data: TokenData) -> None:
+    """The run's tokenizer and config.toml, once the checkpoint it resumes (if any) is shown to match."""
+    if latest is not None:
+        rundir.check_resume(latest, run, data.directory.name)
+    data.tokenizer.save(run_dir)
+    (run_dir / "config.toml").write_text(dump_toml(run))
+
+
+def _model(run: RunConfig, source: Pretrained | None, latest: Path | None) -> tuple[Transformer, optim.Optimizer]:
+    """The starting model (the pretrained one, or a fresh one from train.seed; a resumed run's weights
+    come from its checkpoint after), its LoRA adapters (train.lora_rank), and its optimizer."""
+    cfg = run.train
     mx.random.seed(cfg.seed)
     if source is not None and latest is None:
         model = pretrained.build(source, attention=run.model.attention)
@@ -228,9 +222,33 @@ def _build(
         lora.apply(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
     optimizer = make_optimizer(cfg)
     optimizer.init(model.trainable_parameters())
-    r = Run(run, run_dir, data, seq_len, model, optimizer, group=g)
-    if latest is not None:
-        r.restore(latest)
+    return model, optimizer
+
+
+def _build(
+    run: RunConfig, source: Pretrained | None, latest: Path | None, data: TokenData | None, quiet: bool, g: Group
+) -> Run:
+    """The run from its checked settings: data, memory check, MLX settings, model, restore."""
+    cfg, run_dir = run.train, Path(run.train.out_dir)
+    seq_len = cfg.seq_len or run.model.max_seq_len
+    if data is None:
+        with g.in_turn("tokenizing the corpus"):  # once per machine, into its cache
+            data = _prepare_data(run, source, quiet or not g.primary)
+        g.check_same(data.directory.name, "tokenized data (corpus and tokenizer)")
+    with g.together("checking the memory"):
+        data_mod.check_length(data, seq_len)
+        if source is None:
+            run = replace(run, model=replace(run.model, vocab_size=data.tokenizer.vocab_size))
+        check_fits(memory(run, seq_len, g), cfg.batch_size // g.size, seq_len)  # refuses, with a suggestion
+    set_wired_limit()  # Apple silicon: keep the working set wired, as mlx-lm does
+    configure_cache()  # CPU: reuse freed activation buffers instead of page-faulting them back every step
+    with g.together("checking the run directory"):
+        if g.primary:
+            _write_settings(run_dir, run, latest, data)
+    with g.together("building the model"):
+        r = Run(run, run_dir, data, seq_len, *_model(run, source, latest), group=g)
+        if latest is not None:  # rank 0; the others take its state next
+            r.restore(latest)
     r.share()
     if g.primary:
         rundir.keep_metrics_until(run_dir, r.step)  # rows logged after that checkpoint come again
@@ -240,25 +258,26 @@ def _build(
 def open_run(
     run: RunConfig, resume: bool, overwrite: bool, data: TokenData | None, quiet: bool, g: Group = Group()
 ) -> Run:
-    """Lock the run directory, check the settings, and set the run up; nothing is written (or
-    replaced) before the settings pass their checks. Every process of a group calls it."""
-    run_dir, source = Path(run.train.out_dir), None
+    """Set a run up, in order: the settings and the model it starts from, the run directory's lock,
+    then (_build) the data, the memory check, the process-wide MLX settings, the model with its
+    LoRA adapters, and the checkpoint it resumes. Nothing is written (or replaced) before the settings
+    pass their checks.
+
+    Every process of a group calls it; the group agrees on each step that can fail (`g.together`)
+    before the next, so that a failure on one rank stops them all. Rank 0 alone touches the run
+    directory; the others take its model, optimizer and counters (Run.share)."""
+    run_dir, source, lock, latest = Path(run.train.out_dir), None, None, None
     _check_split(run.train, g)
-    if not resume:
-        run, source = g.together(lambda: _with_source(run, None), "checking the settings")
-
-    def claim() -> tuple[IO[str], Path | None]:
-        lock = rundir.lock_run_dir(run_dir, resume, overwrite)
-        try:
-            return lock, (ckpt.latest_good(run_dir) if resume and not overwrite else None)
-        except BaseException:
-            lock.close()
-            raise
-
-    lock, latest = g.together(claim if g.primary else None, "opening the run directory") or (None, None)
     try:
+        if not resume:  # a new run: checked before its directory is made
+            with g.together("checking the settings"):
+                run, source = _with_source(run, None)
+        with g.together("opening the run directory"):
+            if g.primary:
+                lock, latest = _claim(run_dir, resume, overwrite)
         if resume:  # rank 0 from its checkpoint; the others from the settings, then rank 0's state
-            run, source = g.together(lambda: _with_source(run, latest), "checking the settings")
+            with g.together("checking the settings"):
+                run, source = _with_source(run, latest)
         if overwrite and g.primary:
             rundir.clear(run_dir)
         r = _build(run, source, latest, data, quiet, g)

@@ -204,7 +204,8 @@ def train(
     r = open_run(run, resume, overwrite, data, quiet=not show_progress, g=g)
     try:
         # Measured once per machine, with the BLAS's own thread count; the group's peak is the machines'.
-        peak = g.in_turn(lambda: peak_flops(r.cfg.dtype)[0], "measuring the machine") * g.machines
+        with g.in_turn("measuring the machine"):
+            peak = peak_flops(r.cfg.dtype)[0] * g.machines
         reporter = Reporter(
             r.run_dir if g.primary else None, r.total_steps, start_step=r.step, show=show_progress and g.primary
         )
