@@ -148,7 +148,7 @@ def for_target(run: RunConfig, seconds: float, seed: int, eval_interval: int, ou
 
 def train_for(run: RunConfig, seconds: float, seed: int, eval_interval: int, out: Path) -> float:
     r = for_target(run, seconds, seed, eval_interval, out)
-    result = train(r.model, r.train, r.tokenizer, overwrite=True, show_progress=False)
+    result = train(r, overwrite=True, show_progress=False)
     return float(result.val_loss)
 
 

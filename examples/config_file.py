@@ -11,5 +11,5 @@ from mlxllm import load_config, train
 
 steps = os.environ.get("MLXLLM_EXAMPLE_STEPS", "100")
 run = load_config(sys.argv[1] if len(sys.argv) > 1 else "configs/tiny.toml", [f"train.max_steps={steps}"])
-result = train(run.model, run.train, run.tokenizer, overwrite=True)
+result = train(run, overwrite=True)
 print(result.run_dir, result.val_loss)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
+from dataclasses import replace
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any
@@ -77,22 +77,17 @@ def train(
     from mlxllm.generate import generate, load
     from mlxllm.trainer import train as run_training
 
-    overrides = list(set_ or [])
-    if data:
-        overrides.append(f"train.data={json.dumps(data[0] if len(data) == 1 else data)}")
-    for key, value in (
-        ("train.out_dir", out),
-        ("train.max_steps", steps),
-        ("train.max_seconds", seconds),
-        ("train.max_tokens", tokens),
-        ("train.init_from", init_from),
-    ):
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(str(value)) if isinstance(value, (str, Path)) else value}")
-    run = load_config(config, overrides)
-    result = run_training(
-        run.model, run.train, run.tokenizer, resume=resume, overwrite=overwrite, show_progress=not quiet
-    )
+    run = load_config(config, set_)
+    given = {
+        "data": (data[0] if len(data) == 1 else tuple(data)) if data else None,
+        "out_dir": str(out) if out is not None else None,
+        "max_steps": steps,
+        "max_seconds": seconds,
+        "max_tokens": tokens,
+        "init_from": init_from,
+    }
+    run = replace(run, train=replace(run.train, **{k: v for k, v in given.items() if v is not None}))
+    result = run_training(run, resume=resume, overwrite=overwrite, show_progress=not quiet)
     if run.train.sample_tokens > 0 and current().primary:  # rank 0 holds the run directory
         model, tok = load(result.run_dir)
         text = generate(

@@ -16,7 +16,7 @@ import mlx.core as mx
 from mlxllm import checkpoint as ckpt
 from mlxllm import data as data_mod
 from mlxllm import distributed
-from mlxllm.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
+from mlxllm.config import RunConfig
 from mlxllm.cpu import blas
 from mlxllm.cpu.streams import Split
 from mlxllm.data import TokenData
@@ -179,9 +179,7 @@ def _summary(result: TrainResult) -> dict[str, str]:
 
 
 def train(
-    model_config: ModelConfig | None = None,
-    train_config: TrainConfig | None = None,
-    tokenizer_config: TokenizerConfig | None = None,
+    run: RunConfig,
     *,
     resume: bool = False,
     overwrite: bool = False,
@@ -191,13 +189,17 @@ def train(
 ) -> TrainResult:
     """Train a model from text, as `mlxllm train` does. Returns where it went and how it ended.
 
-    `data`: token data already prepared (`data.prepare`) for this corpus and tokenizer, so that many
-    runs on one corpus (a search) tokenize and hash it once."""
-    run = RunConfig(
-        model=model_config or ModelConfig(),
-        train=train_config or TrainConfig(),
-        tokenizer=tokenizer_config or TokenizerConfig(),
-    )
+    run: the model, tokenizer and training settings (RunConfig(model=..., tokenizer=..., train=...),
+    or load_config). resume: continue the run in train.out_dir from its latest checkpoint. overwrite:
+    replace a run already there. callback: sees each evaluation's metrics; True stops training.
+    show_progress: the live display and summary (False: quiet). data: token data already prepared
+    (`data.prepare`) for this corpus and tokenizer, so that many runs on one corpus (a search)
+    tokenize and hash it once."""
+    if not isinstance(run, RunConfig):
+        raise MlxllmError(
+            f"train() takes one RunConfig (got {type(run).__name__}): train(RunConfig(model=ModelConfig(...), "
+            "tokenizer=TokenizerConfig(...), train=TrainConfig(...))), or train(load_config('config.toml'))."
+        )
     g = distributed.group()
     if blas.warning() and g.primary:  # said even when quiet: it can cost a run 20x its time
         print("Warning: " + blas.warning(), file=sys.stderr)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import tiny_configs
 
-from mlxllm import MlxllmError, train
+from mlxllm import MlxllmError, RunConfig, train
 from mlxllm import corpus as corpus_mod
 from mlxllm import data as data_mod
 from mlxllm.config import TokenizerConfig
@@ -115,7 +115,7 @@ def test_a_folder_skips_binary_files_and_decodes_other_encodings(tmp_path: Path,
     several = corpus_mod.open_corpus([tmp_path / "a.txt", str(tmp_path / "*.txt")], quiet=True).files
     assert several == [tmp_path / "a.txt", tmp_path / "latin.txt"]  # each file once, binary left out
     m, t, k = tiny_configs(tmp_path, tmp_path / "run", max_steps=4, eval_interval=4, seq_len=16, eval_batches=1)
-    assert train(m, t, k, show_progress=False).step == 4  # and the folder trains
+    assert train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False).step == 4  # and the folder trains
 
 
 def test_a_very_long_line_is_cut_between_characters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import tiny_configs
 
-from mlxllm import MlxllmError, load, train
+from mlxllm import MlxllmError, RunConfig, load, train
 from mlxllm import checkpoint as ckpt
 
 TESTS = Path(__file__).resolve().parent
@@ -27,9 +27,10 @@ def _train_in_subprocess(
 ) -> subprocess.Popen:
     """train() in another process (so that it can be killed), with tiny_configs and these overrides."""
     code = (
-        f"import sys; sys.path.insert(0, {str(TESTS)!r}); from conftest import tiny_configs; from mlxllm import train; "
+        f"import sys; sys.path.insert(0, {str(TESTS)!r}); from conftest import tiny_configs; "
+        "from mlxllm import RunConfig, train; "
         f"m, t, k = tiny_configs({str(corpus)!r}, {str(out)!r}, **{overrides!r}); "
-        "train(m, t, k, show_progress=False, resume=True)"
+        "train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False, resume=True)"
     )
     env = {**os.environ, **({"MLXLLM_CRASH_AT": crash_at} if crash_at else {})}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
@@ -49,7 +50,7 @@ def _opt_state(path: Path) -> dict[str, np.ndarray]:
 def test_killed_in_training_and_in_a_checkpoint_resumes_exactly(corpus: Path, tmp_path: Path):
     settings = dict(max_steps=40, eval_interval=10, log_interval=5)
     m, t, k = tiny_configs(corpus, tmp_path / "straight", **settings)
-    train(m, t, k, show_progress=False)
+    train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
 
     out = tmp_path / "killed"
     first = _train_in_subprocess(corpus, out, crash_at="step:25", **settings)  # after step 25 was logged
@@ -75,14 +76,14 @@ def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(
     corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ):
     m, t, k = tiny_configs(corpus, tmp_path / "run", max_steps=20, eval_interval=10, keep_last=3)
-    train(m, t, k, show_progress=False)
+    train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
     last = ckpt.latest_checkpoint(tmp_path / "run")
     want = _weights(last)
     weights = last / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # a torn write: the file is short
     with pytest.raises(MlxllmError, match="model.safetensors is missing or does not match"):
         load(last)
-    assert train(m, t, k, show_progress=False, resume=True).step == 20
+    assert train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False, resume=True).step == 20
     assert "step_00000020 is damaged" in capsys.readouterr().err
     again = ckpt.latest_checkpoint(tmp_path / "run")
     assert again.name == "step_00000020" and ckpt.damaged_file(again) is None
@@ -105,9 +106,11 @@ def test_a_second_trainer_is_refused_and_a_dead_ones_lock_does_not_stick(corpus:
         assert ckpt.list_checkpoints(out), "the first trainer wrote no checkpoint within 120 s"
         m, t, k = tiny_configs(corpus, out, max_steps=100_000, eval_interval=10)
         with pytest.raises(MlxllmError, match=rf"Another mlxllm process \(pid {live.pid}\) is training"):
-            train(m, t, k, show_progress=False, resume=True)
+            train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False, resume=True)
         with pytest.raises(MlxllmError, match="Another mlxllm process"):
-            train(m, t, k, show_progress=False, overwrite=True)  # nor may it be replaced under it
+            train(
+                RunConfig(model=m, tokenizer=k, train=t), show_progress=False, overwrite=True
+            )  # nor may it be replaced under it
         assert ckpt.list_checkpoints(out)
     finally:
         live.kill()
@@ -115,7 +118,7 @@ def test_a_second_trainer_is_refused_and_a_dead_ones_lock_does_not_stick(corpus:
     m, t, k = tiny_configs(
         corpus, out, max_steps=ckpt.read_state(ckpt.latest_checkpoint(out))["step"] + 5, eval_interval=10
     )
-    assert train(m, t, k, show_progress=False, resume=True).step > 0
+    assert train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False, resume=True).step > 0
 
 
 def test_overwrite_replaces_a_run_but_never_a_folder_that_holds_none(corpus: Path, tmp_path: Path):
@@ -123,11 +126,11 @@ def test_overwrite_replaces_a_run_but_never_a_folder_that_holds_none(corpus: Pat
     mine.mkdir()
     (mine / "thesis.txt").write_text("irreplaceable")
     m, t, k = tiny_configs(corpus, mine, max_steps=2, eval_interval=2)
-    train(m, t, k, show_progress=False, overwrite=True)
+    train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False, overwrite=True)
     assert (mine / "thesis.txt").read_text() == "irreplaceable"
     (tmp_path / "run").mkdir()
     m, t, k = tiny_configs(corpus, tmp_path / "run", max_steps=2, eval_interval=2)
-    train(m, t, k, show_progress=False)
+    train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
     (tmp_path / "run" / "stale.txt").write_text("from the old run")
-    train(m, t, k, show_progress=False, overwrite=True)
+    train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False, overwrite=True)
     assert not (tmp_path / "run" / "stale.txt").exists() and ckpt.latest_checkpoint(tmp_path / "run")

@@ -19,7 +19,7 @@ import pytest
 from conftest import tiny_configs
 from typer.testing import CliRunner
 
-from mlxllm import MlxllmError, TokenizerConfig, load, train
+from mlxllm import MlxllmError, RunConfig, TokenizerConfig, load, train
 from mlxllm import data as data_mod
 from mlxllm.cli import app
 from mlxllm.export import ExportOptions, export
@@ -44,7 +44,7 @@ def exports(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tupl
         name = f"{kind}-{'tied' if tied else 'untied'}-kv{kv}"
         m, t, _ = tiny_configs(corpus, root / name, max_steps=10, eval_interval=10)
         m = replace(m, n_kv_heads=kv, tie_embeddings=tied)
-        train(m, t, TokenizerConfig(kind=kind, vocab_size=320), show_progress=False)
+        train(RunConfig(model=m, tokenizer=TokenizerConfig(kind=kind, vocab_size=320), train=t), show_progress=False)
         out[(kind, tied, kv)] = (root / name, export(root / name, root / f"{name}-hf"))
     return out
 
@@ -184,7 +184,7 @@ def test_fine_tuning_from_an_export_continues_its_weights_and_learns(exports, tm
     other = tmp_path / "other.txt"
     other.write_text("\n".join(f"Line {i}: the quick brown fox jumps over {i % 7} lazy dogs." for i in range(3000)))
     m, t, k = tiny_configs(other, tmp_path / "ft", max_steps=30, eval_interval=30, log_interval=1, init_from=str(hf))
-    result = train(m, t, k, show_progress=False)
+    result = train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
 
     model, tok = load(hf)
     data = data_mod.prepare(str(other), TokenizerConfig(kind="hf"), tokenizer=tok, val_fraction=t.val_fraction)
@@ -285,7 +285,7 @@ def test_lora_fine_tuning_trains_adapters_only_and_merges_on_load_and_export(exp
     m, t, k = tiny_configs(
         other, tmp_path / "lora", max_steps=30, eval_interval=15, init_from=str(hf), lora_rank=4, learning_rate=1e-2
     )
-    result = train(m, t, k, show_progress=False)
+    result = train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
     last = max((tmp_path / "lora" / "checkpoints").iterdir())
     saved = dict(mx.load(str(last / "model.safetensors")))

@@ -5,7 +5,7 @@ import mlx.core as mx
 import pytest
 from conftest import tiny_configs
 
-from mlxllm import MlxllmError, ModelConfig, generate, load, train
+from mlxllm import MlxllmError, ModelConfig, RunConfig, generate, load, train
 from mlxllm.generate import generate_ids, sample_next
 from mlxllm.model import KVCache, build_model
 
@@ -54,7 +54,7 @@ def test_sampling_respects_top_k_and_top_p():
 
 def test_generate_from_a_trained_run_is_seeded(corpus: Path, tmp_path: Path):
     m, t, k = tiny_configs(corpus, tmp_path / "run", max_steps=150, eval_interval=75)
-    train(m, t, k, show_progress=False)
+    train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
     model, tok = load(tmp_path / "run")
     a = generate(model, tok, "The cat", 60, temperature=0.5, seed=1)
     b = generate(model, tok, "The cat", 60, temperature=0.5, seed=1)

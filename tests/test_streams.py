@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import tiny_configs
 
-from mlxllm import MlxllmError, TrainConfig, train
+from mlxllm import MlxllmError, RunConfig, TrainConfig, train
 from mlxllm import checkpoint as ckpt
 from mlxllm.cpu import blas as _blas
 from mlxllm.device import usable_cores
@@ -26,8 +26,11 @@ def _weights(run_dir: Path) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("streams", [2, 4])
 def test_split_step_matches_one_stream(corpus: Path, tmp_path: Path, streams: int):
     m, t, k = tiny_configs(corpus, tmp_path / "one", max_steps=8, eval_interval=8, cpu_streams=1)
-    one = train(m, t, k, show_progress=False)
-    split = train(m, replace(t, out_dir=str(tmp_path / "split"), cpu_streams=streams), k, show_progress=False)
+    one = train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
+    split = train(
+        RunConfig(model=m, tokenizer=k, train=replace(t, out_dir=str(tmp_path / "split"), cpu_streams=streams)),
+        show_progress=False,
+    )
     assert split.val_loss == pytest.approx(one.val_loss, abs=1e-5)
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "split")
     for name in a:
@@ -38,8 +41,11 @@ def test_split_step_with_accumulation_and_bfloat16(corpus: Path, tmp_path: Path)
     m, t, k = tiny_configs(
         corpus, tmp_path / "one", max_steps=4, eval_interval=4, cpu_streams=1, grad_accum=2, dtype="bfloat16"
     )
-    one = train(m, t, k, show_progress=False)
-    split = train(m, replace(t, out_dir=str(tmp_path / "split"), cpu_streams=2), k, show_progress=False)
+    one = train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
+    split = train(
+        RunConfig(model=m, tokenizer=k, train=replace(t, out_dir=str(tmp_path / "split"), cpu_streams=2)),
+        show_progress=False,
+    )
     assert split.val_loss == pytest.approx(one.val_loss, abs=2e-2)  # bf16 sums in another order
 
 
@@ -92,17 +98,28 @@ def test_blas_threads_lowered_for_streams_and_restored(corpus: Path, tmp_path: P
     before = _blas.threads()
     seen = []
     m, t, k = tiny_configs(corpus, tmp_path / "run", max_steps=4, eval_interval=2, cpu_streams=2)
-    train(m, t, k, show_progress=False, callback=lambda metrics: seen.append(_blas.threads()))
+    train(
+        RunConfig(model=m, tokenizer=k, train=t),
+        show_progress=False,
+        callback=lambda metrics: seen.append(_blas.threads()),
+    )
     assert seen and all(n == max(1, usable_cores() // 2) for n in seen)
     assert _blas.threads() == before
 
 
 def test_resume_with_streams_continues_exactly(corpus: Path, tmp_path: Path):
     m, t, k = tiny_configs(corpus, tmp_path / "straight", max_steps=12, eval_interval=6, warmup_steps=3, cpu_streams=2)
-    train(m, t, k, show_progress=False)
+    train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
     t2 = replace(t, out_dir=str(tmp_path / "split"))
-    assert train(m, t2, k, show_progress=False, callback=lambda metrics: metrics["step"] >= 6).step == 6
-    assert train(m, t2, k, show_progress=False, resume=True).step == 12
+    assert (
+        train(
+            RunConfig(model=m, tokenizer=k, train=t2),
+            show_progress=False,
+            callback=lambda metrics: metrics["step"] >= 6,
+        ).step
+        == 6
+    )
+    assert train(RunConfig(model=m, tokenizer=k, train=t2), show_progress=False, resume=True).step == 12
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=1e-6, rtol=0, err_msg=name)

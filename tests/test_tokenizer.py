@@ -5,7 +5,7 @@ import pytest
 from conftest import make_corpus, tiny_configs
 from typer.testing import CliRunner
 
-from mlxllm import MlxllmError, train
+from mlxllm import MlxllmError, RunConfig, train
 from mlxllm.config import TokenizerConfig
 from mlxllm.tokenizer import ByteTokenizer, load_tokenizer, train_tokenizer, training_sentences
 
@@ -63,7 +63,9 @@ def test_a_corpus_of_one_long_line_trains_with_bpe(tmp_path: Path, kind: str):
     path.write_text(text)
     assert "\n" not in text and len(text.encode()) > 250_000
     m, t, _ = tiny_configs(path, tmp_path / "run", max_steps=30, eval_interval=15)
-    result = train(m, t, TokenizerConfig(kind="bpe", vocab_size=512), show_progress=False)
+    result = train(
+        RunConfig(model=m, tokenizer=TokenizerConfig(kind="bpe", vocab_size=512), train=t), show_progress=False
+    )
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
     tok = load_tokenizer(tmp_path / "run")
     assert tok.vocab_size > 300  # merges were learned, not just the byte pieces

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import tiny_configs
 
-from mlxllm import MlxllmError, TrainConfig, load, train
+from mlxllm import MlxllmError, RunConfig, TrainConfig, load, train
 from mlxllm import checkpoint as ckpt
 from mlxllm import step as step_mod
 from mlxllm.data import prepare
@@ -23,7 +23,7 @@ def weights(run_dir: Path, which: str = "latest") -> dict[str, np.ndarray]:
 
 def test_tiny_model_learns_far_below_unigram_entropy(corpus: Path, tmp_path: Path):
     m, t, k = tiny_configs(corpus, tmp_path / "run", max_steps=250, eval_interval=125)
-    result = train(m, t, k, show_progress=False)
+    result = train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
     d = prepare(corpus, k)
     counts = np.bincount(np.asarray(d.train), minlength=257).astype(float)
     p = counts[counts > 0] / counts.sum()
@@ -41,12 +41,14 @@ def test_tiny_model_learns_far_below_unigram_entropy(corpus: Path, tmp_path: Pat
 def test_resume_continues_exactly(corpus: Path, tmp_path: Path):
     steps = dict(max_steps=30, eval_interval=15, warmup_steps=5)
     m, t, k = tiny_configs(corpus, tmp_path / "straight", **steps)
-    train(m, t, k, show_progress=False)
+    train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
 
     t2 = replace(t, out_dir=str(tmp_path / "split"))
-    first = train(m, t2, k, show_progress=False, callback=lambda metrics: metrics["step"] >= 15)  # "crash" at 15
+    first = train(
+        RunConfig(model=m, tokenizer=k, train=t2), show_progress=False, callback=lambda metrics: metrics["step"] >= 15
+    )  # "crash" at 15
     assert first.step == 15 and first.stopped_by == "callback"
-    second = train(m, t2, k, show_progress=False, resume=True)
+    second = train(RunConfig(model=m, tokenizer=k, train=t2), show_progress=False, resume=True)
     assert second.step == 30
 
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
@@ -60,8 +62,11 @@ def test_resume_continues_exactly(corpus: Path, tmp_path: Path):
 
 def test_gradient_accumulation_matches_a_larger_batch(corpus: Path, tmp_path: Path):
     m, t, k = tiny_configs(corpus, tmp_path / "big", max_steps=3, eval_interval=3, batch_size=8)
-    train(m, t, k, show_progress=False)
-    train(m, replace(t, out_dir=str(tmp_path / "acc"), batch_size=4, grad_accum=2), k, show_progress=False)
+    train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
+    train(
+        RunConfig(model=m, tokenizer=k, train=replace(t, out_dir=str(tmp_path / "acc"), batch_size=4, grad_accum=2)),
+        show_progress=False,
+    )
     a, b = weights(tmp_path / "big"), weights(tmp_path / "acc")
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=2e-5, err_msg=name)
@@ -109,8 +114,11 @@ def test_validation_batches_run_one_after_another():
 
 def test_uncompiled_step_matches_compiled(corpus: Path, tmp_path: Path):
     m, t, k = tiny_configs(corpus, tmp_path / "c", max_steps=5, eval_interval=5)
-    train(m, t, k, show_progress=False)
-    train(m, replace(t, out_dir=str(tmp_path / "u"), compile=False), k, show_progress=False)
+    train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
+    train(
+        RunConfig(model=m, tokenizer=k, train=replace(t, out_dir=str(tmp_path / "u"), compile=False)),
+        show_progress=False,
+    )
     a, b = weights(tmp_path / "c"), weights(tmp_path / "u")
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=1e-5, err_msg=name)
@@ -118,23 +126,28 @@ def test_uncompiled_step_matches_compiled(corpus: Path, tmp_path: Path):
 
 def test_bfloat16_training_learns_with_fp32_master_weights(corpus: Path, tmp_path: Path):
     m, t, k = tiny_configs(corpus, tmp_path / "bf16", dtype="bfloat16", max_steps=60, eval_interval=30)
-    result = train(m, t, k, show_progress=False)
+    result = train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"] < 3.0
     assert all(v.dtype == np.float32 for v in weights(tmp_path / "bf16").values())
 
 
 def test_token_and_time_budgets(corpus: Path, tmp_path: Path):
     m, t, k = tiny_configs(corpus, tmp_path / "tok", max_steps=1000, max_tokens=8 * 64 * 12)
-    r = train(m, t, k, show_progress=False)
+    r = train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
     assert r.step == 12 and r.tokens == 8 * 64 * 12 and r.stopped_by == "max_tokens"
     assert r.val_loss is not None and ckpt.latest_checkpoint(tmp_path / "tok").name.endswith("12")
-    r = train(m, replace(t, out_dir=str(tmp_path / "sec"), max_tokens=None, max_seconds=2.0), k, show_progress=False)
+    r = train(
+        RunConfig(
+            model=m, tokenizer=k, train=replace(t, out_dir=str(tmp_path / "sec"), max_tokens=None, max_seconds=2.0)
+        ),
+        show_progress=False,
+    )
     assert r.stopped_by == "max_seconds" and 0 < r.step < 1000
 
 
 def test_keeps_last_k_and_best(corpus: Path, tmp_path: Path):
     m, t, k = tiny_configs(corpus, tmp_path / "keep", max_steps=50, eval_interval=10, keep_last=2)
-    train(m, t, k, show_progress=False)
+    train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
     kept = [p.name for p in ckpt.list_checkpoints(tmp_path / "keep")]
     best = ckpt.best_checkpoint(tmp_path / "keep")
     assert kept[-2:] == ["step_00000040", "step_00000050"] and best.name in kept and len(kept) <= 3
@@ -156,7 +169,7 @@ def test_disk_full_keeps_previous_checkpoint(corpus: Path, tmp_path: Path, monke
 
     monkeypatch.setattr(mx, "save_safetensors", flaky)
     with pytest.raises(MlxllmError, match="disk is full.*step_00000010 is intact"):
-        train(m, t, k, show_progress=False)
+        train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "full")] == ["step_00000010"]
     assert not list((tmp_path / "full" / "checkpoints").glob(".tmp*"))
     model, _ = load(tmp_path / "full")  # and it still loads
@@ -165,12 +178,12 @@ def test_disk_full_keeps_previous_checkpoint(corpus: Path, tmp_path: Path, monke
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     m, t, k = tiny_configs(corpus, tmp_path / "nan", max_steps=10, eval_interval=10)
-    train(m, t, k, show_progress=False)
+    train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
     good = weights(tmp_path / "nan")
     real = step_mod.loss_fn
     monkeypatch.setattr(step_mod, "loss_fn", lambda model, batch: real(model, batch) * mx.array(float("nan")))
     with pytest.raises(MlxllmError, match=r"became nan by step 20.*step_00000010"):
-        train(m, replace(t, max_steps=40), k, show_progress=False, resume=True)
+        train(RunConfig(model=m, tokenizer=k, train=replace(t, max_steps=40)), show_progress=False, resume=True)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "nan")] == ["step_00000010"]
     after = weights(tmp_path / "nan")
     assert all((good[n] == after[n]).all() for n in good)
@@ -178,22 +191,26 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus: Path, tmp_path: P
 
 def test_run_directory_is_not_clobbered(corpus: Path, tmp_path: Path):
     m, t, k = tiny_configs(corpus, tmp_path / "once", max_steps=5, eval_interval=5)
-    train(m, t, k, show_progress=False)
+    train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
     with pytest.raises(MlxllmError, match="already holds a training run.*--resume.*--overwrite"):
-        train(m, t, k, show_progress=False)
+        train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
     assert ckpt.latest_checkpoint(tmp_path / "once") is not None
-    assert train(m, t, k, show_progress=False, overwrite=True).step == 5
+    assert train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False, overwrite=True).step == 5
 
 
 def test_resume_refuses_a_different_model_or_tokenizer(corpus: Path, tmp_path: Path):
     from mlxllm import TokenizerConfig
 
     m, t, k = tiny_configs(corpus, tmp_path / "mismatch", max_steps=5, eval_interval=5)
-    train(m, t, k, show_progress=False)
+    train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
     with pytest.raises(MlxllmError, match="model shape does not match.*d_model: checkpoint 64, now 32"):
-        train(replace(m, d_model=32), t, k, show_progress=False, resume=True)
+        train(RunConfig(model=replace(m, d_model=32), tokenizer=k, train=t), show_progress=False, resume=True)
     with pytest.raises(MlxllmError, match="tokenizer or corpus differs"):
-        train(m, t, TokenizerConfig(kind="bpe", vocab_size=300), show_progress=False, resume=True)
+        train(
+            RunConfig(model=m, tokenizer=TokenizerConfig(kind="bpe", vocab_size=300), train=t),
+            show_progress=False,
+            resume=True,
+        )
 
 
 def test_invalid_train_config():

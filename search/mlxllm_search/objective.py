@@ -156,9 +156,7 @@ class Objective:
                     raise optuna.TrialPruned(f"validation loss {metrics['val_loss']:.4f} at step {step}")
             self._refresh()
 
-        result = train(
-            run.model, run.train, run.tokenizer, overwrite=True, callback=report, show_progress=False, data=self.data
-        )
+        result = train(run, overwrite=True, callback=report, show_progress=False, data=self.data)
         if result.val_loss is None or not math.isfinite(result.val_loss):
             raise MlxllmError(f"trial {trial.number} ended without a finite validation loss")
         for key, value in (("steps", result.step), ("elapsed", result.elapsed), ("run_dir", str(result.run_dir))):

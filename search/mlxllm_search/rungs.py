@@ -177,9 +177,7 @@ class RungTrainer:
             return self.ticks(points, points[-1].step) >= until or self.deadlines.left(confirming) <= 0
 
         result = train(
-            run.model,
-            cfg,
-            run.tokenizer,
+            replace(run, train=cfg),
             resume=resume,
             overwrite=not resume,
             callback=callback,
