@@ -1,4 +1,4 @@
-"""The training step and evaluation: AdamW with warmup and cosine decay, the whole step compiled
+"""The training step and evaluation: AdamW (its learning rate from mlxllm.schedule), the whole step compiled
 with the model's and the optimizer's state, split over streams where that keeps more cores busy."""
 
 from __future__ import annotations
@@ -18,14 +18,6 @@ from mlxllm.config import TrainConfig
 from mlxllm.cpu.streams import data_streams, split_over, spread, spread_updates, stream_count
 from mlxllm.distributed import Group
 from mlxllm.model import Transformer
-
-
-def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
-    """Linear warmup over warmup_steps, then cosine from learning_rate down to the floor."""
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    floor = cfg.learning_rate * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.learning_rate - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def loss_fn(model: Transformer, batch: mx.array) -> mx.array:

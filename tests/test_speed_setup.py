@@ -20,6 +20,7 @@ from mlxllm.cpu import fastexp
 from mlxllm.cpu.streams import BFS_WIDTH, stream_count
 from mlxllm.errors import MlxllmError
 from mlxllm.model import build_model
+from mlxllm.schedule import lr_at
 
 linux_openblas = pytest.mark.skipif(
     not (sys.platform.startswith("linux") and _blas.loaded and "openblas" in _blas.loaded),
@@ -89,7 +90,7 @@ def _counting_step(monkeypatch, compile: bool = True, shapes: tuple[int, ...] = 
     step = step_mod.make_step(model, opt, tc)
     rng = np.random.default_rng(0)
     for i, width in enumerate(shapes):
-        opt.learning_rate = step_mod.lr_at(tc, i, i / len(shapes))  # changes every step, as in training
+        opt.learning_rate = lr_at(tc, i, i / len(shapes))  # changes every step, as in training
         loss, _ = step(mx.array(rng.integers(0, 32, (1, 2, width), dtype=np.int32)))
         mx.async_eval(loss, model.parameters(), opt.state)
     mx.eval(loss)

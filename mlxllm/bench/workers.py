@@ -55,6 +55,7 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
     from mlxllm.config import TrainConfig
     from mlxllm.cpu.streams import blas_threads_for, stream_count
     from mlxllm.model import build_model
+    from mlxllm.schedule import lr_at
 
     mc = model_config(cfg)
     tc = TrainConfig(
@@ -97,7 +98,7 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
                 return batch
             with blas_threads_for(n_streams):  # as training runs the step
                 for i in range(n):
-                    optimizer.learning_rate = step_mod.lr_at(tc, i, 0.5)
+                    optimizer.learning_rate = lr_at(tc, i, 0.5)
                     loss, _ = step_fn(batch)
                     mx.async_eval(loss, model.parameters(), optimizer.state)
                     batch = next_batch()  # built on the host while the step runs
