@@ -1,4 +1,5 @@
-"""Run a search: open (or resume) the study, seed it, run workers until it holds the requested trials, write the best config."""
+"""Run a search: open (or resume) the study, seed it, run workers (WorkerArgs) until it holds the requested trials,
+write the best config."""
 
 from __future__ import annotations
 
@@ -19,13 +20,25 @@ from optuna.trial import FrozenTrial
 from mlxllm import data as data_mod
 from mlxllm.config import ModelConfig, dump_toml, from_dict, load_config
 from mlxllm.errors import MlxllmError
+from mlxllm_search.deadlines import Deadlines
 from mlxllm_search.display import LiveTrials, leaderboard, objective_names
 from mlxllm_search.objective import Objective
+from mlxllm_search.records import StudyRecord, record_of
 from mlxllm_search.space import SearchSpec, run_config
 from mlxllm_search.spec import UNLIMITED_TRIALS, load_spec, make_target, with_target
-from mlxllm_search.storage import POLL_S, counts, default_url, next_step, open_storage, sweep, taken_over, trial_gate
-from mlxllm_search.target import ETA, Deadlines, Target
-from mlxllm_search.targeted import (
+from mlxllm_search.storage import (
+    POLL_S,
+    beats,
+    counts,
+    default_url,
+    next_step,
+    open_storage,
+    sweep,
+    taken_over,
+    trial_gate,
+)
+from mlxllm_search.target import ETA, Target
+from mlxllm_search.target_search import (
     confirm,
     describe_plan,
     spent,
@@ -93,59 +106,64 @@ def open_study(
     else:
         study = optuna.load_study(**kwargs)
     want = spec.space_hash()
-    have = study.user_attrs.get("space_hash")
-    if have is None and create:
+    have = StudyRecord.from_attrs(study.user_attrs)
+    if have.space_hash is None and create:
         if study.get_trials(deepcopy=False):
             raise MlxllmError(
                 f"The storage already holds a study named {study_name!r} that was not made by `mlxllm search`. "
                 "Choose another --study-name or --storage."
             )
-        study.set_user_attr("space_hash", want)
-        study.set_user_attr("spec", spec.source)
-        study.set_user_attr("objectives", list(spec.settings.objectives))
-    elif have != want:
+        made = StudyRecord(space_hash=want, spec=spec.source, objectives=list(spec.settings.objectives))
+        for key, value in made.to_attrs().items():
+            study.set_user_attr(key, value)
+    elif have.space_hash != want:
         raise MlxllmError(
-            f"The study {study_name!r} in {storage or default_url(search_dir)} was made with a different search space, "
-            f"budget or objectives (from {study.user_attrs.get('spec') or 'another spec'}), so its trials cannot be compared "
+            f"The study {study_name!r} in {storage or default_url(search_dir)} was made with a different search "
+            f"space, budget or objectives (from {have.spec or 'another spec'}), so its trials cannot be compared "
             "with this one's. Resume it with its own spec unchanged, or start a new study with --study-name or --out."
         )
     return study
 
 
-def _work(
-    spec: SearchSpec,
-    search_dir: Path,
-    storage: str | None,
-    study_name: str,
-    target: int,
-    seed: int | None,
-    data_dir: Path,
-    live: LiveTrials | None = None,
-    deadlines: Deadlines | None = None,
-) -> None:
-    """One worker: take trials until the study holds `target` of them (finished or running; rejections
-    before training and confirmations not counted) or the search's time is up, each trained on the
-    token data prepared once in data_dir."""
-    deadlines = deadlines or Deadlines()
+@dataclass(frozen=True)
+class WorkerArgs:
+    """What a worker process is given (picklable: spawned workers receive it)."""
+
+    spec: SearchSpec
+    search_dir: Path
+    storage: str | None  # the study's storage URL or journal path; None: the journal in search_dir
+    study_name: str
+    trials: int  # the trials the study should hold when the workers stop (rejections and confirmations aside)
+    seed: int | None  # the sampler seed: the user's, which _run_workers turns into one per worker
+    data_dir: Path  # the token data prepared once for every worker
+    deadlines: Deadlines  # of the search's own time budget
+
+
+def _work(args: WorkerArgs, live: LiveTrials | None = None) -> None:
+    """One worker: take trials until the study holds `args.trials` of them (finished or running; rejections
+    before training and confirmations not counted) or the search's time is up, each trained on the token
+    data prepared once in args.data_dir. `live`: the table to refresh (in the main process only)."""
+    spec, deadlines = args.spec, args.deadlines
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    study = open_study(spec, search_dir, storage, study_name, seed, create=False)
+    study = open_study(spec, args.search_dir, args.storage, args.study_name, args.seed, create=False)
     sweep(study)
-    gate = trial_gate(storage, search_dir, study_name)
+    gate = trial_gate(args.storage, args.search_dir, args.study_name)
     refresh = (lambda: live.update(study)) if live else None
     objective = Objective(
         spec,
-        search_dir,
-        data_mod.open_prepared(data_dir),
+        args.search_dir,
+        data_mod.open_prepared(args.data_dir),
         on_trial_start=gate.release,
         on_eval=refresh,
         deadlines=deadlines,
     )
+    beating = beats(args.storage)
     while True:
-        if not time_for_a_trial(spec, deadlines) or too_many_free(study, target):
+        if not time_for_a_trial(spec, deadlines) or too_many_free(study, args.trials):
             return
         with gate:
-            step = next_step(study, target + uncounted(study))
+            step = next_step(study, args.trials + uncounted(study), beating)
             if step == "done":
                 return
             try:
@@ -161,10 +179,10 @@ def _work(
             refresh()
 
 
-def _worker_main(*args: Any) -> None:
+def _worker_main(args: WorkerArgs) -> None:
     """Entry point of a spawned worker process."""
     try:
-        _work(*args)
+        _work(args)
     except MlxllmError as e:
         print(f"Error in search worker: {e}", file=sys.stderr)
         sys.exit(1)
@@ -187,8 +205,9 @@ def _seed_params(spec: SearchSpec, seed_configs: Sequence[str | Path]) -> list[d
         p = spec.space.params_of(load_config(path))
         if p is None:
             raise MlxllmError(
-                f"The seed config {path} is not in the search space (its layers, head_dim, heads, KV heads, mlp_ratio or "
-                "learning rate is not among the space's values), so it cannot start the study. Widen [space] or leave it out."
+                f"The seed config {path} is not in the search space (its layers, head_dim, heads, KV heads, mlp_ratio "
+                "or learning rate is not among the space's values), so it cannot start the study. Widen [space] or "
+                "leave it out."
             )
         out.append(p)
     return out
@@ -204,8 +223,8 @@ def write_best(study: optuna.Study, spec: SearchSpec, search_dir: Path) -> Path 
     t = best_trial(study) if spec.target is None else target_best(study)
     if t is None:
         return None
-    model = from_dict(ModelConfig, t.user_attrs["model"])
-    run = run_config(spec, model, t.user_attrs["learning_rate"], search_dir / "best")
+    record = record_of(t)
+    run = run_config(spec, from_dict(ModelConfig, record.model), record.learning_rate, search_dir / "best")
     path = search_dir / BEST_NAME
     if spec.target is not None:  # the target's budget and schedule are the spec's base: run_config keeps them
         path.write_text(target_header(study, spec, t, path) + dump_toml(run))
@@ -255,29 +274,16 @@ def _announce(
         )
 
 
-def _run_workers(
-    console: LiveTrials,
-    study: optuna.Study,
-    spec: SearchSpec,
-    search_dir: Path,
-    storage: str | None,
-    target: int,
-    workers: int,
-    seed: int | None,
-    data_dir: Path,
-    deadlines: Deadlines,
-) -> None:
-    """Run the workers (in this process for one) until the study holds `target` trials."""
+def _run_workers(console: LiveTrials, study: optuna.Study, args: WorkerArgs, workers: int) -> None:
+    """Run `workers` workers (in this process for one) until the study holds `args.trials` trials; each gets
+    its own sampler seed from `args.seed`, the user's."""
     n_before = len(study.get_trials(deepcopy=False))
-    args = (spec, search_dir, storage, study.study_name, target)
+    per_worker = [replace(args, seed=_sampler_seed(args.seed, n_before, i)) for i in range(workers)]
     if workers == 1:
-        _work(*args, _sampler_seed(seed, n_before, 0), data_dir, console, deadlines)
+        _work(per_worker[0], console)
         return
     ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker_main, args=(*args, _sampler_seed(seed, n_before, i), data_dir, None, deadlines))
-        for i in range(workers)
-    ]
+    procs = [ctx.Process(target=_worker_main, args=(a,)) for a in per_worker]
     for p in procs:
         p.start()
     while any(p.is_alive() for p in procs):
@@ -374,7 +380,8 @@ def search(
     plan = spec.plan
     deadlines = Deadlines.start(spec.settings.seconds, plan.reserve_s if plan else 0.0, since=started)
     with console:
-        _run_workers(console, study, spec, search_dir, storage, total, workers, seed, prepared.directory, deadlines)
+        args = WorkerArgs(spec, search_dir, storage, study.study_name, total, seed, prepared.directory, deadlines)
+        _run_workers(console, study, args, workers)
         confirmed = confirm(
             study,
             spec,
