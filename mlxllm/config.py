@@ -44,6 +44,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     attention: str = "auto"
+    # Residual dropout, in training mode only: on the token embeddings and on each attention and MLP
+    # output before the residual add (not on attention probabilities, which fused kernels never hold).
+    # A probability in [0, 1); 0: off, no random draws.
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         problems = [
@@ -75,6 +79,13 @@ class ModelConfig:
             problems.append(f"mlp_ratio must be positive (got {self.mlp_ratio})")
         if self.attention not in ATTENTION_IMPLS:
             problems.append(f"attention must be one of {', '.join(ATTENTION_IMPLS)} (got {self.attention!r})")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            problems.append(
+                f"dropout must be a probability in [0, 1) (got {self.dropout!r}); 0 turns it off, and 0.1 is a "
+                "usual start when the corpus is repeated for many epochs"
+            )
+        else:
+            object.__setattr__(self, "dropout", float(self.dropout))  # TOML's 0 is an int
         _refuse("model", problems)
 
     @property

@@ -4,6 +4,11 @@ Parameter names follow the Llama checkpoint layout (`model.embed_tokens`, `model
 `mlp.gate_proj`, `input_layernorm`, `model.norm`, `lm_head`), so weights map one-to-one onto it. The
 math that depends on the device is behind two seams: `ops` (activations, norms, rotary embeddings)
 and `attention`.
+
+Dropout (`ModelConfig.dropout`, off by default) is residual dropout: on the token embeddings and on
+each attention and MLP output before it is added to the residual stream, in training mode only
+(`set_training`). The attention probabilities are not dropped: the fused, flash and tiled attention
+kernels never hold them.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from mlxllm.attention import attention, decode_attention
 from mlxllm.config import ModelConfig
 from mlxllm.errors import MlxllmError
 
-__all__ = ["KVCache", "ModelConfig", "Transformer", "build_model", "init_weights"]
+__all__ = ["KVCache", "ModelConfig", "Transformer", "build_model", "init_weights", "set_training"]
 
 
 class KVCache:
@@ -168,10 +173,11 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)  # p = 0 (the default) returns its input: no random draws
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = x + self.dropout(self.self_attn(self.input_layernorm(x), cache))
+        return h + self.dropout(self.mlp(self.post_attention_layernorm(h)))
 
 
 class LlamaModel(nn.Module):
@@ -181,9 +187,10 @@ class LlamaModel(nn.Module):
         self.rope = ops.Rope(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         self.layers = [TransformerBlock(cfg, self.rope) for _ in range(cfg.n_layers)]
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        h = self.embed_tokens(tokens)
+        h = self.dropout(self.embed_tokens(tokens))
         for i, layer in enumerate(self.layers):
             h = layer(h, None if cache is None else cache[i])
         return self.norm(h)
@@ -232,3 +239,15 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
     init_weights(model, seed)
     mx.eval(model.parameters())
     return model
+
+
+def set_training(model: nn.Module, training: bool) -> bool:
+    """Dropout on (training=True: a training step) or off (evaluation, decoding); returns the mode
+    before. MLX modules start in training mode.
+
+    The mode is read when the model is called, so a compiled function keeps the mode it was traced
+    in: set it inside the traced function (the step's loss, the evaluation's), not around its calls."""
+    before = model.training
+    if before != training:
+        model.train(training)
+    return before
