@@ -73,10 +73,11 @@ def mlx_lm_twin(model: Transformer) -> Any:
 
 
 def _streams(model: Transformer, twin: Any | None) -> dict[str, Callable[[list[int], int], Iterable[int]]]:
-    from mlxllm.generate import stream_ids
+    from mlxllm.generate import Decoder, stream_ids
 
+    decoder = Decoder(model)  # one for every run: the warm-up traces its step, the rounds reuse it
     streams: dict[str, Callable[[list[int], int], Iterable[int]]] = {
-        "mlxllm": lambda prompt, n: stream_ids(model, prompt, n, temperature=0.0),
+        "mlxllm": lambda prompt, n: stream_ids(model, prompt, n, temperature=0.0, decoder=decoder),
     }
     if twin is not None:
         from mlx_lm.generate import generate_step
