@@ -20,7 +20,11 @@ else:  # pragma: no cover
 from mlxllm.errors import MlxllmError
 
 SECTIONS = ("model", "tokenizer", "train")
-ATTENTION_IMPLS = ("auto", "fast", "flash", "tiled", "reference")
+# auto: this device's choice (kernels.select); fast: mx.fast.scaled_dot_product_attention; flash: the
+# fused kernels (their tiled MLX form on a CPU); tiled: that tiled form; halves: causal attention as two
+# query halves with its gradient written out (cpu/halves.py) from 128 tokens, the reference below;
+# reference: the whole score matrix in plain MLX ops at every length (a baseline, never the faster).
+ATTENTION_IMPLS = ("auto", "fast", "flash", "tiled", "halves", "reference")
 TOKENIZER_KINDS = ("bpe", "byte", "hf")  # hf: a pretrained model's tokenizer.json (train.init_from)
 DTYPES = ("float32", "bfloat16")
 

@@ -79,7 +79,7 @@ def test_reference_attention_matches_fast(n_kv, q_len):
 def test_causal_halves_match_naive_attention_and_its_gradients(n_kv, length):
     from mlxllm.cpu.halves import SPLIT_MIN_LEN, causal_halves_attention
 
-    assert length >= SPLIT_MIN_LEN  # attention(impl="reference") takes the halves path here
+    assert length >= SPLIT_MIN_LEN  # attention(impl="halves") takes the halves path here
     q = mx.random.normal((2, 4, length, 16), key=mx.random.key(0))
     k = mx.random.normal((2, n_kv, length, 16), key=mx.random.key(1))
     v = mx.random.normal((2, n_kv, length, 16), key=mx.random.key(2))
@@ -89,7 +89,7 @@ def test_causal_halves_match_naive_attention_and_its_gradients(n_kv, length):
         return lambda q, k, v: (fn(q, k, v, scale=0.25) * cot).sum()
 
     naive = lambda q, k, v, scale: reference_attention(q, k, v, scale=scale, causal=True)  # noqa: E731
-    routed = lambda q, k, v, scale: attention(q, k, v, scale=scale, causal=True, impl="reference")  # noqa: E731
+    routed = lambda q, k, v, scale: attention(q, k, v, scale=scale, causal=True, impl="halves")  # noqa: E731
     want = mx.grad(loss(naive), argnums=(0, 1, 2))(q, k, v)
     for fn in (causal_halves_attention, routed):
         assert mx.allclose(fn(q, k, v, scale=0.25), naive(q, k, v, 0.25), atol=1e-5).item()
