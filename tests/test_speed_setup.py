@@ -17,7 +17,8 @@ from mlxllm import step as step_mod
 from mlxllm.config import ModelConfig, TrainConfig
 from mlxllm.cpu import blas as _blas
 from mlxllm.cpu import fastexp
-from mlxllm.cpu.streams import BFS_WIDTH, stream_count
+from mlxllm.cpu.startup import BFS_WIDTH
+from mlxllm.cpu.streams import stream_count
 from mlxllm.errors import MlxllmError
 from mlxllm.model import build_model
 
@@ -60,6 +61,71 @@ def test_import_widens_mlx_graph_walk_unless_the_user_set_it():
     ).stdout.strip()
     assert run() == BFS_WIDTH
     assert run(MLX_BFS_MAX_WIDTH="33") == "33"
+
+
+def test_import_sets_only_what_mlx_reads_before_its_first_use():
+    code = "import os; before = set(os.environ); import mlxllm; print(' '.join(sorted(set(os.environ) - before)))"
+    assert set(_python(code).split()) <= {"OPENBLAS_THREAD_TIMEOUT", "MKL_THREADING_LAYER", "MLX_BFS_MAX_WIDTH"}
+
+
+_WIDE_GRAPH = (
+    "xs = [mx.full((1 << 18,), float(i)) for i in range(64)]\n"
+    "mx.eval(xs); mx.reset_peak_memory(); base = mx.get_active_memory()\n"
+    "outs = []\n"
+    "for x in xs:\n"
+    "    for _ in range(6):\n"
+    "        x = mx.sin(x) * 1.01\n"
+    "    outs.append(x.sum())\n"
+    "mx.eval(sum(outs)); print(mx.get_peak_memory() - base)\n"
+)
+
+
+def test_mlx_reads_its_graph_walk_width_at_its_first_evaluation_only():
+    """Why mlxllm sets MLX_BFS_MAX_WIDTH when imported: MLX reads it once, at the first evaluation of
+    the process (whoever makes it), so that is the last moment to set it. A width of 1 walks this
+    graph of 64 independent chains depth-first, one chain alive at a time: less peak memory."""
+    clean = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"}
+
+    def peak(before_first_eval: bool) -> int:
+        setting = "os.environ['MLX_BFS_MAX_WIDTH'] = '1'\n"
+        code = "import os\nimport mlx.core as mx\n"
+        code += (
+            setting + "mx.eval(mx.array(1.0) + 1)\n" if before_first_eval else "mx.eval(mx.array(1.0) + 1)\n" + setting
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code + _WIDE_GRAPH], capture_output=True, text=True, env=clean, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout)
+
+    narrow, too_late = peak(True), peak(False)
+    assert narrow * 2 < too_late
+
+
+@linux_openblas
+def test_a_blas_loaded_after_mlx_core_is_never_called():
+    """Why mlxllm loads its BLAS when imported, before mlx.core: loaded after `import mlx.core`, even
+    before the first matmul, MLX does not call it."""
+    code = (
+        "import ctypes, os, sys, time\n"
+        "first = sys.argv[1] == 'before'\n"
+        f"load = lambda: ctypes.CDLL({_blas.loaded!r}, mode=ctypes.RTLD_GLOBAL)\n"
+        "first and load()\n"
+        "import mlx.core as mx\n"
+        "first or load()\n"
+        "a = mx.random.normal((1024, 1024)); mx.eval(a @ a)\n"
+        "def once():\n"
+        "    t = time.perf_counter(); mx.eval(a @ a); return time.perf_counter() - t\n"
+        "print(min(once() for _ in range(3)))\n"
+    )
+
+    def seconds(when: str) -> float:
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, "-c", code, when], capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return float(out.stdout)
+
+    assert seconds("before") * 5 < seconds("after")
 
 
 @linux_openblas
