@@ -142,8 +142,8 @@ def configure_cache() -> int | None:
 
     MLX's CPU allocator caches only 32 MB of freed buffers by default. A training step frees and re-allocates
     hundreds of MB of activations, so without a larger cache every step returns them to malloc, which unmaps
-    them, and the next step page-faults and zeroes them again, in kernel time. The cache never holds more than the step's own peak. MLXLLM_CPU_CACHE_LIMIT (bytes; 0 leaves
-    MLX's default) overrides.
+    them, and the next step page-faults and zeroes them again, in kernel time. The cache never holds more
+    than the step's own peak. MLXLLM_CPU_CACHE_LIMIT (bytes; 0 leaves MLX's default) overrides.
     """
     if mx.default_device() != mx.cpu:
         return None

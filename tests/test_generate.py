@@ -124,7 +124,7 @@ def test_prefill_then_decode_equals_a_full_forward(monkeypatch):
 def test_kv_cache_preallocates_and_keeps_what_it_holds():
     cache = KVCache(step=4)
     parts = [mx.random.normal((1, 2, n, 8), key=mx.random.key(n)) for n in (3, 1, 1, 6)]
-    for n, p in enumerate(parts):
+    for p in parts:
         keys, values = cache.update(p, -p)
     assert cache.offset == 11 and cache.capacity == 12 and keys.shape == (1, 2, 11, 8)
     assert mx.array_equal(keys, mx.concatenate(parts, axis=2)).item() and mx.array_equal(values, -keys).item()

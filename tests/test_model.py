@@ -131,7 +131,7 @@ def test_sequence_rope_is_mlx_rope_with_its_gradient(dtype):
             ours = sequence_rope(500.0, rope_angles(64, 16, 500.0))
         assert ours(x).dtype == dtype and ours(x).shape == (2, 3, 40, 16)
         assert mx.allclose(ours(x), mlx_rope(x), atol=1e-6).item()
-        grads = [mx.grad(lambda x: (f(x) * cot).astype(mx.float32).sum())(x) for f in (ours, mlx_rope)]
+        grads = [mx.grad(lambda x: (f(x) * cot).astype(mx.float32).sum())(x) for f in (ours, mlx_rope)]  # noqa: B023
         assert grads[0].dtype == dtype and mx.allclose(grads[0], grads[1], atol=1e-6).item()
 
 

@@ -52,10 +52,10 @@ def test_import_widens_mlx_graph_walk_unless_the_user_set_it():
     """Importing mlxllm sets MLX_BFS_MAX_WIDTH before MLX's first evaluation (see cpu.streams.BFS_WIDTH)."""
     code = "import os, mlxllm; print(os.environ['MLX_BFS_MAX_WIDTH'])"
     clean = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"}
-    run = lambda **env: subprocess.run(
+    run = lambda **env: subprocess.run(  # noqa: E731
         [sys.executable, "-c", code],
         capture_output=True,
-        text=True,  # noqa: E731
+        text=True,
         env={**clean, **env},
         timeout=120,
     ).stdout.strip()
@@ -240,8 +240,8 @@ def test_fast_exp_silu_softmax_match_exact():
     a = mx.random.normal((2, 16, 64), key=mx.random.key(0)) * 4
     ct = mx.random.normal(a.shape, key=mx.random.key(1))
     for fast, exact in ((fastexp.silu, nn.silu), (fastexp.softmax, lambda t: mx.softmax(t, axis=-1))):
-        fv, fg = mx.compile(mx.value_and_grad(lambda t: (fast(t) * ct).sum()))(a)
-        ev, eg = mx.value_and_grad(lambda t: (exact(t) * ct).sum())(a)
+        fv, fg = mx.compile(mx.value_and_grad(lambda t: (fast(t) * ct).sum()))(a)  # noqa: B023
+        ev, eg = mx.value_and_grad(lambda t: (exact(t) * ct).sum())(a)  # noqa: B023
         assert abs(fv.item() - ev.item()) < 1e-4 * max(1.0, abs(ev.item()))
         assert mx.allclose(fg, eg, rtol=1e-4, atol=1e-5).item()
     masked = mx.where(mx.tri(16, 16, 0, dtype=mx.bool_), a[0, :, :16], -mx.inf)
@@ -267,7 +267,7 @@ def test_fast_exp_gives_exact_zeros_not_subnormals():
     special = fastexp.exp_nonpositive(mx.array([-mx.inf, float("nan"), 0.0]))
     assert special[0].item() == 0 and math.isnan(special[1].item()) and special[2].item() == pytest.approx(1.0)
     q, k = (mx.random.normal((2, 2, 1, 64, 16), key=mx.random.key(i)) for i in (3, 4))
-    e, l = halves._scores_exp(q, k, 0, 0.25)
+    e, l = halves._scores_exp(q, k, 0, 0.25)  # noqa: E741
     masked = mx.broadcast_to(mx.triu(mx.ones((64, 64), dtype=mx.bool_), 1), e.shape)
     assert mx.all(mx.where(masked, e, 0) == 0).item()
     assert mx.all(mx.where(masked, 1, e) > 0).item()

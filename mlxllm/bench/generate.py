@@ -135,7 +135,7 @@ def run_benchmark(
     streams = {k: v for k, v in streams.items() if k in impls}
     key = mx.random.key(seed + 1)
     prompt = mx.random.randint(0, c.vocab_size, (prompt_tokens,), key=key).tolist()
-    for name, stream in streams.items():  # warm-up: traces, compiles, fills the allocator's cache
+    for stream in streams.values():  # warm-up: traces, compiles, fills the allocator's cache
         time_run(stream(prompt, tokens), prompt_tokens)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in streams}
     order = list(streams)
