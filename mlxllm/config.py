@@ -20,7 +20,11 @@ else:  # pragma: no cover
 from mlxllm.errors import MlxllmError
 
 SECTIONS = ("model", "tokenizer", "train")
-ATTENTION_IMPLS = ("auto", "fast", "flash", "tiled", "reference")
+# auto: this device's choice (kernels.select); fast: mx.fast.scaled_dot_product_attention; flash: the
+# fused kernels (their tiled MLX form on a CPU); tiled: that tiled form; halves: causal attention as two
+# query halves with its gradient written out (cpu/halves.py) from 128 tokens, the reference below;
+# reference: the whole score matrix in plain MLX ops at every length (a baseline, never the faster).
+ATTENTION_IMPLS = ("auto", "fast", "flash", "tiled", "halves", "reference")
 TOKENIZER_KINDS = ("bpe", "byte", "hf")  # hf: a pretrained model's tokenizer.json (train.init_from)
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "wsd")
@@ -45,6 +49,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     attention: str = "auto"
+    # Residual dropout, in training mode only: on the token embeddings and on each attention and MLP
+    # output before the residual add (not on attention probabilities, which fused kernels never hold).
+    # A probability in [0, 1); 0: off, no random draws.
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         problems = [
@@ -76,6 +84,13 @@ class ModelConfig:
             problems.append(f"mlp_ratio must be positive (got {self.mlp_ratio})")
         if self.attention not in ATTENTION_IMPLS:
             problems.append(f"attention must be one of {', '.join(ATTENTION_IMPLS)} (got {self.attention!r})")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            problems.append(
+                f"dropout must be a probability in [0, 1) (got {self.dropout!r}); 0 turns it off, and 0.1 is a "
+                "usual start when the corpus is repeated for many epochs"
+            )
+        else:
+            object.__setattr__(self, "dropout", float(self.dropout))  # TOML's 0 is an int
         _refuse("model", problems)
 
     @property

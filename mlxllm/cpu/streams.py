@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,19 +27,6 @@ from mlxllm.distributed import current
 # Below this many FLOPs per stream and micro-batch, splitting costs more than it gains (see
 # benchmarks/README.md for the measurements behind it).
 MIN_STREAM_FLOPS = 0.5e9
-
-# MLX orders a graph by a breadth-first walk back from its outputs that turns depth-first wherever
-# a level is wider than MLX_BFS_MAX_WIDTH, and stops queueing while ten tasks are outstanding. A
-# depth-first stretch queues one stream's ops only, and the other streams idle until the walk comes
-# back to them. A width above any level of our graphs keeps the walk breadth-first, so the streams'
-# identical graphs interleave. MLX reads it at its first evaluation.
-BFS_WIDTH = "10000"
-
-
-def widen_graph_walk() -> None:
-    """Set MLX_BFS_MAX_WIDTH for the Linux CPU backend, unless the user has set it."""
-    if sys.platform.startswith("linux") and mx.default_device() == mx.cpu:
-        os.environ.setdefault("MLX_BFS_MAX_WIDTH", BFS_WIDTH)
 
 
 def stream_count(cfg: TrainConfig, model: ModelConfig | None = None) -> int:
