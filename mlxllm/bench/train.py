@@ -350,7 +350,9 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="use this matmul peak for MFU instead of measuring it (e.g. one taken on a quiet machine)",
     )
-    p.add_argument("--attention", choices=("auto", "fast", "halves", "reference"), default=None, help="override model.attention")
+    p.add_argument(
+        "--attention", choices=("auto", "fast", "halves", "reference"), default=None, help="override model.attention"
+    )
     p.add_argument("--json", dest="json_path", help="write the results here")
     p.add_argument(
         "--memory-check",
