@@ -1,6 +1,7 @@
 """Target-aware search: does optimising for the run the user will train pick a better config for it?
 
-    python benchmarks/search_target.py [CORPUS] [--quick] [--target-seconds T] [--seeds 2] [--tau-archs 6] [--keep DIR | --report DIR]
+    python benchmarks/search_target.py [CORPUS] [--quick] [--target-seconds T] [--seeds 2] [--tau-archs 6]
+        [--keep DIR | --report DIR]
 
 The target is T seconds of training on this machine (5 minutes; --quick 10 s); each search gets a budget of
 6T of wall clock. Then three configs are trained for T, with --seeds training seeds each:
@@ -146,10 +147,14 @@ def for_target(run: RunConfig, seconds: float, seed: int, eval_interval: int, ou
     )
 
 
-def train_for(run: RunConfig, seconds: float, seed: int, eval_interval: int, out: Path) -> float:
+def train_result(run: RunConfig, seconds: float, seed: int, eval_interval: int, out: Path):
+    """The run trained for `seconds` (for_target): the trainer's TrainResult (loss, steps, tokens, time)."""
     r = for_target(run, seconds, seed, eval_interval, out)
-    result = train(r.model, r.train, r.tokenizer, overwrite=True, show_progress=False)
-    return float(result.val_loss)
+    return train(r.model, r.train, r.tokenizer, overwrite=True, show_progress=False)
+
+
+def train_for(run: RunConfig, seconds: float, seed: int, eval_interval: int, out: Path) -> float:
+    return float(train_result(run, seconds, seed, eval_interval, out).val_loss)
 
 
 def predicted_before_target(t: FrozenTrial) -> tuple[float, float, float] | None:
@@ -330,7 +335,8 @@ def rung_errors(trials: list[FrozenTrial], warmup: int) -> None:
     recorded evaluations reproduce it), and with the alternative exponent."""
     measured = [t for t in trials if t.user_attrs.get("actual") is not None]
     print(
-        f"\npredictions from each rung for the {len(measured)} trials the search trained to T (mean |error|; tau among them):"
+        f"\npredictions from each rung for the {len(measured)} trials the search trained to T "
+        "(mean |error|; tau among them):"
     )
     for f in sorted({float(k) for t in measured for k in t.user_attrs["predictions"] if float(k) < 1}):
         rows = [
@@ -387,12 +393,15 @@ def noise_of(losses: dict[str, list[float]], seeds: int) -> float:
     return statistics.mean(statistics.stdev(v) for v in losses.values()) if seeds > 1 else 0.0
 
 
-def show_predictions(pairs: list[tuple], noise: float) -> None:
-    """Predicted against measured at T, with Kendall tau and the order of the pairs the seed noise cannot swap."""
+def show_predictions(pairs: list[tuple], noise: float, label: str = "trial") -> None:
+    """Predicted against measured at T, with Kendall tau and the order of the pairs the seed noise cannot swap;
+    each pair is (what was predicted, e.g. a trial number, headed `label`; mean; sd; from what fraction of T;
+    measured)."""
     print()
-    print(f"{'trial':>5} {'from':>6} {'predicted':>10} {'sd':>7} {'measured':>9} {'error':>8}")
+    w = max(5, len(label), *(len(str(p[0])) for p in pairs))
+    print(f"{label:>{w}} {'from':>6} {'predicted':>10} {'sd':>7} {'measured':>9} {'error':>8}")
     for number, mean, std, frac, actual in pairs:
-        print(f"{number:>5} {frac:>6.3g} {mean:>10.4f} {std:>7.4f} {actual:>9.4f} {actual - mean:>+8.4f}")
+        print(f"{number!s:>{w}} {frac:>6.3g} {mean:>10.4f} {std:>7.4f} {actual:>9.4f} {actual - mean:>+8.4f}")
     if len(pairs) < 2:
         return
     tau = kendall_tau([p[1] for p in pairs], [p[4] for p in pairs])
