@@ -149,10 +149,14 @@ def for_target(run: RunConfig, seconds: float, seed: int, eval_interval: int, ou
     )
 
 
-def train_for(run: RunConfig, seconds: float, seed: int, eval_interval: int, out: Path) -> float:
+def train_result(run: RunConfig, seconds: float, seed: int, eval_interval: int, out: Path):
+    """The run trained for `seconds` (for_target): the trainer's TrainResult (loss, steps, tokens, time)."""
     r = for_target(run, seconds, seed, eval_interval, out)
-    result = train(r.model, r.train, r.tokenizer, overwrite=True, show_progress=False)
-    return float(result.val_loss)
+    return train(r.model, r.train, r.tokenizer, overwrite=True, show_progress=False)
+
+
+def train_for(run: RunConfig, seconds: float, seed: int, eval_interval: int, out: Path) -> float:
+    return float(train_result(run, seconds, seed, eval_interval, out).val_loss)
 
 
 def predicted_before_target(t: FrozenTrial) -> tuple[float, float, float] | None:
@@ -392,12 +396,15 @@ def noise_of(losses: dict[str, list[float]], seeds: int) -> float:
     return statistics.mean(statistics.stdev(v) for v in losses.values()) if seeds > 1 else 0.0
 
 
-def show_predictions(pairs: list[tuple], noise: float) -> None:
-    """Predicted against measured at T, with Kendall tau and the order of the pairs the seed noise cannot swap."""
+def show_predictions(pairs: list[tuple], noise: float, label: str = "trial") -> None:
+    """Predicted against measured at T, with Kendall tau and the order of the pairs the seed noise cannot swap;
+    each pair is (what was predicted, e.g. a trial number, headed `label`; mean; sd; from what fraction of T;
+    measured)."""
     print()
-    print(f"{'trial':>5} {'from':>6} {'predicted':>10} {'sd':>7} {'measured':>9} {'error':>8}")
+    w = max(5, len(label), *(len(str(p[0])) for p in pairs))
+    print(f"{label:>{w}} {'from':>6} {'predicted':>10} {'sd':>7} {'measured':>9} {'error':>8}")
     for number, mean, std, frac, actual in pairs:
-        print(f"{number:>5} {frac:>6.3g} {mean:>10.4f} {std:>7.4f} {actual:>9.4f} {actual - mean:>+8.4f}")
+        print(f"{number!s:>{w}} {frac:>6.3g} {mean:>10.4f} {std:>7.4f} {actual:>9.4f} {actual - mean:>+8.4f}")
     if len(pairs) < 2:
         return
     tau = kendall_tau([p[1] for p in pairs], [p[4] for p in pairs])
