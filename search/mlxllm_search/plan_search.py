@@ -15,7 +15,7 @@ import json
 import math
 import textwrap
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,9 @@ from mlxllm.device import peak_flops
 from mlxllm.errors import MlxllmError
 from mlxllm_search.branches import PlanTrial
 from mlxllm_search.deadlines import Deadlines
-from mlxllm_search.design import Choice, Measured, Speeds, choose, first_unit
+from mlxllm_search.design import MIN_LEVELS, Choice, Ladder, Measured, Speeds, choose, first_unit
 from mlxllm_search.forecast import Forecast, make_forecast, render
-from mlxllm_search.law_points import Point, first_step
+from mlxllm_search.law_points import MIN_TRIALS, Point, first_step
 from mlxllm_search.records import TrialRecord, record_of
 from mlxllm_search.scaling import law_params
 from mlxllm_search.space import Choice as ChoiceDim
@@ -113,9 +113,27 @@ def _describe(c: Choice) -> str:
     m = c.model
     lengths = ", ".join(map(str, c.ladder.lengths))
     return (
-        f"{m.n_layers} x {m.d_model} ({law_params(m) / 1e6:.3g}M law parameters): finished runs of {lengths} steps, "
+        f"{_shape(m)} ({law_params(m) / 1e6:.3g}M law parameters): finished runs of {lengths} steps, "
         f"about {c.cost_s:.0f} s of its {c.share_s:.0f} s share"
     )
+
+
+def _unaffordable(m: ModelConfig, rates: Speeds, seconds: float, unit: int, fraction: float) -> str:
+    """Why the base architecture is not trial 0: its shortest usable trial against a trial's share."""
+    ladder = Ladder(unit, MIN_LEVELS, fraction)
+    need = rates.cost(m).seconds(ladder)
+    return (
+        f"The base architecture ({_shape(m)}, {m.num_params() / 1e6:.3g}M parameters) is not trained: its shortest "
+        f"usable trial (finished runs of {' and '.join(map(str, ladder.lengths))} steps) would take about "
+        f"{need:.0f} s at the speed estimated, more than a trial's share ({seconds / MIN_TRIALS:.0f} s of "
+        f"{seconds:.0f} s left for at least {MIN_TRIALS} trials). Its loss at the target is predicted by the fit."
+    )
+
+
+def _shape(m: ModelConfig | dict[str, Any]) -> str:
+    d = m if isinstance(m, dict) else asdict(m)
+    heads = f"{d.get('n_heads')}/{d.get('n_kv_heads') or d.get('n_heads')} heads"
+    return f"{d.get('n_layers')} x {d.get('d_model')}, {heads}, mlp {d.get('mlp_ratio'):.3g}"
 
 
 def _trial_line(t: FrozenTrial) -> str:
@@ -124,7 +142,7 @@ def _trial_line(t: FrozenTrial) -> str:
     pts = r.law_points or ()
     losses = ", ".join(f"{p.step}: {p.loss:.4f}" for p in pts)
     return (
-        f"trial {t.number} {t.state.name.lower()}: {m.get('n_layers')} x {m.get('d_model')}, "
+        f"trial {t.number} {t.state.name.lower()}: {_shape(m) if m else '-'}, "
         f"{len(pts)} finished runs ({losses or 'none'}), {r.tokens_per_sec or 0:,.0f} tokens/s, "
         f"{r.seconds or 0:.1f} s" + (f" ({r.cut})" if r.cut else "")
     )
@@ -161,6 +179,10 @@ def run_trials(
         )
         if not choices:
             return
+        if console is not None and first and not tried and model_key(choices[0].model) != model_key(first[0]):
+            console.print(
+                _unaffordable(first[0], speeds(spec, done, peak), deadlines.left(), unit, train.cooldown_fraction)
+            )
         if console is not None:
             console.print(
                 f"Plan: {len(choices)} more trial(s) in {deadlines.left():.0f} s; next: {_describe(choices[0])}.",
@@ -237,6 +259,23 @@ def write_plan(study: optuna.Study, spec: SearchSpec, search_dir: Path, plan: Fo
     return path
 
 
+LOOSE_2SD = 0.5  # nats: a pick for T this uncertain cannot be told from its neighbours
+
+
+def _too_loose(plan: Forecast) -> str | None:
+    """A warning when the pick for T is too uncertain to act on, with what the trials measured."""
+    best, law = plan.pick(1.0), plan.law
+    if best is None or law is None or 2 * best.sd <= LOOSE_2SD:
+        return None
+    lo, hi = law.n_range
+    return (
+        f"Warning: the fit is too loose to act on (2 sd = {2 * best.sd:.2f} at T): its {law.trials} trials measured "
+        f"{lo / 1e6:.3g}M to {hi / 1e6:.3g}M parameters and at most {law.tokens_max:,.0f} tokens, while the pick at T "
+        f"has {best.params / 1e6:.3g}M and trains on {best.tokens:,.0f}. More search seconds, or a shorter warm-up "
+        "(train.warmup_steps) so that shorter runs count, would measure closer to the run."
+    )
+
+
 def plan_search(
     study: optuna.Study,
     spec: SearchSpec,
@@ -274,6 +313,9 @@ def plan_search(
     write_plan(study, spec, search_dir, plan, best_path)
     if console is not None:
         console.print(render(plan), highlight=False)
+        loose = _too_loose(plan)
+        if loose:
+            console.print(loose, highlight=False)
         console.print(f"Best config: {best_path} (mlxllm train --config {best_path})", highlight=False)
         console.print(spent(study, spec, time.time() - started), highlight=False)
     return plan
