@@ -270,8 +270,9 @@ def _too_loose(plan: Forecast) -> str | None:
     lo, hi = law.n_range
     return (
         f"Warning: the fit is too loose to act on (2 sd = {2 * best.sd:.2f} at T): its {law.trials} trials measured "
-        f"{lo / 1e6:.3g}M to {hi / 1e6:.3g}M parameters and at most {law.tokens_max:,.0f} tokens, while the pick at T "
-        f"has {best.params / 1e6:.3g}M and trains on {best.tokens:,.0f}. More search seconds, or a shorter warm-up "
+        f"{lo / 1e6:.3g}M to {hi / 1e6:.3g}M parameters without embeddings and at most {law.tokens_max:,.0f} tokens, "
+        f"while the pick at T has {best.params / 1e6:.3g}M and trains on {best.tokens:,.0f}. More search seconds, or a "
+        "shorter warm-up "
         "(train.warmup_steps) so that shorter runs count, would measure closer to the run."
     )
 

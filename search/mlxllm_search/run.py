@@ -357,6 +357,8 @@ def search(
     study, requeued = _set_up(spec, search_dir, storage, name, seed, [] if fit else _seed_params(spec, seed_configs))
     console = LiveTrials(spec.settings.objectives + tuple(k for k, _ in spec.settings.caps.items()), show)
     if fit:  # the fit planner's trials, fit and plan (plan_search.py)
+        if workers > 1 and show:  # each trial's speed is a point of the throughput fit: measured alone
+            console.console.print("The fit planner trains its trials one at a time: --workers is not used.")
         best = search_dir / BEST_NAME
         plan_search(study, spec, search_dir, prepared, list(map(Path, seed_configs)), started, best, show)
         return SearchResult(study, search_dir, best, [], requeued, time.time() - started)
