@@ -8,9 +8,10 @@ a reader takes them all at once (`record_of`), with None for the fields a trial 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from mlxllm_search.law_points import Point as LawPoint
 from mlxllm_search.speed import Point, Speed
 
 if TYPE_CHECKING:
@@ -89,10 +90,18 @@ class TrialRecord(_UserAttrs):
     predicted_std: float | None = None  # ... and that prediction's standard deviation (0 when measured)
     predictions: dict[float, tuple[float, float]] | None = None  # rung fraction: (predicted, sd) made there
     actual: float | None = None  # its loss measured at the target, when it got there
+    # A plan trial's (the fit planner's, branches.PlanTrial): its share and design, what it measured.
+    share_s: float | None = None  # the search seconds it was given
+    branch_steps: list[int] | None = None  # the stable-phase steps it was designed to branch a cooldown from
+    law_points: tuple[LawPoint, ...] | None = None  # its finished WSD losses, for the fit across trials
+    tokens_per_sec: float | None = None  # its steady training speed (compilation and evaluations left out)
+    eval_s: float | None = None  # one evaluation with its checkpoint
+    overhead_s: float | None = None  # set-up and compilation of one training call
 
     CODECS: ClassVar[dict[str, Codec]] = {
         "points": (lambda v: tuple(Point(*p) for p in v), lambda v: [list(p) for p in v]),
         "speed": (lambda v: Speed(*v), lambda s: [s.step_s, s.eval_s, s.start_s]),
+        "law_points": (lambda v: tuple(LawPoint(**p) for p in v), lambda v: [asdict(p) for p in v]),
         # JSON keys are strings: a rung is stored to six significant digits.
         "predictions": (
             lambda v: {float(k): (m, s) for k, (m, s) in v.items()},

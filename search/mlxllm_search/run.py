@@ -18,13 +18,15 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from mlxllm import data as data_mod
-from mlxllm.config import ModelConfig, dump_toml, from_dict, load_config
+from mlxllm.config import load_config
 from mlxllm.errors import MlxllmError
+from mlxllm_search.best import BEST_NAME, write_best
 from mlxllm_search.deadlines import Deadlines
 from mlxllm_search.display import LiveTrials, leaderboard, objective_names
 from mlxllm_search.objective import Objective
-from mlxllm_search.records import StudyRecord, record_of
-from mlxllm_search.space import SearchSpec, run_config
+from mlxllm_search.plan_search import plan_search
+from mlxllm_search.records import StudyRecord
+from mlxllm_search.space import SearchSpec
 from mlxllm_search.spec import UNLIMITED_TRIALS, load_spec, make_target, with_target
 from mlxllm_search.storage import (
     POLL_S,
@@ -42,15 +44,12 @@ from mlxllm_search.target_search import (
     confirm,
     describe_plan,
     spent,
-    target_best,
-    target_header,
     time_for_a_trial,
     too_many_free,
     uncounted,
 )
 
 META_NAME = "search.json"
-BEST_NAME = "best.toml"
 
 
 @dataclass(frozen=True)
@@ -213,28 +212,20 @@ def _seed_params(spec: SearchSpec, seed_configs: Sequence[str | Path]) -> list[d
     return out
 
 
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The feasible completed trial with the lowest validation loss (on the Pareto front when multi-objective)."""
-    front = study.best_trials
-    return min(front, key=lambda t: t.values[0]) if front else None
-
-
-def write_best(study: optuna.Study, spec: SearchSpec, search_dir: Path) -> Path | None:
-    t = best_trial(study) if spec.target is None else target_best(study)
-    if t is None:
-        return None
-    record = record_of(t)
-    run = run_config(spec, from_dict(ModelConfig, record.model), record.learning_rate, search_dir / "best")
-    path = search_dir / BEST_NAME
-    if spec.target is not None:  # the target's budget and schedule are the spec's base: run_config keeps them
-        path.write_text(target_header(study, spec, t, path) + dump_toml(run))
-        return path
-    path.write_text(
-        f"# Best configuration of search {study.study_name!r}: trial {t.number}, validation loss {t.values[0]:.4f} "
-        f"after the search budget ({spec.budget.amount:g} {spec.budget.kind}).\n"
-        f"# Train it: mlxllm train --config {path}   (raise train.max_steps for a longer run)\n\n" + dump_toml(run)
-    )
-    return path
+def _set_up(
+    spec: SearchSpec, search_dir: Path, storage: str | None, name: str, seed: int | None, seeds: list[dict[str, Any]]
+) -> tuple[optuna.Study, list[int]]:
+    """Open the study, queue the lost trials of dead workers again and the seed trials, write search.json;
+    returns the study and the requeued trials' numbers."""
+    with trial_gate(storage, search_dir, name):  # one setup at a time, on every machine: seeds are queued once
+        study = open_study(spec, search_dir, storage, name, seed)
+        requeued = sweep(study)
+        for params in seeds:
+            study.enqueue_trial(params, skip_if_exists=True)
+    objectives = list(spec.settings.objectives)
+    meta = {"study_name": name, "storage": storage, "spec": spec.source, "objectives": objectives}
+    (search_dir / META_NAME).write_text(json.dumps(meta, indent=2))
+    return study, requeued
 
 
 def _announce(
@@ -327,6 +318,7 @@ def search(
     show: bool = True,
     target: Target | tuple[str, float] | None = None,
     search_seconds: float | None = None,
+    planner: str | None = None,
 ) -> SearchResult:
     """Search architectures as `mlxllm search run` does; a second call with the same arguments resumes the study.
 
@@ -334,7 +326,8 @@ def search(
     a dead worker, which are retried, nor architectures over the parameter cap, rejected before training), so
     re-running with a larger number adds the difference. `target`, e.g. ("seconds", 300), overrides the spec's
     [target]: the search then optimises the loss at the end of that run. `search_seconds` bounds the search's
-    own wall clock (then `trials`, if given, bounds it too).
+    own wall clock (then `trials`, if given, bounds it too). `planner` (fit, curves, auto) overrides the
+    [target]'s: how the loss at the target is predicted (target.Target.planner_for).
     """
     started = time.time()
     if not isinstance(spec, SearchSpec):
@@ -343,8 +336,8 @@ def search(
         spec = replace(spec, base=replace(spec.base, train=replace(spec.base.train, data=str(Path(data).resolve()))))
     if isinstance(target, tuple):
         target = make_target(*target)
-    if target is not None or search_seconds is not None:
-        spec = with_target(spec, target, search_seconds)
+    if target is not None or search_seconds is not None or planner is not None:
+        spec = with_target(spec, target, search_seconds, planner)
     total = trials if trials is not None else spec.settings.trials
     seed = seed if seed is not None else spec.settings.seed
     if total < 1 or workers < 1:
@@ -360,21 +353,15 @@ def search(
     prepared = data_mod.prepare(train.data, spec.base.tokenizer, val_fraction=train.val_fraction, quiet=not show)
     data_mod.check_length(prepared, train.seq_len or spec.base.model.max_seq_len)
     fits = spec.check(prepared.tokenizer.vocab_size)  # caps no architecture can meet fail here, before any training
-    seeds = _seed_params(spec, seed_configs)
-
-    with trial_gate(storage, search_dir, name):  # one setup at a time, on every machine: seeds are queued once
-        study = open_study(spec, search_dir, storage, name, seed)
-        requeued = sweep(study)
-        for params in seeds:
-            study.enqueue_trial(params, skip_if_exists=True)
-    (search_dir / META_NAME).write_text(
-        json.dumps(
-            {"study_name": name, "storage": storage, "spec": spec.source, "objectives": list(spec.settings.objectives)},
-            indent=2,
-        )
-    )
-
+    fit = spec.planner == "fit"  # the fit planner designs its own trials, the seed configs' first
+    study, requeued = _set_up(spec, search_dir, storage, name, seed, [] if fit else _seed_params(spec, seed_configs))
     console = LiveTrials(spec.settings.objectives + tuple(k for k, _ in spec.settings.caps.items()), show)
+    if fit:  # the fit planner's trials, fit and plan (plan_search.py)
+        if workers > 1 and show:  # each trial's speed is a point of the throughput fit: measured alone
+            console.console.print("The fit planner trains its trials one at a time: --workers is not used.")
+        best = search_dir / BEST_NAME
+        plan_search(study, spec, search_dir, prepared, list(map(Path, seed_configs)), started, best, show)
+        return SearchResult(study, search_dir, best, [], requeued, time.time() - started)
     if show:
         _announce(console, study, spec, storage, search_dir, total, workers, requeued, len(fits))
     plan = spec.plan

@@ -18,6 +18,11 @@ from mlxllm.config import TrainConfig
 from mlxllm.errors import MlxllmError
 
 TARGET_KINDS = ("seconds", "steps", "tokens")
+# How the search predicts the loss at the target: "curves" extrapolates each trial's own learning curve
+# from rungs of the target run (this module's Plan); "fit" fits a scaling law across trials' finished WSD
+# runs (mlxllm_search.plan_search); "auto" chooses (Target.planner_for).
+PLANNERS = ("auto", "fit", "curves")
+RUNG_SETTINGS = ("min_fraction", "max_fraction", "confirm_top", "confirm_fraction")
 ETA = 3  # each rung is 3x the one before, as the pruner's reduction factor
 HUGE_STEPS = 10**9  # "no step limit": the time or token budget ends the run
 # A search budget of 6 full targets affords rungs up to the target itself; less, and the longest rung
@@ -26,6 +31,8 @@ FULL_RUNS_PER_BUDGET = 6
 DEFAULT_LEVELS = 3  # rungs below the longest: 1/27 of it is the first
 CONFIRM_MARGIN = 1.2  # set-up and evaluations on top of a confirmation's training time
 MIN_RUNG_S = 1.0  # a default first rung is at least this long: shorter, and set-up and compilation are all it holds
+# The fit planner's trials each cost a few seconds of set-up and compilation, and the fit needs three.
+MIN_FIT_TRIAL_S, MIN_FIT_TRIALS = 2.0, 3
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,21 @@ class Target:
     max_fraction: float | None = None  # the longest exploration rung; None: what the search budget affords
     confirm_top: int = 2  # when the longest rung is short of the target: how many are trained further
     confirm_fraction: float | None = None  # ... and to what fraction; None: the next rung up (at most 1)
+    planner: str = "auto"  # one of PLANNERS
+    rungs_set: bool = False  # whether the spec set any of RUNG_SETTINGS (they configure the curves planner)
+
+    def planner_for(self, search_seconds: float | None) -> str:
+        """The planner this search uses: the one named, or for "auto" the fit when the search may spend less
+        than FULL_RUNS_PER_BUDGET targets on a time target (below that the curves extrapolate rungs far
+        shorter than the target), else the curves; rung settings in the spec ask for the curves."""
+        if self.planner != "auto":
+            return self.planner
+        short = (
+            self.kind == "seconds"
+            and search_seconds is not None
+            and search_seconds < FULL_RUNS_PER_BUDGET * self.amount
+        )
+        return "fit" if short and not self.rungs_set else "curves"
 
     def apply(self, train: TrainConfig) -> TrainConfig:
         """The run config's budget and schedule for the target; nothing else ends the run."""
@@ -98,6 +120,16 @@ class Plan:
             f = min(self.confirm_fraction, f * ETA)
             out.append(f)
         return tuple(out)
+
+
+def check_fit_budget(search_seconds: float | None) -> None:
+    """Refuse a search budget in which the fit planner cannot train its three trials at all."""
+    need = MIN_FIT_TRIAL_S * MIN_FIT_TRIALS
+    if search_seconds is not None and search_seconds < need:
+        raise MlxllmError(
+            f"A search budget of {search_seconds:g} s is too short to train even one trial of the three a fit across "
+            f"trials needs (each takes a few seconds to set up and compile): give --search-seconds {need:g} or more."
+        )
 
 
 def make_plan(target: Target, search_seconds: float | None, tokens_per_step: int) -> Plan:
