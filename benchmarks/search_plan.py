@@ -123,20 +123,29 @@ def plan_search_ready() -> bool:
 
 def plan_prediction(search_dir: Path, model: ModelConfig) -> tuple[float, float] | None:
     """The new search's forecast of the validation loss at T for `model` (mean, sd), from its plan.json;
-    None where it makes none."""
+    None where it makes none (a plan without a fit)."""
     from mlxllm_search import forecast
 
-    out = forecast.predict(json.loads((search_dir / "plan.json").read_text()), model)
-    return None if out is None else (float(out[0]), float(out[1]))
+    record = json.loads((search_dir / "plan.json").read_text())
+    if record["law"] is None:
+        return None
+    vocab = record["predictions"][0]["model"]["vocab_size"]  # the corpus' tokenizer, as the search built it
+    return forecast.predict_loss(record, replace(model, vocab_size=model.vocab_size or vocab))
 
 
-def plan_horizons(search_dir: Path) -> list[dict[str, Any]]:
-    """The new search's picks for T/4, T/2, 2T and 4T from its plan.json: for each, the run's seconds, the
+def plan_horizons(search_dir: Path, target: float) -> list[dict[str, Any]]:
+    """The new search's picks for T/4, T/2, T, 2T and 4T from its plan.json: for each, the run's seconds, the
     pick's model (a ModelConfig table), its predicted mean and sd, and whether that is an extrapolation."""
     record = json.loads((search_dir / "plan.json").read_text())
     return [
-        {k: h[k] for k in ("seconds", "model", "mean", "sd")} | {"extrapolated": bool(h.get("extrapolated"))}
-        for h in record["horizons"]
+        {
+            "seconds": p["multiple"] * target,
+            "model": p["model"],
+            "mean": p["loss"],
+            "sd": p["sd"],
+            "extrapolated": bool(p["extrapolation"]),
+        }
+        for p in record["picks"]
     ]
 
 
@@ -324,7 +333,7 @@ def run_benchmark(b: Bench, spec: Any, seeds: int, n_oracle: int) -> None:
     runs = b.ledger.data["runs"].values()
     trained = {r["name"]: from_dict(ModelConfig, r["model"]) for r in runs}
     b.ledger.put("plan", "predictions", {k: plan_prediction(fit, m) for k, m in trained.items()})
-    b.ledger.put("plan", "horizons", plan_horizons(fit))
+    b.ledger.put("plan", "horizons", plan_horizons(fit, b.T))
 
 
 def main() -> None:

@@ -36,6 +36,10 @@ from mlxllm_search.scaling import REPEAT_FREE_EPOCHS, LawFit, fit_law, law_param
 from mlxllm_search.throughput import RunLength, Throughput
 
 MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0)  # the run lengths the plan answers for, as multiples of T
+# A pick is the candidate whose loss is lowest at PICK_SD standard deviations above its mean: where the
+# measured sizes and lengths end, the law's mean is least trustworthy and its sd grows, so a candidate far
+# beyond them wins only if it is better even on the pessimistic side.
+PICK_SD = 1.0
 SHORTFALL_MARGIN = 1.5  # the paragraph's budget estimate allows for points that come out inadmissible
 
 
@@ -191,8 +195,8 @@ def make_forecast(
         m: sorted((predict_model(law, speed, length, c, m) for c in candidates), key=lambda p: p.loss)
         for m in MULTIPLES
     }
-    picks = tuple(at[m][0] for m in MULTIPLES)
-    verdict = data_verdict(law, at[1.0][0], candidates)
+    picks = tuple(min(at[m], key=lambda p: p.loss + PICK_SD * p.sd) for m in MULTIPLES)
+    verdict = data_verdict(law, picks[MULTIPLES.index(1.0)], candidates)
     return Forecast(length, float(unique_tokens), speed, law, tuple(at[1.0]), picks, verdict, None)
 
 
