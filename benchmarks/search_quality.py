@@ -24,6 +24,7 @@ from pathlib import Path
 
 import optuna
 from mlxllm_search import search
+from mlxllm_search.records import record_of
 from mlxllm_search.spec import parse_spec
 from optuna.trial import TrialState
 
@@ -125,7 +126,7 @@ def spec_for(corpus: Path, size: dict, sampler: str, pruner: str, seed: int) -> 
 
 
 def steps_of(t: optuna.trial.FrozenTrial) -> int:
-    return t.user_attrs.get("steps") or max(t.intermediate_values, default=0)
+    return record_of(t).steps or max(t.intermediate_values, default=0)
 
 
 def run_strategy(
@@ -223,7 +224,8 @@ def main() -> None:
 
     print()
     print(
-        f"{'strategy':<14} {'seed':>4} {'best val_loss':>13} {'steps':>6} {'steps to beat default':>22} {'trials':>6} {'time s':>7}"
+        f"{'strategy':<14} {'seed':>4} {'best val_loss':>13} {'steps':>6} {'steps to beat default':>22} "
+        f"{'trials':>6} {'time s':>7}"
     )
     for o in outcomes:  # best loss, steps and trials within the budget; steps to beat may lie in the extension
         beat = "-" if o.steps_to_beat_default is None else str(o.steps_to_beat_default)
@@ -303,7 +305,8 @@ def main() -> None:
         reach = tpe.steps_to_reach(rnd.best_loss)
         only_default = " (the default's own trial)" if rnd.best_loss >= default_of[seed] else ""
         print(
-            f"seed {seed}: tpe+hyperband reaches random search's best ({rnd.best_loss:.4f}{only_default}, {rnd.steps} steps) "
+            f"seed {seed}: tpe+hyperband reaches random search's best ({rnd.best_loss:.4f}{only_default}, "
+            f"{rnd.steps} steps) "
             + (f"after {reach} steps ({reach / rnd.steps:.2f} of random's compute)" if reach else "- (never)")
         )
 

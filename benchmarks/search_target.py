@@ -1,6 +1,7 @@
 """Target-aware search: does optimising for the run the user will train pick a better config for it?
 
-    python benchmarks/search_target.py [CORPUS] [--quick] [--target-seconds T] [--seeds 2] [--tau-archs 6] [--keep DIR | --report DIR]
+    python benchmarks/search_target.py [CORPUS] [--quick] [--target-seconds T] [--seeds 2] [--tau-archs 6]
+                                       [--keep DIR | --report DIR]
 
 The target is T seconds of training on this machine (5 minutes; --quick 10 s); each search gets a budget of
 6T of wall clock. Then three configs are trained for T, with --seeds training seeds each:
@@ -35,9 +36,11 @@ import optuna
 from mlxllm_search import search
 from mlxllm_search.curve import kendall_tau
 from mlxllm_search.predict import free_fit, predict, typical_exponent
+from mlxllm_search.records import record_of
 from mlxllm_search.spec import parse_spec
+from mlxllm_search.speed import Point
 from mlxllm_search.storage import open_storage
-from mlxllm_search.target import HUGE_STEPS, Point
+from mlxllm_search.target import HUGE_STEPS
 from optuna.trial import FrozenTrial
 
 from mlxllm.config import ModelConfig, RunConfig, TrainConfig, load_config
@@ -146,16 +149,20 @@ def for_target(run: RunConfig, seconds: float, seed: int, eval_interval: int, ou
     )
 
 
-def train_for(run: RunConfig, seconds: float, seed: int, eval_interval: int, out: Path) -> float:
+def train_result(run: RunConfig, seconds: float, seed: int, eval_interval: int, out: Path):
+    """The run trained for `seconds` (for_target): the trainer's TrainResult (loss, steps, tokens, time)."""
     r = for_target(run, seconds, seed, eval_interval, out)
-    result = train(r, overwrite=True, show_progress=False)
-    return float(result.val_loss)
+    return train(r, overwrite=True, show_progress=False)
+
+
+def train_for(run: RunConfig, seconds: float, seed: int, eval_interval: int, out: Path) -> float:
+    return float(train_result(run, seconds, seed, eval_interval, out).val_loss)
 
 
 def predicted_before_target(t: FrozenTrial) -> tuple[float, float, float] | None:
     """The prediction the search made from the longest rung short of the target this trial trained:
     (mean, sd, that rung as a fraction of the target)."""
-    preds = {float(k): v for k, v in (t.user_attrs.get("predictions") or {}).items() if float(k) < 1}
+    preds = {k: v for k, v in (record_of(t).predictions or {}).items() if k < 1}
     if not preds:
         return None
     mean, std = preds[max(preds)]
@@ -178,8 +185,9 @@ def spread(trials: list[FrozenTrial], n: int) -> list[FrozenTrial]:
 def run_config_of(t: FrozenTrial, base: RunConfig) -> RunConfig:
     from mlxllm.config import from_dict
 
-    model = from_dict(ModelConfig, t.user_attrs["model"])
-    return replace(base, model=model, train=replace(base.train, learning_rate=t.user_attrs["learning_rate"]))
+    record = record_of(t)
+    model = from_dict(ModelConfig, record.model)
+    return replace(base, model=model, train=replace(base.train, learning_rate=record.learning_rate))
 
 
 def main() -> None:
@@ -236,7 +244,7 @@ def main() -> None:
             ]
             print(f"  {name}: {', '.join(f'{v:.4f}' for v in losses[name])}", flush=True)
 
-        seen = [t for t in targeted.study.trials if predicted_before_target(t) is not None and "model" in t.user_attrs]
+        seen = [t for t in targeted.study.trials if predicted_before_target(t) is not None and record_of(t).model]
         check = spread(seen, args.tau_archs)
         pairs = []
         for i, t in enumerate(check):
@@ -293,7 +301,7 @@ def report(root: Path, corpus: Path, size: dict) -> None:
 def deep_exponent(trials: list[FrozenTrial], number: int, fraction: float) -> float | None:
     """The median exponent of the free fits of the trials trained furthest (two or more, `number` left out),
     for a trial at a shorter rung; else None (the trial fits its own)."""
-    fits = [(t.user_attrs.get("rung", 0.0), fit[2]) for t in trials if t.number != number and (fit := free_fit(t))]
+    fits = [(record_of(t).rung or 0.0, fit[2]) for t in trials if t.number != number and (fit := free_fit(t))]
     deepest = max((r for r, _ in fits), default=0.0)
     deep = [c for r, c in fits if r >= deepest * 0.999]
     return statistics.median(deep) if len(deep) >= 2 and fraction < deepest * 0.999 else None
@@ -304,19 +312,19 @@ def repredict(
 ) -> tuple[float, float]:
     """Trial `number`'s prediction from its evaluations up to the rung `fraction`, made again as the search
     makes it, or (shared) with deep_exponent, from the study as it ended (the benchmark's specs use byte tokens)."""
-    t = next(x for x in trials if x.number == number)
+    record = record_of(next(x for x in trials if x.number == number))
     segments: list[list[Point]] = []
-    for p in map(Point._make, t.user_attrs["points"]):
+    for p in record.points:
         if p.first or not segments:  # each rung is one training call, whose first evaluation is marked
             segments.append([])
         segments[-1].append(p)
-    rung = sorted(float(k) for k in t.user_attrs["predictions"]).index(fraction)
+    rung = sorted(record.predictions).index(fraction)
     points = [p for seg in segments[: rung + 1] for p in seg]
     others = [x for x in trials if x.number != number]
     mean, sd, _ = predict(
         points,
         warmup,
-        t.user_attrs["steps_at_target"],
+        record.steps_at_target,
         typical_exponent(others),
         ByteTokenizer.vocab_size,
         deep_exponent(trials, number, fraction) if shared else None,
@@ -328,21 +336,22 @@ def rung_errors(trials: list[FrozenTrial], warmup: int) -> None:
     """Over the trials the search itself trained to the target: each earlier rung's prediction against the
     loss measured at the target: as the search recorded it, made again by this code (a check that the
     recorded evaluations reproduce it), and with the alternative exponent."""
-    measured = [t for t in trials if t.user_attrs.get("actual") is not None]
+    measured = [(t.number, r) for t in trials if (r := record_of(t)).actual is not None]
     print(
-        f"\npredictions from each rung for the {len(measured)} trials the search trained to T (mean |error|; tau among them):"
+        f"\npredictions from each rung for the {len(measured)} trials the search trained to T "
+        "(mean |error|; tau among them):"
     )
-    for f in sorted({float(k) for t in measured for k in t.user_attrs["predictions"] if float(k) < 1}):
+    for f in sorted({k for _, r in measured for k in r.predictions if k < 1}):
         rows = [
             (
                 v[0],
-                repredict(trials, t.number, f, warmup, False)[0],
-                repredict(trials, t.number, f, warmup, True)[0],
-                t.user_attrs["actual"],
+                repredict(trials, number, f, warmup, False)[0],
+                repredict(trials, number, f, warmup, True)[0],
+                r.actual,
             )
-            for t in measured
-            for k, v in t.user_attrs["predictions"].items()
-            if abs(float(k) - f) < 1e-9
+            for number, r in measured
+            for k, v in r.predictions.items()
+            if abs(k - f) < 1e-9
         ]
         if len(rows) < 2:
             continue
@@ -387,12 +396,15 @@ def noise_of(losses: dict[str, list[float]], seeds: int) -> float:
     return statistics.mean(statistics.stdev(v) for v in losses.values()) if seeds > 1 else 0.0
 
 
-def show_predictions(pairs: list[tuple], noise: float) -> None:
-    """Predicted against measured at T, with Kendall tau and the order of the pairs the seed noise cannot swap."""
+def show_predictions(pairs: list[tuple], noise: float, label: str = "trial") -> None:
+    """Predicted against measured at T, with Kendall tau and the order of the pairs the seed noise cannot swap;
+    each pair is (what was predicted, e.g. a trial number, headed `label`; mean; sd; from what fraction of T;
+    measured)."""
     print()
-    print(f"{'trial':>5} {'from':>6} {'predicted':>10} {'sd':>7} {'measured':>9} {'error':>8}")
+    w = max(5, len(label), *(len(str(p[0])) for p in pairs))
+    print(f"{label:>{w}} {'from':>6} {'predicted':>10} {'sd':>7} {'measured':>9} {'error':>8}")
     for number, mean, std, frac, actual in pairs:
-        print(f"{number:>5} {frac:>6.3g} {mean:>10.4f} {std:>7.4f} {actual:>9.4f} {actual - mean:>+8.4f}")
+        print(f"{number!s:>{w}} {frac:>6.3g} {mean:>10.4f} {std:>7.4f} {actual:>9.4f} {actual - mean:>+8.4f}")
     if len(pairs) < 2:
         return
     tau = kendall_tau([p[1] for p in pairs], [p[4] for p in pairs])

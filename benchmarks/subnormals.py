@@ -142,7 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     cost_here()
     cfg = next(c for c in CONFIGS if c["name"] == args.config)
-    mc = model_config({**cfg, "attention": "reference"})
+    mc = model_config({**cfg, "attention": "halves"})
     tc = TrainConfig(batch_size=cfg["batch_size"], seq_len=cfg["seq_len"], compile=False)
     B, L = cfg["batch_size"], cfg["seq_len"]
     text = (

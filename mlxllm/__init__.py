@@ -1,15 +1,11 @@
 """mlxllm: train small GPT-style language models on your own text with MLX."""
 
-# Process-wide set-up, all of it here and before the first `import mlx.core`: on Linux an optimized
-# BLAS is loaded in place of MLX's reference one, and MLX's graph walk is widened so that a step
-# split over CPU streams keeps every stream busy (see mlxllm.cpu).
-from mlxllm.cpu import blas
+# The one side effect of importing mlxllm, here and before anything below imports mlx.core: MLX binds
+# its BLAS when mlx.core is imported and reads MLX_BFS_MAX_WIDTH at its first evaluation, so on Linux
+# an optimized BLAS is loaded and MLX's graph walk widened now (mlxllm/cpu/startup.py says why each).
+from mlxllm.cpu import startup
 
-blas.setup()
-
-from mlxllm.cpu import streams  # noqa: E402 - imports mlx.core, after the BLAS
-
-streams.widen_graph_walk()
+startup.prepare()
 
 from mlxllm.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig, load_config  # noqa: E402
 from mlxllm.errors import MlxllmError  # noqa: E402

@@ -1,5 +1,6 @@
 """The attention() seam: every attention in the model goes through this one function, which picks
-the implementation (model.attention: auto, fast, flash, tiled, reference) for this device."""
+the implementation (model.attention: auto, fast, flash, tiled, halves, reference; see
+config.ATTENTION_IMPLS) for this device."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ def _grouped(q: mx.array, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array,
 
 
 def reference_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, causal: bool) -> mx.array:
-    """Plain MLX ops. q: (B, H, L, D); k, v: (B, Hkv, S, D); queries aligned to the end of keys."""
+    """Plain MLX ops at every length: the whole score matrix, masked, and the model's softmax
+    (ops.softmax); the baseline the other implementations are checked against.
+    q: (B, H, L, D); k, v: (B, Hkv, S, D); queries aligned to the end of keys."""
     B, H, L, D = q.shape
     S = k.shape[2]
     q, k, v = _grouped(q, k, v)
@@ -45,10 +48,13 @@ def attention(
     impl = resolve_attention(impl)
     if impl == "fast":
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
-    if impl == "reference" or q.shape[2] != k.shape[2]:
+    if impl == "reference":
+        return reference_attention(q, k, v, scale=scale, causal=causal)
+    if impl == "halves" or q.shape[2] != k.shape[2]:
         if causal and q.shape[2] == k.shape[2] >= SPLIT_MIN_LEN:
             return causal_halves_attention(q, k, v, scale=scale)
-        # Decoding with a KV cache (L != S) is a tiny matmul: the plain path is the right one.
+        # Short sequences, and decoding with a KV cache (L != S): a small matmul, for which the whole
+        # score matrix is the right path.
         return reference_attention(q, k, v, scale=scale, causal=causal)
     if impl == "flash":
         return kernels.flash_attention(q, k, v, scale=scale, causal=causal)

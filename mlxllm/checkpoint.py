@@ -190,3 +190,45 @@ def prune(run_dir: Path, keep_last: int) -> None:
     for p in cks[: max(0, len(cks) - keep_last)]:
         if p != best:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def copy_checkpoint(source: Path, run_dir: Path, replaced: dict[str, bytes], note: dict[str, Any]) -> Path:
+    """Copy a checkpoint into another run directory, atomically, as save_checkpoint writes one: its
+    files, checked against the checksums recorded with it, except those named in `replaced` (name:
+    new content), and its state with `note` added and every file's checksum recorded anew. The
+    source is only read; a source that another process prunes while it is copied is refused."""
+    check(source)
+    state = read_state(source)
+    final = checkpoint_dir(run_dir) / source.name
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name in state["files"]:
+            if name not in replaced:
+                shutil.copy2(source / name, tmp / name)
+        if any(_sha256(tmp / n) != want for n, want in state["files"].items() if n not in replaced):
+            raise MlxllmError(f"The checkpoint {source} changed while it was copied. Copy it again.")
+        for name, content in replaced.items():
+            (tmp / name).write_bytes(content)
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in names:
+            _fsync(tmp / name)
+        state = {**state, **note, "files": {name: _sha256(tmp / name) for name in names}}
+        with open(tmp / "state.json", "w") as fh:  # written last, as save_checkpoint does
+            json.dump(state, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync(tmp)
+        os.rename(tmp, final)
+        _fsync(final.parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise MlxllmError(
+                f"Could not copy the checkpoint {source} into {run_dir}: {e}. If the run it belongs to is still "
+                "training, it may have pruned that checkpoint (raise its train.keep_last); else free some space."
+            ) from None
+        raise
+    return final

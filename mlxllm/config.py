@@ -20,9 +20,14 @@ else:  # pragma: no cover
 from mlxllm.errors import MlxllmError
 
 SECTIONS = ("model", "tokenizer", "train")
-ATTENTION_IMPLS = ("auto", "fast", "flash", "tiled", "reference")
+# auto: this device's choice (kernels.select); fast: mx.fast.scaled_dot_product_attention; flash: the
+# fused kernels (their tiled MLX form on a CPU); tiled: that tiled form; halves: causal attention as two
+# query halves with its gradient written out (cpu/halves.py) from 128 tokens, the reference below;
+# reference: the whole score matrix in plain MLX ops at every length (a baseline, never the faster).
+ATTENTION_IMPLS = ("auto", "fast", "flash", "tiled", "halves", "reference")
 TOKENIZER_KINDS = ("bpe", "byte", "hf")  # hf: a pretrained model's tokenizer.json (train.init_from)
 DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("cosine", "wsd")
 
 
 def _refuse(what: str, problems: list[str]) -> None:
@@ -44,6 +49,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     attention: str = "auto"
+    # Residual dropout, in training mode only: on the token embeddings and on each attention and MLP
+    # output before the residual add (not on attention probabilities, which fused kernels never hold).
+    # A probability in [0, 1); 0: off, no random draws.
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         problems = [
@@ -75,6 +84,13 @@ class ModelConfig:
             problems.append(f"mlp_ratio must be positive (got {self.mlp_ratio})")
         if self.attention not in ATTENTION_IMPLS:
             problems.append(f"attention must be one of {', '.join(ATTENTION_IMPLS)} (got {self.attention!r})")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            problems.append(
+                f"dropout must be a probability in [0, 1) (got {self.dropout!r}); 0 turns it off, and 0.1 is a "
+                "usual start when the corpus is repeated for many epochs"
+            )
+        else:
+            object.__setattr__(self, "dropout", float(self.dropout))  # TOML's 0 is an int
         _refuse("model", problems)
 
     @property
@@ -138,8 +154,14 @@ class TrainConfig:
     seq_len: int | None = None  # None: the model's max_seq_len
     grad_accum: int = 1
     learning_rate: float = 2e-3
-    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule decays to learning_rate * min_lr_ratio
     warmup_steps: int = 20
+    # After the warmup: "cosine" falls along a half cosine over the whole run to the floor; "wsd"
+    # (warmup-stable-decay) holds learning_rate, then decays over the last cooldown_fraction of the run
+    # (its steps, tokens or seconds), so that a checkpoint of its stable phase plus a cooldown is a
+    # finished shorter run (mlxllm.branch makes one).
+    schedule: str = "cosine"
+    cooldown_fraction: float = 0.2  # wsd: the share of the run spent in the cooldown, in (0, 1)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -198,6 +220,14 @@ class TrainConfig:
             problems.append(f"learning_rate must be positive (got {self.learning_rate})")
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append(f"min_lr_ratio must be between 0 and 1 (got {self.min_lr_ratio})")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")
+        f = self.cooldown_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
+            problems.append(
+                f"cooldown_fraction must be a number between 0 and 1, both excluded (got {f!r}): the share "
+                "of a wsd run spent decaying the learning rate, 0.2 for example"
+            )
         if self.max_tokens is not None and self.max_tokens < 1:
             problems.append(f"max_tokens must be positive (got {self.max_tokens})")
         if self.max_seconds is not None and self.max_seconds <= 0:

@@ -44,7 +44,13 @@ def to_hf(cfg: ModelConfig, *, dtype: str, eos_id: int) -> dict[str, Any]:
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "attention_bias": False,
         "mlp_bias": False,
+        # Dropout changes training only. LlamaConfig's one field, attention_dropout, drops attention
+        # probabilities, which mlxllm never does (its fused kernels do not hold them): 0. mlxllm's
+        # dropout is GPT-2's residual and embedding dropout, written under GPT-2's names, which
+        # transformers keeps as plain config attributes and mlx-lm ignores.
         "attention_dropout": 0.0,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
         "pretraining_tp": 1,
         "initializer_range": 0.02,
         "use_cache": True,
@@ -101,6 +107,9 @@ def from_hf(d: dict[str, Any], where: str) -> ModelConfig:
         rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
         norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(d.get("tie_word_embeddings", True)),
+        # mlxllm's own dropout, as to_hf writes it; another model's attention_dropout (on probabilities,
+        # which mlxllm cannot drop) is not taken for it.
+        dropout=d.get("resid_pdrop") or 0.0,
     )
 
 

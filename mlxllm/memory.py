@@ -4,6 +4,8 @@ The estimate counts fp32 master weights, their gradients, AdamW's two moments, a
 weights when computing in bfloat16, and the activations the backward pass keeps (per layer and token:
 the block's inputs, normed inputs, q/k/v before and after RoPE, attention scores/probabilities
 (n_heads x seq_len of them), the attention output, and the SwiGLU's gate/up/silu/product), plus the logits.
+With dropout, each dropped activation also keeps its mask, one activation-sized array each: the
+embeddings, and the attention and MLP outputs of every layer.
 """
 
 from __future__ import annotations
@@ -51,7 +53,10 @@ def estimate_memory(
     optimizer = 2 * 4 * trained  # AdamW: first and second moments in fp32
     tokens = batch_size * seq_len  # micro-batch: grad_accum micro-batches run one after another
     per_token_layer = 6 * d + 2 * d + 4 * kv + 4 * f + 3 * H * seq_len  # see the module docstring
-    activations = L * tokens * per_token_layer * act_bytes + tokens * (d * act_bytes + 3 * V * 4)
+    embeddings = d
+    if model_cfg.dropout:
+        per_token_layer, embeddings = per_token_layer + 2 * d, embeddings + d  # the masks
+    activations = L * tokens * per_token_layer * act_bytes + tokens * (embeddings * act_bytes + 3 * V * 4)
     total = weights + grads + optimizer + activations
     if grad_accum > 1:
         total += grads  # the running sum of gradients
@@ -137,8 +142,8 @@ def configure_cache() -> int | None:
 
     MLX's CPU allocator caches only 32 MB of freed buffers by default. A training step frees and re-allocates
     hundreds of MB of activations, so without a larger cache every step returns them to malloc, which unmaps
-    them, and the next step page-faults and zeroes them again, in kernel time. The cache never holds more than the step's own peak. MLXLLM_CPU_CACHE_LIMIT (bytes; 0 leaves
-    MLX's default) overrides.
+    them, and the next step page-faults and zeroes them again, in kernel time. The cache never holds more
+    than the step's own peak. MLXLLM_CPU_CACHE_LIMIT (bytes; 0 leaves MLX's default) overrides.
     """
     if mx.default_device() != mx.cpu:
         return None

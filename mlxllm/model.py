@@ -4,6 +4,11 @@ Parameter names follow the Llama checkpoint layout (`model.embed_tokens`, `model
 `mlp.gate_proj`, `input_layernorm`, `model.norm`, `lm_head`), so weights map one-to-one onto it. The
 math that depends on the device is behind two seams: `ops` (activations, norms, rotary embeddings)
 and `attention`.
+
+Dropout (`ModelConfig.dropout`, off by default) is residual dropout: on the token embeddings and on
+each attention and MLP output before it is added to the residual stream, in training mode only
+(`set_training`). The attention probabilities are not dropped: the fused, flash and tiled attention
+kernels never hold them.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from mlxllm.attention import attention, decode_attention
 from mlxllm.config import ModelConfig
 from mlxllm.errors import MlxllmError
 
-__all__ = ["KVCache", "ModelConfig", "Transformer", "build_model", "init_weights"]
+__all__ = ["KVCache", "ModelConfig", "Transformer", "build_model", "init_weights", "set_training"]
 
 
 class KVCache:
@@ -100,17 +105,17 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, rope: ops.Rope):
+        """rope: the model's rotary embedding, which all its layers share."""
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.scale = self.head_dim**-0.5
         self.impl = cfg.attention
-        self.rope_theta = cfg.rope_theta
+        self.rope = rope  # not a Module: an attribute, not a child with parameters
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-        ops.prepare_rope(cfg.max_seq_len, self.head_dim, self.rope_theta)
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
         B, L, _ = x.shape
@@ -120,7 +125,7 @@ class Attention(nn.Module):
         if cache is not None:
             return self.o_proj(self._cached(q, k, v, cache))
         # Llama's rotate-half layout keeps q_proj/k_proj in checkpoint order.
-        q, k = ops.rope(q, base=self.rope_theta), ops.rope(k, base=self.rope_theta)
+        q, k = self.rope(q), self.rope(k)
         out = attention(q, k, v, scale=self.scale, causal=True, impl=self.impl)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -129,8 +134,8 @@ class Attention(nn.Module):
         B, L = q.shape[:2]
         position = cache.position
         end = position + L if isinstance(position, int) else cache.capacity  # bounds the positions
-        q = ops.rope_at(q, base=self.rope_theta, offset=position, end=end)
-        k = ops.rope_at(k, base=self.rope_theta, offset=position, end=end)
+        q = self.rope.at(q, offset=position, end=end)
+        k = self.rope.at(k, offset=position, end=end)
         keys, values = cache.update(k, v)
         if cache.visible is None:
             out = attention(q, keys, values, scale=self.scale, causal=True, impl=self.impl)
@@ -162,27 +167,30 @@ class RMSNorm(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, rope: ops.Rope):
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, rope)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)  # p = 0 (the default) returns its input: no random draws
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = x + self.dropout(self.self_attn(self.input_layernorm(x), cache))
+        return h + self.dropout(self.mlp(self.post_attention_layernorm(h)))
 
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = [TransformerBlock(cfg) for _ in range(cfg.n_layers)]
+        self.rope = ops.Rope(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+        self.layers = [TransformerBlock(cfg, self.rope) for _ in range(cfg.n_layers)]
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        h = self.embed_tokens(tokens)
+        h = self.dropout(self.embed_tokens(tokens))
         for i, layer in enumerate(self.layers):
             h = layer(h, None if cache is None else cache[i])
         return self.norm(h)
@@ -231,3 +239,15 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
     init_weights(model, seed)
     mx.eval(model.parameters())
     return model
+
+
+def set_training(model: nn.Module, training: bool) -> bool:
+    """Dropout on (training=True: a training step) or off (evaluation, decoding); returns the mode
+    before. MLX modules start in training mode.
+
+    The mode is read when the model is called, so a compiled function keeps the mode it was traced
+    in: set it inside the traced function (the step's loss, the evaluation's), not around its calls."""
+    before = model.training
+    if before != training:
+        model.train(training)
+    return before

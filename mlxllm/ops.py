@@ -36,57 +36,64 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     return mx.fast.rms_norm(x, weight, eps)
 
 
-def prepare_rope(max_len: int, dims: int, base: float) -> None:
-    """Make the rotary tables that `rope` and `rope_at` read, outside any traced function."""
-    layers.prepare_rope_table(max_len, dims, float(base))
-    tables = _DECODE_ROPE.get((dims, float(base)))
-    if _cpu() and (tables is None or tables[0].shape[0] < max_len):
-        cos, sin = layers.rope_table(dims, float(base))  # the table just made: equal values
-        # Per position, the factors of x's halves and of its swapped halves: (max_len, 2, dims / 2).
-        tables = mx.stack([cos, cos], axis=1), mx.stack([-sin, sin], axis=1)
-        mx.eval(tables)
-        _DECODE_ROPE[(dims, float(base))] = tables
+class Rope:
+    """Llama's rotate-half rotary embedding, for one model: built with it and shared by its layers.
 
+    It holds the cos/sin tables up to the model's context, computed and evaluated here, outside any
+    traced function: a traced step would otherwise compute them again on every call, forward and back.
+    Not a Module, so the tables are no parameters (nothing trains, saves or loads them)."""
 
-_DECODE_ROPE: dict[tuple[int, float], tuple[mx.array, mx.array]] = {}
+    def __init__(self, max_len: int, dims: int, base: float) -> None:
+        """max_len: the longest sequence the tables cover (longer ones compute their angles); dims:
+        the head dimension (even); base: the rotary base, rope_theta."""
+        self.dims, self.base = dims, float(base)
+        table = layers.rope_angles(max_len, dims, self.base)
+        mx.eval(table)
+        self._sequence = layers.sequence_rope(self.base, table)
+        # Per position, the factors of x's halves and of its swapped halves, (max_len, 2, dims / 2), for
+        # `at`; on the CPU only, where mx.fast.rope computes cos and sin of every angle on every call.
+        self._decode: tuple[mx.array, mx.array] | None = None
+        if _cpu():
+            cos, sin = table
+            self._decode = mx.stack([cos, cos], axis=1), mx.stack([-sin, sin], axis=1)
+            mx.eval(self._decode)
 
-
-def rope(x: mx.array, *, base: float) -> mx.array:
-    """Llama's rotate-half rotary embedding of a whole sequence from position 0 (training and the
-    forward without a cache): x (B, L, H, D) -> (B, H, L, D). With a KV cache: `rope_at`."""
-    if _cpu():
-        return layers.sequence_rope(float(base))(x)
-    return mx.fast.rope(x.transpose(0, 2, 1, 3), x.shape[-1], traditional=False, base=base, scale=1.0, offset=0)
-
-
-def rope_at(x: mx.array, *, base: float, offset: int | mx.array, end: int) -> mx.array:
-    """`rope` for tokens at positions offset, offset + 1, ... (decoding with a KV cache): x (B, L, H, D)
-    -> (B, H, L, D). offset is an int or a (1,) int32 array, so that one traced decode step serves
-    every position; end bounds offset + L.
-
-    On the CPU, mx.fast.rope is its unfused definition, which computes cos and sin of every angle
-    again on every call; here they are gathered from the tables `prepare_rope` made (equal values),
-    with the same ops for every layer of a step, which the compiler then merges into one."""
-    B, L, H, D = x.shape
-    tables = _DECODE_ROPE.get((D, float(base))) if _cpu() else None
-    if tables is None or tables[0].shape[0] < end:
+    def __call__(self, x: mx.array) -> mx.array:
+        """A whole sequence from position 0 (training and the forward without a cache): x (B, L, H, D)
+        -> (B, H, L, D). With a KV cache: `at`."""
+        if _cpu():
+            return self._sequence(x)
         return mx.fast.rope(
-            x.transpose(0, 2, 1, 3),
-            D,
-            traditional=False,
-            base=base,
-            scale=1.0,
-            offset=offset if isinstance(offset, int) else offset[0],
+            x.transpose(0, 2, 1, 3), x.shape[-1], traditional=False, base=self.base, scale=1.0, offset=0
         )
-    if isinstance(offset, int):
-        positions = mx.arange(offset, offset + L)
-    else:  # one token: the very same array in every layer
-        positions = offset if L == 1 else offset + mx.arange(L, dtype=offset.dtype)
-    cos, sin = (mx.take(t, positions, axis=0).astype(x.dtype) for t in tables)  # (L, 2, D/2)
-    # (B, H, L, 2, D/2); with one token, a reshape is the transpose.
-    x5 = x.reshape(B, H, L, 2, D // 2) if L == 1 else x.reshape(B, L, H, 2, D // 2).transpose(0, 2, 1, 3, 4)
-    # rotate-half, (x1 c - x2 s, x2 c + x1 s): one kernel, reading the halves swapped via a reversed view
-    return (x5 * cos + x5[..., ::-1, :] * sin).reshape(B, H, L, D)
+
+    def at(self, x: mx.array, *, offset: int | mx.array, end: int) -> mx.array:
+        """The rotation of tokens at positions offset, offset + 1, ... (decoding with a KV cache): x
+        (B, L, H, D) -> (B, H, L, D). offset is an int or a (1,) int32 array, so that one traced decode
+        step serves every position; end bounds offset + L.
+
+        On the CPU the factors are gathered from the tables (equal values to mx.fast.rope's), with the
+        same ops for every layer of a step, which the compiler then merges into one."""
+        B, L, H, D = x.shape
+        tables = self._decode if _cpu() and D == self.dims else None
+        if tables is None or tables[0].shape[0] < end:
+            return mx.fast.rope(
+                x.transpose(0, 2, 1, 3),
+                D,
+                traditional=False,
+                base=self.base,
+                scale=1.0,
+                offset=offset if isinstance(offset, int) else offset[0],
+            )
+        if isinstance(offset, int):
+            positions = mx.arange(offset, offset + L)
+        else:  # one token: the very same array in every layer
+            positions = offset if L == 1 else offset + mx.arange(L, dtype=offset.dtype)
+        cos, sin = (mx.take(t, positions, axis=0).astype(x.dtype) for t in tables)  # (L, 2, D/2)
+        # (B, H, L, 2, D/2); with one token, a reshape is the transpose.
+        x5 = x.reshape(B, H, L, 2, D // 2) if L == 1 else x.reshape(B, L, H, 2, D // 2).transpose(0, 2, 1, 3, 4)
+        # rotate-half, (x1 c - x2 s, x2 c + x1 s): one kernel, reading the halves swapped via a reversed view
+        return (x5 * cos + x5[..., ::-1, :] * sin).reshape(B, H, L, D)
 
 
 # Weights up to this many bytes in all get a decoding copy (decode_layout); larger models decode

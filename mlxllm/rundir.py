@@ -127,8 +127,9 @@ def check_resume(checkpoint: Path, run: RunConfig, data_key: str) -> None:
     if saved.tokenizer != run.tokenizer or ckpt.read_state(checkpoint).get("data") != data_key:
         raise MlxllmError(
             f"Cannot resume {run_dir}: its tokenizer or corpus differs from this one "
-            f"(checkpoint: {saved.tokenizer}, data={saved.train.data!r}; now: {run.tokenizer}, data={run.train.data!r}). "
-            "Resume with the same --data (unchanged) and tokenizer settings, or start a new run with --out or --overwrite."
+            f"(checkpoint: {saved.tokenizer}, data={saved.train.data!r}; "
+            f"now: {run.tokenizer}, data={run.train.data!r}). Resume with the same --data (unchanged) and "
+            "tokenizer settings, or start a new run with --out or --overwrite."
         )
     if saved.model != run.model:
         diff = [

@@ -1,5 +1,5 @@
-"""The training step and evaluation: AdamW with warmup and cosine decay, and one optimizer step
-compiled with the model's, the optimizer's and the random state, as mlx-lm's trainer makes it."""
+"""The training step and evaluation: AdamW (its learning rate from mlxllm.schedule), and one optimizer
+step compiled with the model's, the optimizer's and the random state, as mlx-lm's trainer makes it."""
 
 from __future__ import annotations
 
@@ -22,14 +22,6 @@ from mlxllm.model import Transformer
 
 # A transform of a function of a batch (as mx.compile is): cpu.streams.Split runs it over CPU streams.
 Transform = Callable[[Callable[[mx.array], Any]], Callable[[mx.array], Any]]
-
-
-def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
-    """Linear warmup over warmup_steps, then cosine from learning_rate down to the floor."""
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    floor = cfg.learning_rate * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.learning_rate - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def loss_fn(model: Transformer, batch: mx.array) -> mx.array:

@@ -25,7 +25,8 @@ from mlxllm.errors import MlxllmError
 from mlxllm.memory import describe as describe_memory
 from mlxllm.progress import Reporter
 from mlxllm.runstate import Run, memory, open_run
-from mlxllm.step import cpu_split, evaluate, lr_at, make_eval, make_step, step_seed
+from mlxllm.schedule import lr_at
+from mlxllm.step import cpu_split, evaluate, make_eval, make_step, step_seed
 
 
 @dataclass

@@ -157,14 +157,14 @@ def test_flash_through_model_attention_on_cpu():
 def test_resolve_auto_default_and_recorded(tmp_path, monkeypatch):
     monkeypatch.setenv("MLXLLM_CACHE_DIR", str(tmp_path))
     select._recorded.cache_clear()
-    assert kernels.resolve_auto() == ("reference" if kernels.gpu_backend() is None else "fast")  # the default
+    assert kernels.resolve_auto() == ("halves" if kernels.gpu_backend() is None else "fast")  # the default
     path = kernels.record_choice("tiled")
     assert path == tmp_path / "attention.json"
     assert json.loads(path.read_text()) == {device_name(): "tiled"}
     assert kernels.resolve_auto() == "tiled"
     path.write_text(json.dumps({device_name(): "bogus"}))
     select._recorded.cache_clear()
-    assert kernels.resolve_auto() == "reference"  # an unknown entry is ignored
+    assert kernels.resolve_auto() == "halves"  # an unknown entry is ignored
     select._recorded.cache_clear()
 
 
@@ -177,15 +177,33 @@ def test_bench_attention_rows_and_recorded_choice(tmp_path, monkeypatch):
     select._recorded.cache_clear()
     rows = bench_attention((64, 160), batch=1, heads=2, head_dim=32, record=True)
     impls = {r["impl"] for r in rows}
-    assert {"naive", "reference", "fast", "tiled"} <= impls
+    assert {"reference", "halves", "fast", "tiled"} <= impls
     assert {r["L"] for r in rows} == {64, 160}
     assert all(r["ms"] > 0 and r["peak_mb"] > 0 for r in rows)
     recorded = [r["impl"] for r in rows if r.get("recorded")]
-    assert len(set(recorded)) == 1 and recorded[0] != "naive"  # only a real implementation is recorded
+    assert len(set(recorded)) == 1 and recorded[0] != "reference"  # only a real implementation is recorded
     assert resolve_auto() == recorded[0]
     # The tiled path never holds the L x L scores: less peak memory than the naive one at the longer length.
     peak = {r["impl"]: r["peak_mb"] for r in rows if r["L"] == 160}
-    assert peak["tiled"] < peak["naive"]
+    assert peak["tiled"] < peak["reference"]
     monkeypatch.undo()
     select._recorded.cache_clear()
     assert select._recorded(str(select.cache_path()), device_name()) is None  # nothing leaked
+
+
+def test_reference_is_the_plain_path_at_every_length_and_old_records_of_it_read_as_halves(tmp_path, monkeypatch):
+    from mlxllm.cpu.halves import SPLIT_MIN_LEN, causal_halves_attention
+
+    q, k, v = (mx.random.normal((1, 2, SPLIT_MIN_LEN + 32, 16), key=mx.random.key(i)) for i in range(3))
+    plain = reference_attention(q, k, v, scale=0.25, causal=True)
+    assert mx.array_equal(attention(q, k, v, scale=0.25, causal=True, impl="reference"), plain).item()
+    halves = attention(q, k, v, scale=0.25, causal=True, impl="halves")
+    assert mx.array_equal(halves, causal_halves_attention(q, k, v, scale=0.25)).item()
+    # A choice recorded when 'reference' named the halves path still means what it ran.
+    monkeypatch.setenv("MLXLLM_CACHE_DIR", str(tmp_path))
+    select._recorded.cache_clear()
+    (tmp_path / "attention.json").write_text(json.dumps({device_name(): "reference"}))
+    assert kernels.resolve_auto() == "halves"
+    with pytest.raises(ValueError):
+        kernels.record_choice("reference")  # the baseline is never the faster choice
+    select._recorded.cache_clear()

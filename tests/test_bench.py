@@ -44,7 +44,7 @@ def test_bench_discards_warmup_rotates_order_and_isolates_caches(
     user_cache = tmp_path / "user-cache"
     monkeypatch.setenv("MLXLLM_CACHE_DIR", str(user_cache))
     default = resolve_auto()
-    recorded = "fast" if default != "fast" else "reference"
+    recorded = "fast" if default != "fast" else "halves"
     record_choice(recorded)
     assert resolve_attention("auto") == recorded  # in this process, the record is read
 

@@ -124,7 +124,7 @@ def test_prefill_then_decode_equals_a_full_forward(monkeypatch):
 def test_kv_cache_preallocates_and_keeps_what_it_holds():
     cache = KVCache(step=4)
     parts = [mx.random.normal((1, 2, n, 8), key=mx.random.key(n)) for n in (3, 1, 1, 6)]
-    for n, p in enumerate(parts):
+    for p in parts:
         keys, values = cache.update(p, -p)
     assert cache.offset == 11 and cache.capacity == 12 and keys.shape == (1, 2, 11, 8)
     assert mx.array_equal(keys, mx.concatenate(parts, axis=2)).item() and mx.array_equal(values, -keys).item()
@@ -136,13 +136,13 @@ def test_kv_cache_preallocates_and_keeps_what_it_holds():
 def test_rope_at_equals_mx_fast_rope_at_int_and_array_offsets():
     from mlxllm import ops
 
-    ops.prepare_rope(64, 16, 10000.0)
+    rope = ops.Rope(64, 16, 10000.0)
     x = mx.random.normal((1, 3, 4, 16), key=mx.random.key(0))  # (B, L, H, D)
     for offset in (0, 9):
         want = mx.fast.rope(x.transpose(0, 2, 1, 3), 16, traditional=False, base=10000.0, scale=1.0, offset=offset)
-        assert mx.allclose(ops.rope_at(x, base=10000.0, offset=offset, end=offset + 3), want, atol=1e-5).item()
+        assert mx.allclose(rope.at(x, offset=offset, end=offset + 3), want, atol=1e-5).item()
         at = mx.array([offset], dtype=mx.int32)
-        assert mx.allclose(ops.rope_at(x[:, :1], base=10000.0, offset=at, end=64), want[:, :, :1], atol=1e-5).item()
+        assert mx.allclose(rope.at(x[:, :1], offset=at, end=64), want[:, :, :1], atol=1e-5).item()
 
 
 def test_decoding_follows_the_models_current_weights():

@@ -152,7 +152,8 @@ MUTANTS = {
         "forward",
         edit(
             "const float mn = FA_FMAX(m, FA_WARP_MAX(s));",
-            "float wm;\n    if (lane < 16) {\n      wm = FA_WARP_MAX(s);\n    } else {\n      wm = FA_WARP_MAX(s);\n    }\n"
+            "float wm;\n    if (lane < 16) {\n      wm = FA_WARP_MAX(s);\n    }"
+            " else {\n      wm = FA_WARP_MAX(s);\n    }\n"
             "    const float mn = FA_FMAX(m, wm);",
         ),
         ("error", "lanes of one SIMD group call different SIMD-group functions"),

@@ -79,7 +79,7 @@ def test_reference_attention_matches_fast(n_kv, q_len):
 def test_causal_halves_match_naive_attention_and_its_gradients(n_kv, length):
     from mlxllm.cpu.halves import SPLIT_MIN_LEN, causal_halves_attention
 
-    assert length >= SPLIT_MIN_LEN  # attention(impl="reference") takes the halves path here
+    assert length >= SPLIT_MIN_LEN  # attention(impl="halves") takes the halves path here
     q = mx.random.normal((2, 4, length, 16), key=mx.random.key(0))
     k = mx.random.normal((2, n_kv, length, 16), key=mx.random.key(1))
     v = mx.random.normal((2, n_kv, length, 16), key=mx.random.key(2))
@@ -89,7 +89,7 @@ def test_causal_halves_match_naive_attention_and_its_gradients(n_kv, length):
         return lambda q, k, v: (fn(q, k, v, scale=0.25) * cot).sum()
 
     naive = lambda q, k, v, scale: reference_attention(q, k, v, scale=scale, causal=True)  # noqa: E731
-    routed = lambda q, k, v, scale: attention(q, k, v, scale=scale, causal=True, impl="reference")  # noqa: E731
+    routed = lambda q, k, v, scale: attention(q, k, v, scale=scale, causal=True, impl="halves")  # noqa: E731
     want = mx.grad(loss(naive), argnums=(0, 1, 2))(q, k, v)
     for fn in (causal_halves_attention, routed):
         assert mx.allclose(fn(q, k, v, scale=0.25), naive(q, k, v, 0.25), atol=1e-5).item()
@@ -117,7 +117,7 @@ def test_causal_halves_in_bfloat16_keep_the_dtype_and_match_float32():
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_sequence_rope_is_mlx_rope_with_its_gradient(dtype):
-    from mlxllm.cpu.layers import prepare_rope_table, sequence_rope
+    from mlxllm.cpu.layers import rope_angles, sequence_rope
 
     x = mx.random.normal((2, 40, 3, 16), key=mx.random.key(0)).astype(dtype)  # (B, L, H, D)
     cot = mx.random.normal((2, 3, 40, 16), key=mx.random.key(1)).astype(dtype)
@@ -128,10 +128,10 @@ def test_sequence_rope_is_mlx_rope_with_its_gradient(dtype):
     ours = sequence_rope(500.0)
     for table in (False, True):  # angles computed in the graph, then from a longer prepared table
         if table:
-            prepare_rope_table(64, 16, 500.0)
+            ours = sequence_rope(500.0, rope_angles(64, 16, 500.0))
         assert ours(x).dtype == dtype and ours(x).shape == (2, 3, 40, 16)
         assert mx.allclose(ours(x), mlx_rope(x), atol=1e-6).item()
-        grads = [mx.grad(lambda x: (f(x) * cot).astype(mx.float32).sum())(x) for f in (ours, mlx_rope)]
+        grads = [mx.grad(lambda x: (f(x) * cot).astype(mx.float32).sum())(x) for f in (ours, mlx_rope)]  # noqa: B023
         assert grads[0].dtype == dtype and mx.allclose(grads[0], grads[1], atol=1e-6).item()
 
 

@@ -20,8 +20,9 @@ optuna = pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
 
 from mlxllm_search import search  # noqa: E402
+from mlxllm_search.records import LOST  # noqa: E402
 from mlxllm_search.spec import load_spec  # noqa: E402
-from mlxllm_search.storage import LOST, counts  # noqa: E402
+from mlxllm_search.storage import counts  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 

@@ -20,9 +20,10 @@ pytest.importorskip("matplotlib")
 from mlxllm_search import search  # noqa: E402
 from mlxllm_search.curve import fit_curve, kendall_tau  # noqa: E402
 from mlxllm_search.spec import load_spec, make_target  # noqa: E402
+from mlxllm_search.speed import Point, Speed  # noqa: E402
 from mlxllm_search.storage import counts  # noqa: E402
-from mlxllm_search.target import HUGE_STEPS, Point, Speed, Target, make_plan  # noqa: E402
-from mlxllm_search.targeted import uncounted  # noqa: E402
+from mlxllm_search.target import HUGE_STEPS, Target, make_plan  # noqa: E402
+from mlxllm_search.target_search import uncounted  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from test_search import base_tables, search_cache, text  # noqa: E402, F401 - the module's cache and corpus
 from typer.testing import CliRunner  # noqa: E402

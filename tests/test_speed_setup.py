@@ -17,9 +17,10 @@ from mlxllm import step as step_mod
 from mlxllm.config import ModelConfig, TrainConfig
 from mlxllm.cpu import blas as _blas
 from mlxllm.cpu import fastexp
-from mlxllm.cpu.streams import BFS_WIDTH
+from mlxllm.cpu.startup import BFS_WIDTH
 from mlxllm.errors import MlxllmError
 from mlxllm.model import build_model
+from mlxllm.schedule import lr_at
 from mlxllm.step import stream_count
 
 linux_openblas = pytest.mark.skipif(
@@ -52,15 +53,80 @@ def test_import_widens_mlx_graph_walk_unless_the_user_set_it():
     """Importing mlxllm sets MLX_BFS_MAX_WIDTH before MLX's first evaluation (see cpu.streams.BFS_WIDTH)."""
     code = "import os, mlxllm; print(os.environ['MLX_BFS_MAX_WIDTH'])"
     clean = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"}
-    run = lambda **env: subprocess.run(
+    run = lambda **env: subprocess.run(  # noqa: E731
         [sys.executable, "-c", code],
         capture_output=True,
-        text=True,  # noqa: E731
+        text=True,
         env={**clean, **env},
         timeout=120,
     ).stdout.strip()
     assert run() == BFS_WIDTH
     assert run(MLX_BFS_MAX_WIDTH="33") == "33"
+
+
+def test_import_sets_only_what_mlx_reads_before_its_first_use():
+    code = "import os; before = set(os.environ); import mlxllm; print(' '.join(sorted(set(os.environ) - before)))"
+    assert set(_python(code).split()) <= {"OPENBLAS_THREAD_TIMEOUT", "MKL_THREADING_LAYER", "MLX_BFS_MAX_WIDTH"}
+
+
+_WIDE_GRAPH = (
+    "xs = [mx.full((1 << 18,), float(i)) for i in range(64)]\n"
+    "mx.eval(xs); mx.reset_peak_memory(); base = mx.get_active_memory()\n"
+    "outs = []\n"
+    "for x in xs:\n"
+    "    for _ in range(6):\n"
+    "        x = mx.sin(x) * 1.01\n"
+    "    outs.append(x.sum())\n"
+    "mx.eval(sum(outs)); print(mx.get_peak_memory() - base)\n"
+)
+
+
+def test_mlx_reads_its_graph_walk_width_at_its_first_evaluation_only():
+    """Why mlxllm sets MLX_BFS_MAX_WIDTH when imported: MLX reads it once, at the first evaluation of
+    the process (whoever makes it), so that is the last moment to set it. A width of 1 walks this
+    graph of 64 independent chains depth-first, one chain alive at a time: less peak memory."""
+    clean = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"}
+
+    def peak(before_first_eval: bool) -> int:
+        setting = "os.environ['MLX_BFS_MAX_WIDTH'] = '1'\n"
+        code = "import os\nimport mlx.core as mx\n"
+        code += (
+            setting + "mx.eval(mx.array(1.0) + 1)\n" if before_first_eval else "mx.eval(mx.array(1.0) + 1)\n" + setting
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code + _WIDE_GRAPH], capture_output=True, text=True, env=clean, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout)
+
+    narrow, too_late = peak(True), peak(False)
+    assert narrow * 2 < too_late
+
+
+@linux_openblas
+def test_a_blas_loaded_after_mlx_core_is_never_called():
+    """Why mlxllm loads its BLAS when imported, before mlx.core: loaded after `import mlx.core`, even
+    before the first matmul, MLX does not call it."""
+    code = (
+        "import ctypes, os, sys, time\n"
+        "first = sys.argv[1] == 'before'\n"
+        f"load = lambda: ctypes.CDLL({_blas.loaded!r}, mode=ctypes.RTLD_GLOBAL)\n"
+        "first and load()\n"
+        "import mlx.core as mx\n"
+        "first or load()\n"
+        "a = mx.random.normal((1024, 1024)); mx.eval(a @ a)\n"
+        "def once():\n"
+        "    t = time.perf_counter(); mx.eval(a @ a); return time.perf_counter() - t\n"
+        "print(min(once() for _ in range(3)))\n"
+    )
+
+    def seconds(when: str) -> float:
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, "-c", code, when], capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return float(out.stdout)
+
+    assert seconds("before") * 5 < seconds("after")
 
 
 @linux_openblas
@@ -90,7 +156,7 @@ def _counting_step(monkeypatch, compile: bool = True, shapes: tuple[int, ...] = 
     step = step_mod.make_step(model, opt, tc)
     rng = np.random.default_rng(0)
     for i, width in enumerate(shapes):
-        opt.learning_rate = step_mod.lr_at(tc, i, i / len(shapes))  # changes every step, as in training
+        opt.learning_rate = lr_at(tc, i, i / len(shapes))  # changes every step, as in training
         loss, _ = step(mx.array(rng.integers(0, 32, (1, 2, width), dtype=np.int32)))
         mx.async_eval(loss, model.parameters(), opt.state)
     mx.eval(loss)
@@ -175,8 +241,8 @@ def test_fast_exp_silu_softmax_match_exact():
     a = mx.random.normal((2, 16, 64), key=mx.random.key(0)) * 4
     ct = mx.random.normal(a.shape, key=mx.random.key(1))
     for fast, exact in ((fastexp.silu, nn.silu), (fastexp.softmax, lambda t: mx.softmax(t, axis=-1))):
-        fv, fg = mx.compile(mx.value_and_grad(lambda t: (fast(t) * ct).sum()))(a)
-        ev, eg = mx.value_and_grad(lambda t: (exact(t) * ct).sum())(a)
+        fv, fg = mx.compile(mx.value_and_grad(lambda t: (fast(t) * ct).sum()))(a)  # noqa: B023
+        ev, eg = mx.value_and_grad(lambda t: (exact(t) * ct).sum())(a)  # noqa: B023
         assert abs(fv.item() - ev.item()) < 1e-4 * max(1.0, abs(ev.item()))
         assert mx.allclose(fg, eg, rtol=1e-4, atol=1e-5).item()
     masked = mx.where(mx.tri(16, 16, 0, dtype=mx.bool_), a[0, :, :16], -mx.inf)
@@ -202,7 +268,7 @@ def test_fast_exp_gives_exact_zeros_not_subnormals():
     special = fastexp.exp_nonpositive(mx.array([-mx.inf, float("nan"), 0.0]))
     assert special[0].item() == 0 and math.isnan(special[1].item()) and special[2].item() == pytest.approx(1.0)
     q, k = (mx.random.normal((2, 2, 1, 64, 16), key=mx.random.key(i)) for i in (3, 4))
-    e, l = halves._scores_exp(q, k, 0, 0.25)
+    e, l = halves._scores_exp(q, k, 0, 0.25)  # noqa: E741
     masked = mx.broadcast_to(mx.triu(mx.ones((64, 64), dtype=mx.bool_), 1), e.shape)
     assert mx.all(mx.where(masked, e, 0) == 0).item()
     assert mx.all(mx.where(masked, 1, e) > 0).item()

@@ -14,6 +14,7 @@ from mlxllm import checkpoint as ckpt
 from mlxllm import step as step_mod
 from mlxllm.data import prepare
 from mlxllm.model import ModelConfig, build_model
+from mlxllm.schedule import lr_at
 
 
 def weights(run_dir: Path, which: str = "latest") -> dict[str, np.ndarray]:
@@ -226,7 +227,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     from mlxllm import TrainConfig
 
     cfg = TrainConfig(learning_rate=1.0, warmup_steps=10, min_lr_ratio=0.1, max_steps=110)
-    lrs = [step_mod.lr_at(cfg, s, s / 110) for s in range(110)]
+    lrs = [lr_at(cfg, s, s / 110) for s in range(110)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert step_mod.lr_at(cfg, 110, 1.0) == pytest.approx(0.1)
+    assert lr_at(cfg, 110, 1.0) == pytest.approx(0.1)

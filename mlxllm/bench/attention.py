@@ -11,25 +11,23 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlxllm.attention import attention, reference_attention
+from mlxllm.attention import attention
 from mlxllm.device import device_name
 from mlxllm.kernels import gpu_backend
 from mlxllm.kernels.select import IMPLS, record_choice
 
-# "naive" is the unfused baseline, the full L x L score matrix (attention.reference_attention); "reference"
-# is what attention(impl="reference") runs, which skips a quarter of it (query halves) from L = 128.
+# "reference" is the unfused baseline, the full L x L score matrix in plain MLX ops, never recorded as
+# the 'auto' choice; "halves" skips a quarter of it (query halves) from L = 128.
 
 
 def available_impls() -> list[str]:
-    impls = ["naive", "reference", "fast", "tiled"]
+    impls = ["reference", "halves", "fast", "tiled"]
     if gpu_backend() is not None:
         impls.append("flash")  # on the CPU, flash is the tiled path again
     return impls
 
 
 def _attention_fn(impl: str) -> Callable[..., mx.array]:
-    if impl == "naive":
-        return lambda q, k, v, scale: reference_attention(q, k, v, scale=scale, causal=True)
     return lambda q, k, v, scale: attention(q, k, v, scale=scale, causal=True, impl=impl)
 
 

@@ -306,7 +306,8 @@ def print_table(results: list[dict[str, Any]], notes: list[str] = ()) -> None:
             f"  peak for MFU: {r0['peak_flops'] / 1e9:.0f} GFLOP/s (the larger of the fp32 1024^2 matmul measured in "
             f"this run, {r0['peak_measured'] / 1e9:.0f}, and the CPU's theoretical peak); "
             f"model FLOPs/token {r0['model_flops_per_token'] / 1e6:.2f}M (ModelConfig.flops_per_token, as training "
-            f"reports MFU), executed matmul FLOPs/token {r0['exec_flops_per_token'] / 1e6:.2f}M (mlxllm's attention path, "
+            f"reports MFU), executed matmul FLOPs/token {r0['exec_flops_per_token'] / 1e6:.2f}M "
+            "(mlxllm's attention path, "
             f"applied to every row); "
             f"tokens/s is the median of {len(r0['tokens_per_s_windows'])} interleaved windows of "
             f"{r0['windows'][0]['steps']} steps after a discarded warm-up window, the order rotated every round"
@@ -350,7 +351,9 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="use this matmul peak for MFU instead of measuring it (e.g. one taken on a quiet machine)",
     )
-    p.add_argument("--attention", choices=("auto", "fast", "reference"), default=None, help="override model.attention")
+    p.add_argument(
+        "--attention", choices=("auto", "fast", "halves", "reference"), default=None, help="override model.attention"
+    )
     p.add_argument("--json", dest="json_path", help="write the results here")
     p.add_argument(
         "--memory-check",

@@ -56,6 +56,7 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
     from mlxllm.attention import resolve_attention
     from mlxllm.config import TrainConfig
     from mlxllm.model import build_model
+    from mlxllm.schedule import lr_at
 
     mc = model_config(cfg)
     tc = TrainConfig(
@@ -96,7 +97,7 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
                 return batch
             with split:  # its BLAS threads, as training opens it
                 for i in range(n):
-                    optimizer.learning_rate = step_mod.lr_at(tc, i, 0.5)
+                    optimizer.learning_rate = lr_at(tc, i, 0.5)
                     loss, _ = step_fn(batch)
                     mx.async_eval(loss, model.parameters(), optimizer.state)
                     batch = next_batch()  # built on the host while the step runs

@@ -4,8 +4,9 @@ blas      an optimized CBLAS loaded before mlx.core on Linux, and its thread cou
 fastexp   exp, silu, softmax and cross-entropy from arithmetic MLX's CPU compiler vectorizes
 halves    causal attention as two query halves, with its gradient written out
 layers    sequence rotary embeddings and RMSNorm, with their gradients written out
+startup   what MLX must be given before its first use (the BLAS, its graph walk's width)
 streams   a training step split over one MLX stream per core
 
 The model reaches these through `mlxllm.ops` and `mlxllm.attention`, the training step through
-`streams`; `mlxllm/__init__.py` makes the process-wide settings (`blas.setup`, `streams.widen_graph_walk`).
+`streams`; `mlxllm/__init__.py` calls `startup.prepare`, the import's one side effect.
 """

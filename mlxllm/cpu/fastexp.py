@@ -5,8 +5,9 @@ time, through an out-of-line libm call per polynomial step, several times slower
 multiply-add chain over the same array. Here exp(x), x <= 0, is exp(x/128) by its degree-9 Taylor
 polynomial squared 7 times: only multiplies and adds, relative error <= 3e-5 (mean 4e-6) over
 (-87, 0], and exactly 0 at and below -87. Used on the CPU only and only where the argument is <= 0
-(softmax after subtracting the max; sigmoid of -|x|); MLXLLM_FAST_EXP=0 turns it off (exact mx.exp,
-as on the GPU).
+(softmax after subtracting the max; sigmoid of -|x|). The environment variable MLXLLM_FAST_EXP=0
+turns it off (exact mx.exp, as on the GPU); it is read whenever the model's ops are built into a
+graph, so a function compiled before a change keeps what it was traced with.
 
 Two details keep the compiled kernels vectorised (MLX's CPU compiler runs a fused kernel's plain
 contiguous loop only when every input is contiguous or a 0-d scalar, else a scalar strided loop):
@@ -22,12 +23,12 @@ import os
 
 import mlx.core as mx
 
-ENABLED = os.environ.get("MLXLLM_FAST_EXP", "1") != "0"
 _TAYLOR = tuple(1 / math.factorial(i) for i in range(10))
 
 
 def use_fast_exp() -> bool:
-    return ENABLED and mx.default_device() == mx.cpu
+    """On the CPU backend, unless MLXLLM_FAST_EXP=0 (read now, not at import)."""
+    return mx.default_device() == mx.cpu and os.environ.get("MLXLLM_FAST_EXP", "1") != "0"
 
 
 PER_STREAM_MIN_SIZE = 1 << 14

@@ -13,36 +13,13 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-_ROPE_TABLES: dict[tuple[int, float], tuple[mx.array, mx.array]] = {}
 
-
-def _rope_angles(length: int, dims: int, base: float) -> tuple[mx.array, mx.array]:
-    """cos and sin of position * frequency, (length, dims // 2), as mx.fast.rope computes them.
-
-    From the table made for the model's max_seq_len (prepare_rope_table) when there is one: a traced
-    step would otherwise recompute it on every call, forward and back."""
-    table = _ROPE_TABLES.get((dims, base))
-    if table is not None and table[0].shape[0] >= length:
-        return table[0][:length], table[1][:length]
+def rope_angles(length: int, dims: int, base: float) -> tuple[mx.array, mx.array]:
+    """cos and sin of position * frequency, (length, dims // 2), as mx.fast.rope computes them."""
     half = dims // 2
     inv_freq = mx.exp(-mx.arange(0, half, dtype=mx.float32) / half * math.log(base))
     angles = mx.arange(length, dtype=mx.float32)[:, None] * inv_freq[None]
     return mx.cos(angles), mx.sin(angles)
-
-
-def prepare_rope_table(length: int, dims: int, base: float) -> None:
-    """Compute (and evaluate) the cos/sin table up to length, outside any traced function."""
-    table = _ROPE_TABLES.get((dims, base))
-    if table is None or table[0].shape[0] < length:
-        _ROPE_TABLES.pop((dims, base), None)
-        table = _rope_angles(length, dims, base)
-        mx.eval(table)
-        _ROPE_TABLES[(dims, base)] = table
-
-
-def rope_table(dims: int, base: float) -> tuple[mx.array, mx.array] | None:
-    """The cos/sin table prepare_rope_table made for (dims, base), if it has."""
-    return _ROPE_TABLES.get((dims, base))
 
 
 def _rotate(x5: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
@@ -51,24 +28,30 @@ def _rotate(x5: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return x5 * cos[..., None, :] + x5[..., ::-1, :] * mx.stack([-sin, sin], axis=-2)
 
 
-@functools.cache
-def sequence_rope(base: float) -> Callable[[mx.array], mx.array]:
+def sequence_rope(base: float, table: tuple[mx.array, mx.array] | None = None) -> Callable[[mx.array], mx.array]:
     """x: (B, L, H, D), positions 0..L-1 -> rotated, in (B, H, L, D) order.
 
     The same rotation as mx.fast.rope(x.transpose(0, 2, 1, 3), offset=0); the rotation and the
-    transpose are one pass forward and one back (the gradient rotates by -angle)."""
+    transpose are one pass forward and one back (the gradient rotates by -angle). `table`: the
+    evaluated `rope_angles` of some length (the model's context, see `ops.Rope`), read for sequences
+    up to that length; without it a traced step computes the angles again on every call, forward and back."""
+
+    def angles(length: int, dims: int) -> tuple[mx.array, mx.array]:
+        if table is not None and table[0].shape[0] >= length and 2 * table[0].shape[1] == dims:
+            return table[0][:length], table[1][:length]
+        return rope_angles(length, dims, base)
 
     @mx.custom_function
     def rope(x: mx.array) -> mx.array:
         B, L, H, D = x.shape
-        cos, sin = (t.astype(x.dtype) for t in _rope_angles(L, D, base))  # (L, D/2)
+        cos, sin = (t.astype(x.dtype) for t in angles(L, D))  # (L, D/2)
         x5 = x.reshape(B, L, H, 2, D // 2).transpose(0, 2, 1, 3, 4)
         return _rotate(x5, cos, sin).reshape(B, H, L, D)
 
     @rope.vjp
     def _rope_vjp(x, cotangent, output):
         B, L, H, D = x.shape
-        cos, sin = (t.astype(cotangent.dtype)[:, None] for t in _rope_angles(L, D, base))  # (L, 1, D/2)
+        cos, sin = (t.astype(cotangent.dtype)[:, None] for t in angles(L, D))  # (L, 1, D/2)
         g5 = cotangent.reshape(B, H, L, 2, D // 2).transpose(0, 2, 1, 3, 4)
         return _rotate(g5, cos, -sin).reshape(B, L, H, D)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -26,19 +25,6 @@ from mlxllm.cpu import blas
 # Below this many FLOPs per stream and micro-batch, splitting costs more than it gains (see
 # benchmarks/README.md for the measurements behind it).
 MIN_STREAM_FLOPS = 0.5e9
-
-# MLX orders a graph by a breadth-first walk back from its outputs that turns depth-first wherever
-# a level is wider than MLX_BFS_MAX_WIDTH, and stops queueing while ten tasks are outstanding. A
-# depth-first stretch queues one stream's ops only, and the other streams idle until the walk comes
-# back to them. A width above any level of our graphs keeps the walk breadth-first, so the streams'
-# identical graphs interleave. MLX reads it at its first evaluation.
-BFS_WIDTH = "10000"
-
-
-def widen_graph_walk() -> None:
-    """Set MLX_BFS_MAX_WIDTH for the Linux CPU backend, unless the user has set it."""
-    if sys.platform.startswith("linux") and mx.default_device() == mx.cpu:
-        os.environ.setdefault("MLX_BFS_MAX_WIDTH", BFS_WIDTH)
 
 
 def auto_count(batch_size: int, cores: int, flops: float | None = None) -> int:

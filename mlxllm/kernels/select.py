@@ -9,7 +9,10 @@ from pathlib import Path
 from mlxllm.config import ATTENTION_IMPLS
 from mlxllm.device import backend, cache_dir, device_name
 
-IMPLS = tuple(i for i in ATTENTION_IMPLS if i != "auto")  # what 'auto' may stand for
+# What 'auto' may stand for: every implementation but the plain-ops baseline, which is never the faster.
+IMPLS = tuple(i for i in ATTENTION_IMPLS if i not in ("auto", "reference"))
+# Choices recorded before the two-halves path had its own name call it 'reference': read as what they ran.
+_RENAMED = {"reference": "halves"}
 
 
 def cache_path() -> Path:
@@ -27,19 +30,20 @@ def _read(path: Path) -> dict[str, str]:
 @functools.cache
 def _recorded(path: str, key: str) -> str | None:
     choice = _read(Path(path)).get(key)
+    choice = _RENAMED.get(choice, choice) if isinstance(choice, str) else None
     return choice if choice in IMPLS else None
 
 
 def resolve_auto() -> str:
-    """The recorded choice for this device, else 'fast' on a GPU and 'reference' on the CPU.
+    """The recorded choice for this device, else 'fast' on a GPU and 'halves' on the CPU.
 
-    On the CPU, mx.fast.scaled_dot_product_attention trains slower than the reference ops (see
+    On the CPU, mx.fast.scaled_dot_product_attention trains slower than the two-halves attention (see
     `mlxllm bench attention`).
     """
     choice = _recorded(str(cache_path()), device_name())
     if choice is not None:
         return choice
-    return "reference" if backend() == "cpu" else "fast"
+    return "halves" if backend() == "cpu" else "fast"
 
 
 def record_choice(impl: str) -> Path:

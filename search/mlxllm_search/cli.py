@@ -48,21 +48,20 @@ def run_cmd(
     seed_config: Annotated[
         list[Path] | None, typer.Option("--seed-config", help="A run config to try first (repeatable).")
     ] = None,
-    data: Annotated[
-        str | None, typer.Option("--data", "-d", help="Corpus, overriding the spec's train.data.")
-    ] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Corpus, overriding the spec's train.data.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
     target_seconds: Annotated[
         float | None, typer.Option(help="Optimise for a run of this many seconds of training on this machine.")
     ] = None,
-    target_steps: Annotated[
-        int | None, typer.Option(help="Optimise for a run of this many optimizer steps.")
-    ] = None,
-    target_tokens: Annotated[
-        int | None, typer.Option(help="Optimise for a run of this many training tokens.")
-    ] = None,
-    search_seconds: Annotated[
-        float | None, typer.Option(help="The search's own wall-clock budget in seconds.")
+    target_steps: Annotated[int | None, typer.Option(help="Optimise for a run of this many optimizer steps.")] = None,
+    target_tokens: Annotated[int | None, typer.Option(help="Optimise for a run of this many training tokens.")] = None,
+    search_seconds: Annotated[float | None, typer.Option(help="The search's own wall-clock budget in seconds.")] = None,
+    planner: Annotated[
+        str | None,
+        typer.Option(
+            help="How the loss at the target is predicted: fit (a scaling law across trials' finished WSD runs), "
+            "curves (each trial's learning curve), auto (fit below 6 targets of search on a time target)."
+        ),
     ] = None,
 ) -> None:
     """Run (or resume) an architecture search; writes best.toml into the search directory."""
@@ -89,6 +88,7 @@ def run_cmd(
         show=not quiet,
         target=given[0] if given else None,
         search_seconds=search_seconds,
+        planner=planner,
     )
 
 

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from mlxllm_search.records import record_of
 from mlxllm_search.space import OBJECTIVES
 
 LIVE_ROWS = 20
@@ -23,24 +24,23 @@ def _num(v: Any, fmt: str) -> str:
 
 def describe(t: FrozenTrial) -> dict[str, str]:
     """One trial as table cells."""
-    m = t.user_attrs.get("model") or {}
+    r = record_of(t)
+    m = r.model or {}
     d_model, heads = m.get("d_model"), m.get("n_heads")
     last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
-    loss = t.values[0] if t.values else t.user_attrs.get("val_loss", last)
-    note = t.user_attrs.get("rejected") or t.user_attrs.get("lost") or t.user_attrs.get("cut") or ""
-    # A target-aware trial's rungs are fractions of the target (its intermediate steps are ms or steps of it).
+    loss = t.values[0] if t.values else (r.val_loss if r.val_loss is not None else last)
+    note = r.rejected or r.lost or r.cut or ""
+    # A target-aware trial's rungs are fractions of the target (its intermediate steps are ticks of it).
     where = (
-        f"{t.user_attrs['rung']:.3g}"
-        if "rung" in t.user_attrs
-        else (str(max(t.intermediate_values)) if t.intermediate_values else "")
+        f"{r.rung:.3g}" if r.rung is not None else (str(max(t.intermediate_values)) if t.intermediate_values else "")
     )
     if t.state == TrialState.PRUNED and not note:
         note = f"pruned@{where}" if where else "pruned"
     if t.state == TrialState.RUNNING and where:
         note = f"@{where}"
-    if "confirms" in t.user_attrs:
-        note = f"confirms #{t.user_attrs['confirms']}" + (f"; {note}" if note else "")
-    std = t.user_attrs.get("predicted_std")
+    if r.confirms is not None:
+        note = f"confirms #{r.confirms}" + (f"; {note}" if note else "")
+    std = r.predicted_std
     return {
         "#": str(t.number),
         "state": t.state.name.lower(),
@@ -48,17 +48,17 @@ def describe(t: FrozenTrial) -> dict[str, str]:
         "d": _num(d_model, "d"),
         "h/kv": f"{heads}/{m.get('n_kv_heads')}" if heads else "-",
         "mlp": _num(m.get("mlp_ratio"), ".2f"),
-        "lr": _num(t.user_attrs.get("learning_rate"), ".2e"),
-        "params": _num(t.user_attrs.get("params"), ","),
+        "lr": _num(r.learning_rate, ".2e"),
+        "params": _num(r.params, ","),
         "loss": _num(loss, ".4f"),
-        "ms/step": _num(t.user_attrs.get("step_ms"), ".1f"),
-        "GB": _num(t.user_attrs.get("memory_gb"), ".3f"),
-        "gen tok/s": _num(t.user_attrs.get("gen_tokens_per_sec"), ",.0f"),
+        "ms/step": _num(r.step_ms, ".1f"),
+        "GB": _num(r.memory_gb, ".3f"),
+        "gen tok/s": _num(r.gen_tokens_per_sec, ",.0f"),
         "note": str(note),
-        "pred@T": _num(t.user_attrs.get("predicted"), ".4f"),
-        "±": "-" if std is None or t.user_attrs.get("actual") is not None else format(std, ".3f"),
-        "meas@T": _num(t.user_attrs.get("actual"), ".4f"),
-        "at": _num(t.user_attrs.get("fraction"), ".2f"),
+        "pred@T": _num(r.predicted, ".4f"),
+        "±": "-" if std is None or r.actual is not None else format(std, ".3f"),
+        "meas@T": _num(r.actual, ".4f"),
+        "at": _num(r.fraction, ".2f"),
     }
 
 
@@ -67,7 +67,7 @@ def table(
 ) -> Table:
     # Measured costs beyond step time only when the search optimizes or caps them: the table must fit 80 columns.
     cols = ["#", "state", "L", "d", "h/kv", "mlp", "lr", "params", "loss", "ms/step", "note"]
-    if any("predicted" in t.user_attrs for t in trials):  # a target-aware search: the loss at the target
+    if any(record_of(t).predicted is not None for t in trials):  # a target-aware search: the loss at the target
         cols[8:9] = ["pred@T", "±", "meas@T", "at"]
     if "memory_gb" in objectives:
         cols.insert(-1, "GB")
@@ -90,7 +90,7 @@ def leaderboard(study: optuna.Study, objectives: tuple[str, ...], shown: tuple[s
     front = {t.number for t in study.best_trials} if len(objectives) > 1 else set()
     infeasible = {t.number for t in done if any(v > 0 for v in t.constraints.values())}
     done.sort(key=lambda t: (t.number in infeasible, t.values[0]))
-    targeted = any("predicted" in t.user_attrs for t in done)
+    targeted = any(record_of(t).predicted is not None for t in done)
     what = (
         "validation loss at the target: predicted (±1 sd) from the fraction trained (at), measured where it got there"
         if targeted

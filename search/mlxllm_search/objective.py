@@ -18,23 +18,24 @@ from mlxllm.config import RunConfig
 from mlxllm.data import TokenData
 from mlxllm.errors import MlxllmError
 from mlxllm.trainer import train
+from mlxllm_search.deadlines import Deadlines
+from mlxllm_search.records import record_of, store
 from mlxllm_search.rungs import RungTrainer
 from mlxllm_search.space import SearchSpec, run_config
-from mlxllm_search.storage import LOST, OWNER, owner
-from mlxllm_search.target import Deadlines
+from mlxllm_search.storage import owner
 
 GEN_TOKENS = 64
-FREE = "free"  # user attr: rejected before training (over the parameter cap), so not counted towards --trials
 
 
 def generation_speed(run_dir: Path, tokens: int = GEN_TOKENS) -> float:
     """Tokens/s of greedy decoding with the KV cache, after a short warm-up."""
-    from mlxllm.generate import generate_ids, load
+    from mlxllm.generate import Decoder, generate_ids, load
 
     model, _ = load(run_dir, "latest")
-    generate_ids(model, [0], 4, temperature=0)
+    decoder = Decoder(model)  # one decoder, so the timed call does not trace again
+    generate_ids(model, [0], 4, temperature=0, decoder=decoder)
     start = time.perf_counter()
-    generate_ids(model, [0], tokens, temperature=0)
+    generate_ids(model, [0], tokens, temperature=0, decoder=decoder)
     return tokens / (time.perf_counter() - start)
 
 
@@ -70,22 +71,25 @@ class Objective:
         self.deadlines = deadlines or Deadlines()
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
-        trial.set_user_attr(OWNER, owner())  # before anything else: a sweep finds this trial if we die
-        trial.set_user_attr(LOST, None)  # a retried trial inherits its original's mark
+        store(trial, worker=owner())  # before anything else: a sweep finds this trial if we die
+        store(trial, lost=None)  # a retried trial inherits its original's mark
         if self.on_trial_start:
             self.on_trial_start()
         spec, caps = self.spec, self.spec.settings.caps
         model, lr = spec.space.suggest(trial, spec.base)
         run = run_config(spec, model, lr, self.search_dir / "trials" / f"{trial.number:04d}")
         n_params = replace(model, vocab_size=self.data.tokenizer.vocab_size).num_params()
-        trial.set_user_attr("model", {k: v for k, v in asdict(model).items() if k != "vocab_size"})
-        trial.set_user_attr("learning_rate", lr)
-        trial.set_user_attr("params", n_params)
+        store(
+            trial,
+            model={k: v for k, v in asdict(model).items() if k != "vocab_size"},
+            learning_rate=lr,
+            params=n_params,
+        )
 
         if caps.params is not None:
             trial.set_constraint("params", n_params - caps.params)
             if n_params > caps.params:
-                trial.set_user_attr(FREE, True)
+                store(trial, free=True)
                 self._reject(trial, f"{n_params:,} parameters > cap {caps.params:,}")
 
         measured: dict[str, list[float]] = {"step_ms": [], "memory_gb": []}
@@ -107,16 +111,15 @@ class Objective:
             else:
                 loss = RungTrainer(spec, spec.plan, self.data, self.deadlines, at_eval).train(trial, run)
         except KeyboardInterrupt:
-            trial.set_user_attr(LOST, "interrupted")  # retried when the search resumes
+            store(trial, lost="interrupted")  # retried when the search resumes
             raise
         finally:
-            trial.set_user_attr("seconds", time.perf_counter() - start)  # what the trial cost the search
+            store(trial, seconds=time.perf_counter() - start)  # what the trial cost the search
         if not math.isfinite(loss):
             raise MlxllmError(f"trial {trial.number} ended without a finite validation loss")
+        record = record_of(trial)
         if not measured["step_ms"]:  # the budget ended before the first evaluation callback
-            measured["step_ms"].append(
-                1000 * trial.user_attrs.get("elapsed", 0.0) / max(trial.user_attrs.get("steps", 1), 1)
-            )
+            measured["step_ms"].append(1000 * (record.elapsed or 0.0) / max(record.steps or 1, 1))
             measured["memory_gb"].append(mx.get_peak_memory() / 1e9)
 
         values = {
@@ -126,10 +129,10 @@ class Objective:
             "memory_gb": max(measured["memory_gb"]),
         }
         if "gen_tokens_per_sec" in spec.settings.objectives:
-            values["gen_tokens_per_sec"] = generation_speed(Path(trial.user_attrs["run_dir"]))
-        for k in ("step_ms", "memory_gb", "gen_tokens_per_sec", "val_loss"):
-            if k in values:
-                trial.set_user_attr(k, values[k])
+            values["gen_tokens_per_sec"] = generation_speed(Path(record.run_dir))
+        store(
+            trial, **{k: values[k] for k in ("step_ms", "memory_gb", "gen_tokens_per_sec", "val_loss") if k in values}
+        )
         for name, cap in caps.items():
             if name != "params":
                 trial.set_constraint(name, values[name] - cap)
@@ -147,7 +150,7 @@ class Objective:
             measure(metrics)
             step = metrics["step"]
             if self.deadlines.left() <= 0:  # a shorter trial's loss would not compare with the others'
-                trial.set_user_attr("cut", f"search budget spent at step {step}")
+                store(trial, cut=f"search budget spent at step {step}")
                 raise optuna.TrialPruned(f"the search's time budget ended at step {step}")
             if not self.spec.settings.multi:  # Optuna prunes single-objective studies only
                 trial.report(metrics["val_loss"], step)
@@ -159,8 +162,7 @@ class Objective:
         result = train(run, overwrite=True, callback=report, show_progress=False, data=self.data)
         if result.val_loss is None or not math.isfinite(result.val_loss):
             raise MlxllmError(f"trial {trial.number} ended without a finite validation loss")
-        for key, value in (("steps", result.step), ("elapsed", result.elapsed), ("run_dir", str(result.run_dir))):
-            trial.set_user_attr(key, value)
+        store(trial, steps=result.step, elapsed=result.elapsed, run_dir=str(result.run_dir))
         return result.val_loss
 
     def _check_measured_caps(self, trial: optuna.Trial, measured: dict[str, list[float]]) -> None:
@@ -171,11 +173,11 @@ class Objective:
             if name == "memory_gb" or (name == "step_ms" and len(measured["step_ms"]) > 1):
                 if now[name] > cap:
                     trial.set_constraint(name, now[name] - cap)
-                    trial.set_user_attr(name, now[name])
+                    store(trial, **{name: now[name]})
                     self._reject(trial, f"{name} {now[name]:.3g} > cap {cap:g}")
 
     @staticmethod
     def _reject(trial: optuna.Trial, why: str) -> None:
         # Pruned with its constraint violation recorded: the sampler learns to avoid it, best_trials skips it.
-        trial.set_user_attr("rejected", why)
+        store(trial, rejected=why)
         raise optuna.TrialPruned(f"over a cap: {why}")

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from optuna.trial import FrozenTrial
 
 from mlxllm_search.curve import fit_curve
-from mlxllm_search.target import ETA, Point
+from mlxllm_search.records import record_of
+from mlxllm_search.speed import Point
+from mlxllm_search.target import ETA
 
 FIT_MIN_POINTS = 5  # fewer, and the curve's exponent is the study's typical one
 
@@ -28,7 +30,7 @@ def fit_window(points: Sequence[Point], warmup_steps: int) -> list[Point]:
 
 def free_fit(t: FrozenTrial) -> list[float] | None:
     """The trial's last fit [a, b, c, points, free] if its exponent was its own, else None."""
-    fit = t.user_attrs.get("fit")
+    fit = record_of(t).fit
     if not fit or fit[3] < FIT_MIN_POINTS or (len(fit) > 4 and not fit[4]):
         return None
     return fit

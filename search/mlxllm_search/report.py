@@ -10,12 +10,14 @@ from pathlib import Path
 import optuna
 
 from mlxllm.errors import MlxllmError
+from mlxllm_search.records import StudyRecord
 from mlxllm_search.run import META_NAME
 from mlxllm_search.storage import open_storage
 
 
 def report(search_dir: str | Path, *, storage: str | None = None, study_name: str | None = None) -> list[Path]:
-    """Write optimization history, intermediate values, Pareto front (multi-objective) and parameter importances as PNGs."""
+    """Write optimization history, intermediate values, Pareto front (multi-objective) and parameter importances
+    as PNGs."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -27,7 +29,8 @@ def report(search_dir: str | Path, *, storage: str | None = None, study_name: st
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if not meta and storage is None:
         raise MlxllmError(
-            f"{search_dir} is not a search directory (it has no {META_NAME}). Pass the --out of `mlxllm search run`, or --storage and --study-name."
+            f"{search_dir} is not a search directory (it has no {META_NAME}). Pass the --out of `mlxllm search run`, "
+            "or --storage and --study-name."
         )
     store = open_storage(storage or meta.get("storage"), search_dir)
     name = study_name or meta.get("study_name")
@@ -38,7 +41,7 @@ def report(search_dir: str | Path, *, storage: str | None = None, study_name: st
         raise MlxllmError(
             f"No study named {name!r} in that storage (it holds {', '.join(names) or 'none'}). Pass --study-name."
         ) from None
-    objectives = study.user_attrs.get("objectives") or meta.get("objectives") or ["val_loss"]
+    objectives = StudyRecord.from_attrs(study.user_attrs).objectives or meta.get("objectives") or ["val_loss"]
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         raise MlxllmError(
             f"The study {name!r} has no completed trial yet, so there is nothing to plot. Run the search first."

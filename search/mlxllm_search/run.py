@@ -1,4 +1,5 @@
-"""Run a search: open (or resume) the study, seed it, run workers until it holds the requested trials, write the best config."""
+"""Run a search: open (or resume) the study, seed it, run workers (WorkerArgs) until it holds the requested trials,
+write the best config."""
 
 from __future__ import annotations
 
@@ -17,27 +18,38 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from mlxllm import data as data_mod
-from mlxllm.config import ModelConfig, dump_toml, from_dict, load_config
+from mlxllm.config import load_config
 from mlxllm.errors import MlxllmError
+from mlxllm_search.best import BEST_NAME, write_best
+from mlxllm_search.deadlines import Deadlines
 from mlxllm_search.display import LiveTrials, leaderboard, objective_names
 from mlxllm_search.objective import Objective
-from mlxllm_search.space import SearchSpec, run_config
+from mlxllm_search.plan_search import plan_search
+from mlxllm_search.records import StudyRecord
+from mlxllm_search.space import SearchSpec
 from mlxllm_search.spec import UNLIMITED_TRIALS, load_spec, make_target, with_target
-from mlxllm_search.storage import POLL_S, counts, default_url, next_step, open_storage, sweep, taken_over, trial_gate
-from mlxllm_search.target import ETA, Deadlines, Target
-from mlxllm_search.targeted import (
+from mlxllm_search.storage import (
+    POLL_S,
+    beats,
+    counts,
+    default_url,
+    next_step,
+    open_storage,
+    sweep,
+    taken_over,
+    trial_gate,
+)
+from mlxllm_search.target import ETA, Target
+from mlxllm_search.target_search import (
     confirm,
     describe_plan,
     spent,
-    target_best,
-    target_header,
     time_for_a_trial,
     too_many_free,
     uncounted,
 )
 
 META_NAME = "search.json"
-BEST_NAME = "best.toml"
 
 
 @dataclass(frozen=True)
@@ -93,59 +105,64 @@ def open_study(
     else:
         study = optuna.load_study(**kwargs)
     want = spec.space_hash()
-    have = study.user_attrs.get("space_hash")
-    if have is None and create:
+    have = StudyRecord.from_attrs(study.user_attrs)
+    if have.space_hash is None and create:
         if study.get_trials(deepcopy=False):
             raise MlxllmError(
                 f"The storage already holds a study named {study_name!r} that was not made by `mlxllm search`. "
                 "Choose another --study-name or --storage."
             )
-        study.set_user_attr("space_hash", want)
-        study.set_user_attr("spec", spec.source)
-        study.set_user_attr("objectives", list(spec.settings.objectives))
-    elif have != want:
+        made = StudyRecord(space_hash=want, spec=spec.source, objectives=list(spec.settings.objectives))
+        for key, value in made.to_attrs().items():
+            study.set_user_attr(key, value)
+    elif have.space_hash != want:
         raise MlxllmError(
-            f"The study {study_name!r} in {storage or default_url(search_dir)} was made with a different search space, "
-            f"budget or objectives (from {study.user_attrs.get('spec') or 'another spec'}), so its trials cannot be compared "
+            f"The study {study_name!r} in {storage or default_url(search_dir)} was made with a different search "
+            f"space, budget or objectives (from {have.spec or 'another spec'}), so its trials cannot be compared "
             "with this one's. Resume it with its own spec unchanged, or start a new study with --study-name or --out."
         )
     return study
 
 
-def _work(
-    spec: SearchSpec,
-    search_dir: Path,
-    storage: str | None,
-    study_name: str,
-    target: int,
-    seed: int | None,
-    data_dir: Path,
-    live: LiveTrials | None = None,
-    deadlines: Deadlines | None = None,
-) -> None:
-    """One worker: take trials until the study holds `target` of them (finished or running; rejections
-    before training and confirmations not counted) or the search's time is up, each trained on the
-    token data prepared once in data_dir."""
-    deadlines = deadlines or Deadlines()
+@dataclass(frozen=True)
+class WorkerArgs:
+    """What a worker process is given (picklable: spawned workers receive it)."""
+
+    spec: SearchSpec
+    search_dir: Path
+    storage: str | None  # the study's storage URL or journal path; None: the journal in search_dir
+    study_name: str
+    trials: int  # the trials the study should hold when the workers stop (rejections and confirmations aside)
+    seed: int | None  # the sampler seed: the user's, which _run_workers turns into one per worker
+    data_dir: Path  # the token data prepared once for every worker
+    deadlines: Deadlines  # of the search's own time budget
+
+
+def _work(args: WorkerArgs, live: LiveTrials | None = None) -> None:
+    """One worker: take trials until the study holds `args.trials` of them (finished or running; rejections
+    before training and confirmations not counted) or the search's time is up, each trained on the token
+    data prepared once in args.data_dir. `live`: the table to refresh (in the main process only)."""
+    spec, deadlines = args.spec, args.deadlines
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    study = open_study(spec, search_dir, storage, study_name, seed, create=False)
+    study = open_study(spec, args.search_dir, args.storage, args.study_name, args.seed, create=False)
     sweep(study)
-    gate = trial_gate(storage, search_dir, study_name)
+    gate = trial_gate(args.storage, args.search_dir, args.study_name)
     refresh = (lambda: live.update(study)) if live else None
     objective = Objective(
         spec,
-        search_dir,
-        data_mod.open_prepared(data_dir),
+        args.search_dir,
+        data_mod.open_prepared(args.data_dir),
         on_trial_start=gate.release,
         on_eval=refresh,
         deadlines=deadlines,
     )
+    beating = beats(args.storage)
     while True:
-        if not time_for_a_trial(spec, deadlines) or too_many_free(study, target):
+        if not time_for_a_trial(spec, deadlines) or too_many_free(study, args.trials):
             return
         with gate:
-            step = next_step(study, target + uncounted(study))
+            step = next_step(study, args.trials + uncounted(study), beating)
             if step == "done":
                 return
             try:
@@ -161,10 +178,10 @@ def _work(
             refresh()
 
 
-def _worker_main(*args: Any) -> None:
+def _worker_main(args: WorkerArgs) -> None:
     """Entry point of a spawned worker process."""
     try:
-        _work(*args)
+        _work(args)
     except MlxllmError as e:
         print(f"Error in search worker: {e}", file=sys.stderr)
         sys.exit(1)
@@ -187,35 +204,28 @@ def _seed_params(spec: SearchSpec, seed_configs: Sequence[str | Path]) -> list[d
         p = spec.space.params_of(load_config(path))
         if p is None:
             raise MlxllmError(
-                f"The seed config {path} is not in the search space (its layers, head_dim, heads, KV heads, mlp_ratio or "
-                "learning rate is not among the space's values), so it cannot start the study. Widen [space] or leave it out."
+                f"The seed config {path} is not in the search space (its layers, head_dim, heads, KV heads, mlp_ratio "
+                "or learning rate is not among the space's values), so it cannot start the study. Widen [space] or "
+                "leave it out."
             )
         out.append(p)
     return out
 
 
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The feasible completed trial with the lowest validation loss (on the Pareto front when multi-objective)."""
-    front = study.best_trials
-    return min(front, key=lambda t: t.values[0]) if front else None
-
-
-def write_best(study: optuna.Study, spec: SearchSpec, search_dir: Path) -> Path | None:
-    t = best_trial(study) if spec.target is None else target_best(study)
-    if t is None:
-        return None
-    model = from_dict(ModelConfig, t.user_attrs["model"])
-    run = run_config(spec, model, t.user_attrs["learning_rate"], search_dir / "best")
-    path = search_dir / BEST_NAME
-    if spec.target is not None:  # the target's budget and schedule are the spec's base: run_config keeps them
-        path.write_text(target_header(study, spec, t, path) + dump_toml(run))
-        return path
-    path.write_text(
-        f"# Best configuration of search {study.study_name!r}: trial {t.number}, validation loss {t.values[0]:.4f} "
-        f"after the search budget ({spec.budget.amount:g} {spec.budget.kind}).\n"
-        f"# Train it: mlxllm train --config {path}   (raise train.max_steps for a longer run)\n\n" + dump_toml(run)
-    )
-    return path
+def _set_up(
+    spec: SearchSpec, search_dir: Path, storage: str | None, name: str, seed: int | None, seeds: list[dict[str, Any]]
+) -> tuple[optuna.Study, list[int]]:
+    """Open the study, queue the lost trials of dead workers again and the seed trials, write search.json;
+    returns the study and the requeued trials' numbers."""
+    with trial_gate(storage, search_dir, name):  # one setup at a time, on every machine: seeds are queued once
+        study = open_study(spec, search_dir, storage, name, seed)
+        requeued = sweep(study)
+        for params in seeds:
+            study.enqueue_trial(params, skip_if_exists=True)
+    objectives = list(spec.settings.objectives)
+    meta = {"study_name": name, "storage": storage, "spec": spec.source, "objectives": objectives}
+    (search_dir / META_NAME).write_text(json.dumps(meta, indent=2))
+    return study, requeued
 
 
 def _announce(
@@ -255,29 +265,16 @@ def _announce(
         )
 
 
-def _run_workers(
-    console: LiveTrials,
-    study: optuna.Study,
-    spec: SearchSpec,
-    search_dir: Path,
-    storage: str | None,
-    target: int,
-    workers: int,
-    seed: int | None,
-    data_dir: Path,
-    deadlines: Deadlines,
-) -> None:
-    """Run the workers (in this process for one) until the study holds `target` trials."""
+def _run_workers(console: LiveTrials, study: optuna.Study, args: WorkerArgs, workers: int) -> None:
+    """Run `workers` workers (in this process for one) until the study holds `args.trials` trials; each gets
+    its own sampler seed from `args.seed`, the user's."""
     n_before = len(study.get_trials(deepcopy=False))
-    args = (spec, search_dir, storage, study.study_name, target)
+    per_worker = [replace(args, seed=_sampler_seed(args.seed, n_before, i)) for i in range(workers)]
     if workers == 1:
-        _work(*args, _sampler_seed(seed, n_before, 0), data_dir, console, deadlines)
+        _work(per_worker[0], console)
         return
     ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker_main, args=(*args, _sampler_seed(seed, n_before, i), data_dir, None, deadlines))
-        for i in range(workers)
-    ]
+    procs = [ctx.Process(target=_worker_main, args=(a,)) for a in per_worker]
     for p in procs:
         p.start()
     while any(p.is_alive() for p in procs):
@@ -321,6 +318,7 @@ def search(
     show: bool = True,
     target: Target | tuple[str, float] | None = None,
     search_seconds: float | None = None,
+    planner: str | None = None,
 ) -> SearchResult:
     """Search architectures as `mlxllm search run` does; a second call with the same arguments resumes the study.
 
@@ -328,7 +326,8 @@ def search(
     a dead worker, which are retried, nor architectures over the parameter cap, rejected before training), so
     re-running with a larger number adds the difference. `target`, e.g. ("seconds", 300), overrides the spec's
     [target]: the search then optimises the loss at the end of that run. `search_seconds` bounds the search's
-    own wall clock (then `trials`, if given, bounds it too).
+    own wall clock (then `trials`, if given, bounds it too). `planner` (fit, curves, auto) overrides the
+    [target]'s: how the loss at the target is predicted (target.Target.planner_for).
     """
     started = time.time()
     if not isinstance(spec, SearchSpec):
@@ -337,8 +336,8 @@ def search(
         spec = replace(spec, base=replace(spec.base, train=replace(spec.base.train, data=str(Path(data).resolve()))))
     if isinstance(target, tuple):
         target = make_target(*target)
-    if target is not None or search_seconds is not None:
-        spec = with_target(spec, target, search_seconds)
+    if target is not None or search_seconds is not None or planner is not None:
+        spec = with_target(spec, target, search_seconds, planner)
     total = trials if trials is not None else spec.settings.trials
     seed = seed if seed is not None else spec.settings.seed
     if total < 1 or workers < 1:
@@ -354,27 +353,22 @@ def search(
     prepared = data_mod.prepare(train.data, spec.base.tokenizer, val_fraction=train.val_fraction, quiet=not show)
     data_mod.check_length(prepared, train.seq_len or spec.base.model.max_seq_len)
     fits = spec.check(prepared.tokenizer.vocab_size)  # caps no architecture can meet fail here, before any training
-    seeds = _seed_params(spec, seed_configs)
-
-    with trial_gate(storage, search_dir, name):  # one setup at a time, on every machine: seeds are queued once
-        study = open_study(spec, search_dir, storage, name, seed)
-        requeued = sweep(study)
-        for params in seeds:
-            study.enqueue_trial(params, skip_if_exists=True)
-    (search_dir / META_NAME).write_text(
-        json.dumps(
-            {"study_name": name, "storage": storage, "spec": spec.source, "objectives": list(spec.settings.objectives)},
-            indent=2,
-        )
-    )
-
+    fit = spec.planner == "fit"  # the fit planner designs its own trials, the seed configs' first
+    study, requeued = _set_up(spec, search_dir, storage, name, seed, [] if fit else _seed_params(spec, seed_configs))
     console = LiveTrials(spec.settings.objectives + tuple(k for k, _ in spec.settings.caps.items()), show)
+    if fit:  # the fit planner's trials, fit and plan (plan_search.py)
+        if workers > 1 and show:  # each trial's speed is a point of the throughput fit: measured alone
+            console.console.print("The fit planner trains its trials one at a time: --workers is not used.")
+        best = search_dir / BEST_NAME
+        plan_search(study, spec, search_dir, prepared, list(map(Path, seed_configs)), started, best, show)
+        return SearchResult(study, search_dir, best, [], requeued, time.time() - started)
     if show:
         _announce(console, study, spec, storage, search_dir, total, workers, requeued, len(fits))
     plan = spec.plan
     deadlines = Deadlines.start(spec.settings.seconds, plan.reserve_s if plan else 0.0, since=started)
     with console:
-        _run_workers(console, study, spec, search_dir, storage, total, workers, seed, prepared.directory, deadlines)
+        args = WorkerArgs(spec, search_dir, storage, study.study_name, total, seed, prepared.directory, deadlines)
+        _run_workers(console, study, args, workers)
         confirmed = confirm(
             study,
             spec,

@@ -24,9 +24,12 @@ from mlxllm.config import RunConfig
 from mlxllm.data import TokenData
 from mlxllm.device import peak_flops
 from mlxllm.trainer import TrainResult, train
+from mlxllm_search.deadlines import Deadlines
 from mlxllm_search.predict import predict, typical_exponent
+from mlxllm_search.records import record_of, store
 from mlxllm_search.space import SearchSpec
-from mlxllm_search.target import Deadlines, Plan, Point, Speed
+from mlxllm_search.speed import Point, Speed
+from mlxllm_search.target import Plan, TickUnit
 
 EVALS_PER_RUNG = 5
 # Before a trial has measured its own speed: an assumed model FLOPs utilisation and a per-step cost of
@@ -38,10 +41,10 @@ ENDED_BY_TARGET = ("max_seconds", "max_steps", "max_tokens")
 
 @dataclass
 class RungTrainer:
-    spec: SearchSpec
-    plan: Plan
-    data: TokenData
-    deadlines: Deadlines
+    spec: SearchSpec  # a target-aware one
+    plan: Plan  # its rungs
+    data: TokenData  # the prepared corpus every trial trains on
+    deadlines: Deadlines  # of the search's own time budget
     on_eval: Callable[[dict[str, Any]], None]  # each evaluation's metrics (caps, live display); may prune
 
     def train(self, trial: optuna.Trial, run: RunConfig) -> float:
@@ -51,14 +54,15 @@ class RungTrainer:
         points: list[Point] = []
         fractions = self.plan.fractions
         if source is not None:
-            src_dir = Path(source.user_attrs["run_dir"])
+            explored = record_of(source)
+            src_dir = Path(explored.run_dir)
             if ckpt.latest_good(src_dir) is not None:  # continue its run where the exploration left it
                 run = replace(run, train=replace(run.train, out_dir=str(src_dir)))
-                points = [Point(*p) for p in source.user_attrs["points"]]
+                points = list(explored.points)
                 fractions = self.plan.confirm_fractions
             else:  # another machine explored it: train it again from the start
                 fractions = fractions + self.plan.confirm_fractions
-        trial.set_user_attr("run_dir", run.train.out_dir)
+        store(trial, run_dir=run.train.out_dir)
         ended, reached = False, 0.0  # ended: trained to the target, so its loss there is measured
         for f in fractions:
             until = self.plan.ticks(f)
@@ -83,14 +87,15 @@ class RungTrainer:
             if ended:
                 break
         if not points or (reached == 0 and not confirming):
-            trial.set_user_attr("cut", "the search budget ended before the first rung")
+            store(trial, cut="the search budget ended before the first rung")
             raise optuna.TrialPruned("the search's time budget ended before the first rung")
         if reached < fractions[-1]:
-            trial.set_user_attr("cut", f"search budget spent at {self.fraction(points):.3g} of the target")
-        return self._record(trial, points, reached, trial.user_attrs.get("actual") if ended else None)
+            store(trial, cut=f"search budget spent at {self.fraction(points):.3g} of the target")
+        return self._record(trial, points, reached, record_of(trial).actual if ended else None)
 
     def _confirms(self, trial: optuna.Trial) -> FrozenTrial | None:
-        number = trial.user_attrs.get("confirms")
+        """The explored trial this one confirms (continues towards the target), if it is a confirmation."""
+        number = record_of(trial).confirms
         if number is None:
             return None
         return next(t for t in trial.study.get_trials(deepcopy=False) if t.number == number)
@@ -98,22 +103,24 @@ class RungTrainer:
     # --- the clock of the target run -------------------------------------------------------------------
 
     def speed(self, points: list[Point]) -> Speed:
+        """The trial's speed, measured from its evaluations so far."""
         return Speed.measure(points, self.spec.tokens_per_step)
 
     def ticks(self, points: list[Point], step: float) -> float:
-        """The pruner's resource at `step`: ms of the target run on a time target, else steps."""
-        if self.spec.target is not None and self.spec.target.kind == "seconds":
-            return 1000 * self.speed(points).seconds_at(step, self.spec.base.train.eval_interval)
-        return step
+        """The pruner's resource at `step`, in the plan's TickUnit (the target run's ms, or steps)."""
+        eval_interval = self.spec.base.train.eval_interval
+        return self.plan.unit.at(step, lambda s: self.speed(points).seconds_at(s, eval_interval))
 
     def steps_at_target(self, points: list[Point]) -> float:
+        """The optimizer steps the target run reaches: at the trial's speed on a time target, else the plan's."""
         target = self.spec.target
         assert target is not None
-        if target.kind == "seconds":
+        if self.plan.unit is TickUnit.MS:
             return self.speed(points).steps_at(target.amount, self.spec.base.train.eval_interval)
-        return float(self.plan.total_ticks)
+        return float(self.plan.total_ticks)  # ticks are steps
 
     def fraction(self, points: list[Point]) -> float:
+        """How far towards the target the trial has trained."""
         return self.ticks(points, points[-1].step) / self.plan.total_ticks
 
     def loss_at(self, points: list[Point], ticks: int) -> float:
@@ -138,8 +145,7 @@ class RungTrainer:
         else:
             step_s, known = self._guess_step_s(trial, run)
             now, evals = 0.0, EVALS_PER_RUNG if known else 2 * EVALS_PER_RUNG  # a guessed speed: evaluate more often
-            timed = self.spec.target is not None and self.spec.target.kind == "seconds"
-            per_step = 1000 * step_s if timed else 1.0
+            per_step = self.plan.unit.at(1.0, lambda s: s * step_s)
         return max(1, math.ceil((until - now) / max(per_step, 1e-9) / evals))
 
     def _flops_per_step(self, run: RunConfig) -> float:
@@ -151,13 +157,10 @@ class RungTrainer:
         """A step's seconds before this trial measured it: the study's measured steps scaled by FLOPs (True),
         or an assumed utilisation of the machine's peak (False); the slower of the two, so as not to overshoot."""
         flops = self._flops_per_step(run)
-        trial.set_user_attr("flops_per_step", flops)
+        store(trial, flops_per_step=flops)
         assumed = STEP_OVERHEAD_S + flops / (ASSUMED_MFU * peak_flops(run.train.dtype)[0])
-        seen = [
-            t.user_attrs["speed"][0] * flops / t.user_attrs["flops_per_step"]
-            for t in trial.study.get_trials(deepcopy=False)
-            if t.user_attrs.get("speed") and t.user_attrs.get("flops_per_step")
-        ]
+        records = [record_of(t) for t in trial.study.get_trials(deepcopy=False)]
+        seen = [r.speed.step_s * flops / r.flops_per_step for r in records if r.speed and r.flops_per_step]
         return (max(assumed, statistics.median(seen)), True) if seen else (assumed, False)
 
     def _segment(
@@ -212,22 +215,21 @@ class RungTrainer:
             self.data.tokenizer.vocab_size,
         )
         if fit is not None:
-            trial.set_user_attr("fit", fit)
+            store(trial, fit=fit)
         if actual is not None:
             mean, std = actual, 0.0
-            trial.set_user_attr("actual", actual)
-        predictions = dict(trial.user_attrs.get("predictions") or {})
-        predictions[f"{reached:.6g}"] = [mean, std]
-        for key, value in (
-            ("points", [list(p) for p in points]),
-            ("speed", [speed.step_s, speed.eval_s, speed.start_s]),
-            ("fraction", 1.0 if actual is not None else self.fraction(points)),
-            ("steps_at_target", s_target),
-            ("predicted", mean),
-            ("predicted_std", std),
-            ("predictions", predictions),
-            ("rung", reached),
-            ("steps", points[-1].step),
-        ):
-            trial.set_user_attr(key, value)
+            store(trial, actual=actual)
+        predictions = {**(record_of(trial).predictions or {}), reached: (mean, std)}
+        store(
+            trial,
+            points=tuple(points),
+            speed=speed,
+            fraction=1.0 if actual is not None else self.fraction(points),
+            steps_at_target=s_target,
+            predicted=mean,
+            predicted_std=std,
+            predictions=predictions,
+            rung=reached,
+            steps=points[-1].step,
+        )
         return mean

@@ -14,11 +14,11 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from mlxllm.config import ModelConfig, RunConfig, TrainConfig
 from mlxllm.errors import MlxllmError
-from mlxllm_search.target import Plan, Target, make_plan
+from mlxllm_search.target import Plan, Target, check_fit_budget, make_plan
 
 if TYPE_CHECKING:
     import optuna
@@ -50,6 +50,9 @@ class Choice:
     def suggest(self, trial: optuna.Trial, name: str) -> Any:
         return trial.suggest_categorical(name, list(self.values))
 
+    def grid(self, keep: Any = None) -> list[Any]:
+        return list(self.values)
+
     def contains(self, v: Any) -> bool:
         return any(v == c for c in self.values)
 
@@ -67,6 +70,17 @@ class Range:
             return list(range(int(self.low), int(self.high) + 1))
         return [int(self.low) if self.integer else self.low]
 
+    def grid(self, keep: Any = None) -> list[Any]:
+        """A few values across the range for a design that enumerates the space: every integer of a narrow
+        integer range, else its ends and middle (geometric for a log range), and `keep` when it is inside."""
+        if self.integer and self.high - self.low <= 64:
+            return list(range(int(self.low), int(self.high) + 1))
+        mid = math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
+        values = {self.low, self.high, round(mid) if self.integer else mid}
+        if keep is not None and self.contains(keep):
+            values.add(keep)
+        return sorted(values)
+
     def suggest(self, trial: optuna.Trial, name: str) -> Any:
         if self.integer:
             return trial.suggest_int(name, int(self.low), int(self.high), log=self.log)
@@ -76,7 +90,7 @@ class Range:
         return self.low <= v <= self.high and (not self.integer or float(v).is_integer())
 
 
-Dimension = Union[Choice, Range]
+Dimension = Choice | Range
 
 
 @dataclass(frozen=True)
@@ -148,6 +162,20 @@ class Space:
         out = []
         for n_layers, head_dim, n_heads, ratio in itertools.product(
             self.n_layers.candidates(), self.head_dim.candidates(), self.n_heads.candidates(), ratios
+        ):
+            out += [self.build(base, n_layers, head_dim, n_heads, g, ratio) for g in self.kv_groups(n_heads)]
+        return out
+
+    def grid(self, base: ModelConfig) -> list[ModelConfig]:
+        """The architectures of a design that enumerates the space: every choice, a few values of each range
+        (Range.grid, the base's own value kept), every KV grouping."""
+        ratios = self.mlp_ratio.grid(base.mlp_ratio) if self.mlp_ratio else [base.mlp_ratio]
+        out = []
+        for n_layers, head_dim, n_heads, ratio in itertools.product(
+            self.n_layers.grid(base.n_layers),
+            self.head_dim.grid(base.head_dim),
+            self.n_heads.grid(base.n_heads),
+            ratios,
         ):
             out += [self.build(base, n_layers, head_dim, n_heads, g, ratio) for g in self.kv_groups(n_heads)]
         return out
@@ -236,12 +264,23 @@ class SearchSpec:
         d["base"]["train"].pop("out_dir")
         if self.target is not None:  # its rungs and the search's budget may change on resume: predictions still compare
             d["budget"] = {"target": self.target.key()}
+            if self.planner == "fit":  # its trials' values are finished WSD losses, not predictions at the target
+                d["budget"]["planner"] = "fit"
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @property
+    def planner(self) -> str | None:
+        """How a target-aware search predicts the loss at the target: "fit" or "curves" (None without a target)."""
+        return None if self.target is None else self.target.planner_for(self.settings.seconds)
+
+    @property
     def plan(self) -> Plan | None:
-        """The rungs of a target-aware search (None without a target)."""
+        """The rungs of a target-aware search that uses the curves (None without a target, or with the fit,
+        whose budget is checked here instead)."""
         if self.target is None:
+            return None
+        if self.planner == "fit":
+            check_fit_budget(self.settings.seconds)
             return None
         return make_plan(self.target, self.settings.seconds, self.tokens_per_step)
 

@@ -26,10 +26,10 @@ from mlxllm_search.space import (
     Settings,
     Space,
 )
-from mlxllm_search.target import TARGET_KINDS, Target
+from mlxllm_search.target import PLANNERS, RUNG_SETTINGS, TARGET_KINDS, Target
 
 UNLIMITED_TRIALS = 10**6
-TARGET_KEYS = (*TARGET_KINDS, "min_fraction", "max_fraction", "confirm_top", "confirm_fraction")
+TARGET_KEYS = (*TARGET_KINDS, *RUNG_SETTINGS, "planner")
 
 
 def _dimension(key: str, v: Any, integer: bool, where: str) -> Dimension:
@@ -51,7 +51,8 @@ def _dimension(key: str, v: Any, integer: bool, where: str) -> Dimension:
         unknown = set(v) - {"min", "max", "log"}
         if unknown or "min" not in v or "max" not in v:
             raise MlxllmError(
-                f"[space] {key} in {where} must be a list of choices or a table {{ min = .., max = .., log = false }} (got {v})."
+                f"[space] {key} in {where} must be a list of choices or a table "
+                f"{{ min = .., max = .., log = false }} (got {v})."
             )
         low, high = v["min"], v["max"]
         if integer and not (isinstance(low, int) and isinstance(high, int)):
@@ -92,7 +93,8 @@ def _base(d: dict[str, Any], path: Path | None, where: str) -> RunConfig:
 
 
 def _absolute(data: str | None, path: Path | None) -> str | None:
-    """Corpus paths made absolute (relative ones from the spec file's folder if not from here), so runs work from anywhere."""
+    """Corpus paths made absolute (relative ones from the spec file's folder if not from here), so runs work
+    from anywhere."""
     if data is None or Path(data).is_absolute():
         return data
     for root in (Path.cwd(), path.parent if path else None):
@@ -113,17 +115,20 @@ def _space(d: dict[str, Any], where: str) -> Space:
     kv = [kv] if isinstance(kv, int) else kv
     if not isinstance(kv, list) or not kv or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in kv):
         raise MlxllmError(
-            f"[space] kv_group in {where} must list positive integers, query heads per KV head (got {kv!r}); 1 is plain multi-head attention."
+            f"[space] kv_group in {where} must list positive integers, query heads per KV head (got {kv!r}); "
+            "1 is plain multi-head attention."
         )
     space = Space(kv_group=tuple(dict.fromkeys(kv)), **dims)
     odd = [h for h in space.head_dim.candidates() if h % 2]
     if odd or (isinstance(space.head_dim, Range) and space.head_dim.low != space.head_dim.high):
         if isinstance(space.head_dim, Range):
             raise MlxllmError(
-                f"[space] head_dim in {where} must be a list of even sizes (rotary embeddings need even head dims), e.g. head_dim = [16, 32], not a range."
+                f"[space] head_dim in {where} must be a list of even sizes (rotary embeddings need even head "
+                "dims), e.g. head_dim = [16, 32], not a range."
             )
         raise MlxllmError(
-            f"[space] head_dim in {where} holds odd sizes {odd}: rotary embeddings need even head dims. Use e.g. head_dim = [16, 32]."
+            f"[space] head_dim in {where} holds odd sizes {odd}: rotary embeddings need even head dims. "
+            "Use e.g. head_dim = [16, 32]."
         )
     heads = (
         space.n_heads.candidates()
@@ -133,12 +138,14 @@ def _space(d: dict[str, Any], where: str) -> Space:
     lonely = [h for h in heads if not space.kv_groups(h)]
     if lonely:
         raise MlxllmError(
-            f"[space] in {where}: no kv_group in {list(space.kv_group)} divides n_heads = {lonely}, so those head counts cannot be built. "
+            f"[space] in {where}: no kv_group in {list(space.kv_group)} divides n_heads = {lonely}, so those "
+            "head counts cannot be built. "
             "Add 1 to kv_group (plain multi-head attention) or drop those head counts."
         )
     if isinstance(space.n_heads, Range) and 1 not in space.kv_group:
         raise MlxllmError(
-            f"[space] in {where}: with a wide n_heads range, kv_group must include 1 so that every head count can be built."
+            f"[space] in {where}: with a wide n_heads range, kv_group must include 1 so that every head count "
+            "can be built."
         )
     return space
 
@@ -168,7 +175,8 @@ def _objectives(t: dict[str, Any], where: str) -> tuple[str, ...]:
     bad = [o for o in objectives if o not in OBJECTIVES]
     if bad or "val_loss" not in objectives or len(set(objectives)) != len(objectives):
         raise MlxllmError(
-            f"[search] objectives in {where} must include val_loss, once, plus any of {', '.join(o for o in OBJECTIVES if o != 'val_loss')} "
+            f"[search] objectives in {where} must include val_loss, once, plus any of "
+            f"{', '.join(o for o in OBJECTIVES if o != 'val_loss')} "
             f"(got {objectives})."
         )
     return ("val_loss", *(o for o in objectives if o != "val_loss"))
@@ -178,8 +186,19 @@ def _positive(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
 
 
-def make_target(kind: str, amount: Any, where: str = "the command line", **rungs: Any) -> Target:
-    """A checked Target: `amount` of `kind` (seconds, steps or tokens), and optional rung settings."""
+def check_planner(planner: Any, where: str) -> str:
+    """A planner name, checked (see target.PLANNERS); `where`: the setting, as the message names it."""
+    if planner not in PLANNERS:
+        raise MlxllmError(
+            f"{where} must be one of {', '.join(PLANNERS)} (got {planner!r}): fit plans the run from a "
+            "scaling law fitted across trials, curves from each trial's own learning curve, auto chooses."
+        )
+    return planner
+
+
+def make_target(kind: str, amount: Any, where: str = "the command line", planner: Any = "auto", **rungs: Any) -> Target:
+    """A checked Target: `amount` of `kind` (seconds, steps or tokens), the planner, and optional rung settings."""
+    check_planner(planner, f"[target] planner in {where}" if where != "the command line" else "--planner")
     if kind not in TARGET_KINDS:
         raise MlxllmError(f"The target in {where} must be given in one of {', '.join(TARGET_KINDS)} (got {kind!r}).")
     if not _positive(amount) or (kind != "seconds" and not float(amount).is_integer()):
@@ -205,6 +224,8 @@ def make_target(kind: str, amount: Any, where: str = "the command line", **rungs
         rungs.get("max_fraction"),
         top,
         rungs.get("confirm_fraction"),
+        planner,
+        any(rungs.get(k) is not None for k in RUNG_SETTINGS),
     )
 
 
@@ -294,15 +315,17 @@ def parse_spec(d: dict[str, Any], path: Path | None = None, *, data: str | None 
     steps = budget.steps(spec.tokens_per_step)
     if steps is not None and steps < budget.eval_interval:
         raise MlxllmError(
-            f"The budget of {budget.amount:g} {budget.kind} ({steps} steps of {spec.tokens_per_step:,} tokens) is shorter than one "
-            f"evaluation interval ({budget.eval_interval} steps), so no trial would be evaluated before it ends and nothing could "
-            "be pruned. Raise [budget] amount or lower [budget] eval_interval."
+            f"The budget of {budget.amount:g} {budget.kind} ({steps} steps of {spec.tokens_per_step:,} tokens) is "
+            f"shorter than one evaluation interval ({budget.eval_interval} steps), so no trial would be evaluated "
+            "before it ends and nothing could be pruned. Raise [budget] amount or lower [budget] eval_interval."
         )
     return spec
 
 
-def with_target(spec: SearchSpec, target: Target | None, search_seconds: float | None) -> SearchSpec:
-    """The spec with the command line's target and search budget (each None: the spec's own)."""
+def with_target(
+    spec: SearchSpec, target: Target | None, search_seconds: float | None, planner: str | None = None
+) -> SearchSpec:
+    """The spec with the command line's target, search budget and planner (each None: the spec's own)."""
     if search_seconds is not None:
         if not _positive(search_seconds):
             raise MlxllmError(f"--search-seconds must be a positive number of seconds (got {search_seconds!r}).")
@@ -312,7 +335,16 @@ def with_target(spec: SearchSpec, target: Target | None, search_seconds: float |
         old = spec.target
         if old is not None:  # the spec's rung settings stay unless the target changes kind
             target = replace(old, kind=target.kind, amount=target.amount) if old.kind == target.kind else target
+            target = replace(target, planner=old.planner)
         spec = replace(spec, target=target, base=replace(spec.base, train=target.apply(spec.base.train)))
+    if planner is not None:
+        check_planner(planner, "--planner")
+        if spec.target is None:
+            raise MlxllmError(
+                "--planner chooses how a target-aware search predicts the loss at the target: give a target too "
+                "(--target-seconds, --target-steps or --target-tokens, or [target] in the spec)."
+            )
+        spec = replace(spec, target=replace(spec.target, planner=planner))
     spec.plan  # noqa: B018 - checked now: refused before any study or training
     return spec
 

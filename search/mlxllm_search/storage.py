@@ -24,14 +24,12 @@ from typing import Any, Literal
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
-from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from mlxllm.errors import MlxllmError
+from mlxllm_search.records import TrialRecord, record_of
 
 JOURNAL_NAME = "study.journal"
-OWNER = "worker"  # user attr: {host, pid, start} of the process running the trial
-LOST = "lost"  # user attr on a FAIL trial whose run was cut off (dead worker, interrupt): it is retried
 # A beat is one small write per worker; four missed beats (a busy machine, a short network outage) before a
 # worker is taken for dead, so its trial is retried about two minutes after it died.
 HEARTBEAT_S = 30
@@ -69,6 +67,12 @@ def heartbeat() -> tuple[int, int]:
             "Raise the one or lower the other."
         )
     return interval, grace
+
+
+def beats(url: str | None) -> bool:
+    """Whether the study storage at `url` has Optuna's heartbeat: open_storage gives it to every storage named
+    by a URL (an RDB one); the journal (a path, or no URL) has none."""
+    return url is not None and "://" in url
 
 
 def is_postgres(url: str | None) -> bool:
@@ -142,14 +146,17 @@ def _cannot_open(url: str, e: BaseException) -> MlxllmError:
 def open_storage(url: str | None, search_dir: Path) -> optuna.storages.BaseStorage:
     """A journal file (the default, or any path) or an Optuna storage URL such as sqlite:///x.db."""
     url = url or default_url(search_dir)
+    if url.startswith("redis"):
+        raise MlxllmError(
+            f"The study storage {shown(url)!r} is a Redis URL, which Optuna no longer opens as a storage. Use a "
+            "journal file (leave --storage out, or give a path), sqlite:///search.db or postgresql://user@host/db."
+        )
     target = database_url(url)
-    interval, grace = heartbeat() if "://" in url else (None, None)
+    interval, grace = heartbeat() if beats(url) else (None, None)
     try:
         if "://" not in url:
             Path(url).parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
-        if url.startswith("redis"):
-            return optuna.storages.get_storage(url)
         # pre-ping: a worker's pooled connections sit idle through a long trial, and a firewall may have cut them.
         engine = {"connect_args": _connect_args(url), "pool_pre_ping": True} if is_postgres(url) else None
         with _experimental_ok():
@@ -175,6 +182,7 @@ def _start_time(pid: int) -> str | None:
 
 
 def owner() -> dict[str, Any]:
+    """This process, as a trial records the process that runs it (TrialRecord.worker)."""
     return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
 
 
@@ -195,8 +203,22 @@ def _alive(who: dict[str, Any]) -> bool:
 
 
 def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """The numbers of the trials that have been queued again (by Optuna's retry callback)."""
     with _experimental_ok():
         return {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+
+
+def write_others_trial(study: optuna.Study, t: FrozenTrial, record: TrialRecord) -> None:
+    """Store `record`'s fields on trial `t`, RUNNING in another process (a dead one), through the study's storage.
+
+    The search's one use of Optuna's private API: a trial's user attributes are written only by the Trial object
+    of the process that runs it, and once the trial is FAIL nothing may be written, so the sweep that marks a dead
+    worker's trial lost writes it by its storage id. tests/test_search_records.py fails when Optuna changes
+    either name. Raises optuna.exceptions.UpdateFinishedTrialError when the trial has finished.
+    """
+    storage, trial_id = study._storage, t._trial_id
+    for key, value in record.to_attrs().items():
+        storage.set_trial_user_attr(trial_id, key, value)
 
 
 def sweep(study: optuna.Study) -> list[int]:
@@ -204,23 +226,22 @@ def sweep(study: optuna.Study) -> list[int]:
 
     Returns the numbers of the trials re-queued.
     """
-    storage = study._storage  # Optuna's storage API takes trial ids, which only the storage maps
     with _experimental_ok():
         retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        who = t.user_attrs.get(OWNER)
+        who = record_of(t).worker
         if who is None or _alive(who):
             continue
         try:
-            storage.set_trial_user_attr(t._trial_id, LOST, f"worker {who['pid']} on {who['host']} died")
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            write_others_trial(study, t, TrialRecord(lost=f"worker {who['pid']} on {who['host']} died"))
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # another worker swept it first
     trials = study.get_trials(deepcopy=False)
     done = retried_numbers(trials)
     requeued = []
     for t in trials:
-        if t.state == TrialState.FAIL and t.user_attrs.get(LOST) and t.number not in done:
+        if t.state == TrialState.FAIL and record_of(t).lost and t.number not in done:
             retry(study, t)
             requeued.append(t.number)
     return requeued
@@ -231,7 +252,7 @@ def taken_over(study: optuna.Study) -> bool:
     worker was frozen (a sleeping laptop, a network outage) past the grace period, so its late results are refused."""
     me = owner()
     trials = study.get_trials(deepcopy=False)
-    mine = [t for t in trials if t.user_attrs.get(OWNER) == me]
+    mine = [t for t in trials if record_of(t).worker == me]
     return bool(mine) and mine[-1].state == TrialState.FAIL and mine[-1].number in retried_numbers(trials)
 
 
@@ -241,7 +262,7 @@ def counts(study: optuna.Study) -> tuple[int, int]:
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
     for t in trials:
-        lost = t.state == TrialState.FAIL and (t.user_attrs.get(LOST) or t.number in retried)
+        lost = t.state == TrialState.FAIL and (record_of(t).lost or t.number in retried)
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (t.state == TrialState.FAIL and not lost):
             finished += 1
         elif t.state == TrialState.RUNNING:
@@ -344,15 +365,14 @@ def trial_gate(url: str | None, search_dir: Path, study_name: str) -> Gate | Stu
     return Gate(search_dir / ".trial.lock")
 
 
-def next_step(study: optuna.Study, target: int) -> Literal["run", "wait", "done"]:
+def next_step(study: optuna.Study, target: int, beating: bool) -> Literal["run", "wait", "done"]:
     """Whether a worker starts a trial, waits for running ones or stops; call it holding the gate.
 
-    With a heartbeat, trials of dead workers (on any machine) are failed and queued again first, and a worker
-    that has nothing to start waits for the running trials instead of stopping: one may still fail and need
-    running again. The journal has no heartbeat: its running trials are live workers' of this machine, or are
-    swept at the next start, so there the worker stops.
+    With a heartbeat (`beating`: beats() of the study's storage URL), trials of dead workers (on any machine)
+    are failed and queued again first, and a worker that has nothing to start waits for the running trials
+    instead of stopping: one may still fail and need running again. The journal has no heartbeat: its running
+    trials are live workers' of this machine, or are swept at the next start, so there the worker stops.
     """
-    beating = is_heartbeat_enabled(study._storage)
     if beating:
         with _experimental_ok():
             fail_stale_trials(study)

@@ -1,6 +1,6 @@
 """The run a search optimises for ([target]): its length in seconds, steps or tokens; the rungs a trial is
-trained to, fractions of that length; what the search's own budget (--search-seconds) affords; and a
-trial's measured speed, which turns its steps into the target run's seconds.
+trained to, fractions of that length, in the pruner's unit (TickUnit); and what the search's own budget
+(--search-seconds) affords.
 
 A trial trains with the target run's own schedule (the warm-up, then the cosine over the whole target), so
 each rung is the first part of the run the user will train, not a shorter run of its own. On a time target
@@ -10,33 +10,54 @@ the rungs are in seconds of that run: a slower architecture reaches each rung in
 from __future__ import annotations
 
 import math
-import statistics
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from enum import Enum
 
 from mlxllm.config import TrainConfig
 from mlxllm.errors import MlxllmError
 
 TARGET_KINDS = ("seconds", "steps", "tokens")
+# How the search predicts the loss at the target: "curves" extrapolates each trial's own learning curve
+# from rungs of the target run (this module's Plan); "fit" fits a scaling law across trials' finished WSD
+# runs (mlxllm_search.plan_search); "auto" chooses (Target.planner_for).
+PLANNERS = ("auto", "fit", "curves")
+RUNG_SETTINGS = ("min_fraction", "max_fraction", "confirm_top", "confirm_fraction")
 ETA = 3  # each rung is 3x the one before, as the pruner's reduction factor
 HUGE_STEPS = 10**9  # "no step limit": the time or token budget ends the run
 # A search budget of 6 full targets affords rungs up to the target itself; less, and the longest rung
 # is the power of 1/3 that fits six times, and the best few are continued to confirm the prediction.
 FULL_RUNS_PER_BUDGET = 6
 DEFAULT_LEVELS = 3  # rungs below the longest: 1/27 of it is the first
-CONFIRM_MARGIN = 1.2
-MIN_RUNG_S = 1.0  # a default first rung is at least this long: shorter, and set-up and compilation are all it holds  # set-up and evaluations on top of a confirmation's training time
+CONFIRM_MARGIN = 1.2  # set-up and evaluations on top of a confirmation's training time
+MIN_RUNG_S = 1.0  # a default first rung is at least this long: shorter, and set-up and compilation are all it holds
+# The fit planner's trials each cost a few seconds of set-up and compilation, and the fit needs three.
+MIN_FIT_TRIAL_S, MIN_FIT_TRIALS = 2.0, 3
 
 
 @dataclass(frozen=True)
 class Target:
     kind: str  # seconds | steps | tokens
-    amount: float
+    amount: float  # how many of them
     min_fraction: float | None = None  # the first rung; None: DEFAULT_LEVELS rungs below the longest
     max_fraction: float | None = None  # the longest exploration rung; None: what the search budget affords
     confirm_top: int = 2  # when the longest rung is short of the target: how many are trained further
     confirm_fraction: float | None = None  # ... and to what fraction; None: the next rung up (at most 1)
+    planner: str = "auto"  # one of PLANNERS
+    rungs_set: bool = False  # whether the spec set any of RUNG_SETTINGS (they configure the curves planner)
+
+    def planner_for(self, search_seconds: float | None) -> str:
+        """The planner this search uses: the one named, or for "auto" the fit when the search may spend less
+        than FULL_RUNS_PER_BUDGET targets on a time target (below that the curves extrapolate rungs far
+        shorter than the target), else the curves; rung settings in the spec ask for the curves."""
+        if self.planner != "auto":
+            return self.planner
+        short = (
+            self.kind == "seconds"
+            and search_seconds is not None
+            and search_seconds < FULL_RUNS_PER_BUDGET * self.amount
+        )
+        return "fit" if short and not self.rungs_set else "curves"
 
     def apply(self, train: TrainConfig) -> TrainConfig:
         """The run config's budget and schedule for the target; nothing else ends the run."""
@@ -52,21 +73,43 @@ class Target:
         return {"kind": self.kind, "amount": self.amount}
 
     def describe(self) -> str:
+        """The target in words, e.g. "300 s" or "2,000 steps"."""
         return f"{self.amount:g} s" if self.kind == "seconds" else f"{int(self.amount):,} {self.kind}"
+
+
+class TickUnit(Enum):
+    """The unit of a target-aware search's pruner resource, its "ticks": Optuna's pruners compare trials at
+    whole-number resources, so a time target counts milliseconds of the target run (a slower architecture
+    reaches each rung in fewer steps, as it would) and a step or token target counts optimizer steps."""
+
+    MS = "ms"  # milliseconds of the target run
+    STEPS = "steps"  # optimizer steps
+
+    @classmethod
+    def of(cls, kind: str) -> TickUnit:
+        """The unit of a target of `kind` (seconds, steps or tokens)."""
+        return cls.MS if kind == "seconds" else cls.STEPS
+
+    def at(self, step: float, seconds_at: Callable[[float], float]) -> float:
+        """Ticks at optimizer step `step`; `seconds_at(step)` is the target run's clock there (asked in MS only)."""
+        return 1000 * seconds_at(step) if self is TickUnit.MS else step
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The rungs of a target-aware search, as fractions of the target and as the pruner's integer resource
-    ("ticks": milliseconds of the target run on a time target, optimizer steps otherwise)."""
+    """The rungs of a target-aware search, as fractions of the target and in ticks (the pruner's resource)."""
 
     fractions: tuple[float, ...]  # exploration rungs, shortest first; a trial trains at most to the last
-    total_ticks: int  # the target itself
-    confirm_top: int = 0
-    confirm_fraction: float = 0.0  # 0: no confirmation (the longest rung is the target)
+    total_ticks: int  # the target itself, in `unit`
+    unit: TickUnit  # what a tick is: a millisecond of the target run or an optimizer step
+    confirm_top: int = 0  # how many explored trials are trained further to confirm their prediction
+    confirm_fraction: float = (
+        0.0  # ... and to what fraction of the target; 0: no confirmation (the longest rung is the target)
+    )
     reserve_s: float = 0.0  # search seconds kept back for the confirmations
 
     def ticks(self, fraction: float) -> int:
+        """The rung at `fraction` of the target, in ticks (at least one)."""
         return max(1, round(fraction * self.total_ticks))
 
     @property
@@ -77,6 +120,16 @@ class Plan:
             f = min(self.confirm_fraction, f * ETA)
             out.append(f)
         return tuple(out)
+
+
+def check_fit_budget(search_seconds: float | None) -> None:
+    """Refuse a search budget in which the fit planner cannot train its three trials at all."""
+    need = MIN_FIT_TRIAL_S * MIN_FIT_TRIALS
+    if search_seconds is not None and search_seconds < need:
+        raise MlxllmError(
+            f"A search budget of {search_seconds:g} s is too short to train even one trial of the three a fit across "
+            f"trials needs (each takes a few seconds to set up and compile): give --search-seconds {need:g} or more."
+        )
 
 
 def make_plan(target: Target, search_seconds: float | None, tokens_per_step: int) -> Plan:
@@ -91,8 +144,8 @@ def make_plan(target: Target, search_seconds: float | None, tokens_per_step: int
         f_max = 1.0
     if timed and S is not None and target.max_fraction is None and f_max * T < MIN_RUNG_S:
         raise MlxllmError(
-            f"A search budget of {S:g} s affords rungs of at most {f_max * T:.2g} s of the {T:g} s target: too short to "
-            "train even one trial (setting it up takes about a second). Raise --search-seconds."
+            f"A search budget of {S:g} s affords rungs of at most {f_max * T:.2g} s of the {T:g} s target: too short "
+            "to train even one trial (setting it up takes about a second). Raise --search-seconds."
         )
     if target.min_fraction is not None:
         f_min = target.min_fraction
@@ -107,6 +160,7 @@ def make_plan(target: Target, search_seconds: float | None, tokens_per_step: int
         )
     levels = max(0, round(math.log(f_max / f_min, ETA)))
     fractions = tuple(f_max / ETA**k for k in range(levels, -1, -1))
+    # The target in ticks: its milliseconds, or its optimizer steps (a token target's at tokens_per_step).
     total = {"seconds": round(1000 * T), "steps": int(T), "tokens": math.ceil(T / tokens_per_step)}[target.kind]
     top, f_c, reserve = 0, 0.0, 0.0
     if f_max < 1 and target.confirm_top:
@@ -118,83 +172,18 @@ def make_plan(target: Target, search_seconds: float | None, tokens_per_step: int
     if timed and S is not None and fractions[0] * T > S - reserve:
         raise MlxllmError(
             f"A search budget of {S:g} s cannot train even one trial to the first rung ({fractions[0]:.3g} of the "
-            f"{T:g} s target{f', with {reserve:.0f} s kept for confirmations' if reserve else ''}). Raise --search-seconds, "
-            "or lower [target] min_fraction or confirm_top."
+            f"{T:g} s target{f', with {reserve:.0f} s kept for confirmations' if reserve else ''}). Raise "
+            "--search-seconds, or lower [target] min_fraction or confirm_top."
         )
     if total < len(fractions) or _collide(fractions, total):
         raise MlxllmError(
             f"The target ({target.describe()}) is too short for {len(fractions)} rungs from {fractions[0]:.3g} to "
             f"{fractions[-1]:.3g} of it: raise the target or [target] min_fraction."
         )
-    return Plan(fractions, total, top, f_c, reserve)
+    return Plan(fractions, total, TickUnit.of(target.kind), top, f_c, reserve)
 
 
-def _collide(fractions: tuple[float, ...], total: int) -> bool:
-    ticks = [max(1, round(f * total)) for f in fractions]
+def _collide(fractions: tuple[float, ...], total_ticks: int) -> bool:
+    """Whether two rungs round to the same tick (a target too short for them)."""
+    ticks = [max(1, round(f * total_ticks)) for f in fractions]
     return len(set(ticks)) != len(ticks)
-
-
-class Point(NamedTuple):
-    """One evaluation of a trial: its step, the trainer's clock, the speed since the evaluation before, the
-    validation loss, and whether it was the first of a training call (whose window holds compilation)."""
-
-    step: int
-    elapsed: float
-    tokens_per_sec: float
-    loss: float
-    first: bool
-
-
-@dataclass(frozen=True)
-class Speed:
-    step_s: float  # a training step, evaluations left out
-    eval_s: float  # one evaluation with its checkpoint
-    start_s: float  # compilation and set-up of the first step
-
-    @classmethod
-    def measure(cls, points: list[Point], tokens_per_step: int) -> Speed:
-        """Medians over the windows between evaluations; the first window of each training call holds its
-        compilation, so it counts only towards start_s."""
-        steady, evals, firsts = [], [], []
-        for i, p in enumerate(points):
-            steps = p.step - (points[i - 1].step if i else 0)
-            if steps <= 0 or p.tokens_per_sec <= 0:
-                continue
-            train_s = steps * tokens_per_step / p.tokens_per_sec
-            if p.first:
-                firsts.append((steps, train_s))
-            else:
-                steady.append(train_s / steps)
-                evals.append(max(0.0, p.elapsed - points[i - 1].elapsed - train_s))
-        if not steady and not firsts:
-            raise ValueError("no training window measured")
-        step_s = statistics.median(steady) if steady else firsts[0][1] / firsts[0][0]
-        start_s = max(0.0, firsts[0][1] - firsts[0][0] * step_s) if firsts else 0.0
-        return cls(step_s, statistics.median(evals) if evals else 0.0, start_s)
-
-    def seconds_at(self, step: float, eval_interval: int) -> float:
-        """The target run's clock at `step`, evaluating every eval_interval steps as the final run does."""
-        return self.start_s + step * (self.step_s + self.eval_s / eval_interval)
-
-    def steps_at(self, seconds: float, eval_interval: int) -> float:
-        return max(0.0, seconds - self.start_s) / (self.step_s + self.eval_s / eval_interval)
-
-
-@dataclass(frozen=True)
-class Deadlines:
-    """Wall-clock ends (epoch seconds, so that spawned workers agree) of the exploration and of the search."""
-
-    explore: float | None = None
-    end: float | None = None
-
-    @classmethod
-    def start(cls, search_seconds: float | None, reserve_s: float, since: float | None = None) -> Deadlines:
-        """Deadlines `search_seconds` after `since` (time.time(); default now), the last reserve_s kept back."""
-        if search_seconds is None:
-            return cls()
-        now = time.time() if since is None else since
-        return cls(now + search_seconds - reserve_s, now + search_seconds)
-
-    def left(self, confirming: bool = False) -> float:
-        end = self.end if confirming else self.explore
-        return math.inf if end is None else end - time.time()

@@ -1,0 +1,322 @@
+"""The fit planner of a target-aware search: trials designed across the space's sizes (design.py), each a WSD
+run and its cooldown branches (branches.py), then the scaling law fitted across them and the plan for the
+target it makes (forecast.py): plan.json, best.toml (the pick for T, trained with the schedule the points
+were measured with), and the plan printed; or, when the points cannot pin the law, the paragraph that says
+what search budget would, and best.toml the base config.
+
+Trials run one at a time in this process, each enqueued in the study (so it lives there, in a journal or a
+shared PostgreSQL storage, like any other trial) just before it trains: the design of the next trial uses
+the speeds the last ones measured. A resumed search reuses the points of the trials it already holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+
+from mlxllm.config import ModelConfig, dump_toml, load_config
+from mlxllm.data import TokenData
+from mlxllm.device import peak_flops
+from mlxllm.errors import MlxllmError
+from mlxllm_search.branches import PlanTrial
+from mlxllm_search.deadlines import Deadlines
+from mlxllm_search.design import MIN_LEVELS, Choice, Ladder, Measured, Speeds, choose, first_unit
+from mlxllm_search.forecast import Forecast, make_forecast, render
+from mlxllm_search.law_points import MIN_TRIALS, Point, first_step
+from mlxllm_search.records import TrialRecord, record_of
+from mlxllm_search.scaling import law_params
+from mlxllm_search.space import Choice as ChoiceDim
+from mlxllm_search.space import SearchSpec, Space, run_config
+from mlxllm_search.target_search import spent
+from mlxllm_search.throughput import RunLength, fit_throughput, model_key
+
+PLAN_NAME = "plan.json"
+FIT_RESERVE_S = 3.0  # of the search's seconds, kept for the fit, plan.json and best.toml after the trials
+
+
+def architecture(spec: SearchSpec, model: ModelConfig, vocab_size: int) -> ModelConfig | None:
+    """A run config's architecture as the space builds it (so that it is one of plan_candidates), or None if
+    the space does not hold it."""
+    if spec.space.params_of(replace(spec.base, model=model)) is None:
+        return None
+    built = Space.build(
+        spec.base.model, model.n_layers, model.head_dim, model.n_heads, model.n_heads // model.kv_heads, model.mlp_ratio
+    )
+    return replace(built, vocab_size=vocab_size)
+
+
+def plan_candidates(spec: SearchSpec, vocab_size: int) -> list[ModelConfig]:
+    """Every architecture of the space's grid within the parameter cap, with the tokenizer's vocabulary."""
+    cap = spec.settings.caps.params
+    out: dict[str, ModelConfig] = {}
+    for m in spec.space.grid(spec.base.model):
+        m = replace(m, vocab_size=vocab_size)
+        if cap is None or m.num_params() <= cap:
+            out.setdefault(model_key(m), m)
+    return list(out.values())
+
+
+def plan_learning_rate(spec: SearchSpec) -> float:
+    """Every plan trial's learning rate: the base's (the law is over size and length), or the space's value
+    nearest it when the space's learning rates leave it out."""
+    lr, dim = spec.base.train.learning_rate, spec.space.learning_rate
+    if dim is None or dim.contains(lr):
+        return lr
+    if isinstance(dim, ChoiceDim):
+        return min(dim.values, key=lambda v: abs(math.log(v / lr)))
+    return min(max(lr, dim.low), dim.high)
+
+
+def trial_params(spec: SearchSpec, model: ModelConfig) -> dict[str, Any]:
+    """The Optuna parameters of a plan trial of `model` (the space's suggest returns them)."""
+    train = replace(spec.base.train, learning_rate=plan_learning_rate(spec))
+    params = spec.space.params_of(replace(spec.base, model=model, train=train))
+    assert params is not None, "plan candidates are built by the space"
+    return params
+
+
+def plan_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's trials of the fit planner (enqueued with their branch steps)."""
+    return [t for t in study.get_trials(deepcopy=False) if record_of(t).branch_steps]
+
+
+def _model(r: TrialRecord, vocab_size: int) -> ModelConfig:
+    return ModelConfig(**{**(r.model or {}), "vocab_size": vocab_size})
+
+
+def measured(study: optuna.Study, vocab_size: int) -> list[tuple[ModelConfig, TrialRecord]]:
+    """The plan trials that finished with points, and what they measured."""
+    out = []
+    for t in plan_trials(study):
+        r = record_of(t)
+        if t.state == TrialState.COMPLETE and r.law_points and r.tokens_per_sec and r.model:
+            out.append((_model(r, vocab_size), r))
+    return out
+
+
+def speeds(spec: SearchSpec, done: list[tuple[ModelConfig, TrialRecord]], peak: float) -> Speeds:
+    train = spec.base.train
+    seen = tuple(Measured(m, r.tokens_per_sec or 0.0, r.eval_s or 0.0, r.overhead_s or 0.0) for m, r in done)
+    return Speeds(train.seq_len or spec.base.model.max_seq_len, spec.tokens_per_step, train.eval_batches, peak, seen)
+
+
+def _describe(c: Choice) -> str:
+    m = c.model
+    lengths = ", ".join(map(str, c.ladder.lengths))
+    return (
+        f"{_shape(m)} ({law_params(m) / 1e6:.3g}M law parameters): finished runs of {lengths} steps, "
+        f"about {c.cost_s:.0f} s of its {c.share_s:.0f} s share"
+    )
+
+
+def _unaffordable(m: ModelConfig, rates: Speeds, seconds: float, unit: int, fraction: float) -> str:
+    """Why the base architecture is not trial 0: its shortest usable trial against a trial's share."""
+    ladder = Ladder(unit, MIN_LEVELS, fraction)
+    need = rates.cost(m).seconds(ladder)
+    return (
+        f"The base architecture ({_shape(m)}, {m.num_params() / 1e6:.3g}M parameters) is not trained: its shortest "
+        f"usable trial (finished runs of {' and '.join(map(str, ladder.lengths))} steps) would take about "
+        f"{need:.0f} s at the speed estimated, more than a trial's share ({seconds / MIN_TRIALS:.0f} s of "
+        f"{seconds:.0f} s left for at least {MIN_TRIALS} trials). Its loss at the target is predicted by the fit."
+    )
+
+
+def _shape(m: ModelConfig | dict[str, Any]) -> str:
+    d = m if isinstance(m, dict) else asdict(m)
+    heads = f"{d.get('n_heads')}/{d.get('n_kv_heads') or d.get('n_heads')} heads"
+    return f"{d.get('n_layers')} x {d.get('d_model')}, {heads}, mlp {d.get('mlp_ratio'):.3g}"
+
+
+def _trial_line(t: FrozenTrial) -> str:
+    r = record_of(t)
+    m = r.model or {}
+    pts = r.law_points or ()
+    losses = ", ".join(f"{p.step}: {p.loss:.4f}" for p in pts)
+    return (
+        f"trial {t.number} {t.state.name.lower()}: {_shape(m) if m else '-'}, "
+        f"{len(pts)} finished runs ({losses or 'none'}), {r.tokens_per_sec or 0:,.0f} tokens/s, "
+        f"{r.seconds or 0:.1f} s" + (f" ({r.cut})" if r.cut else "")
+    )
+
+
+def run_trials(
+    study: optuna.Study,
+    spec: SearchSpec,
+    search_dir: Path,
+    data: TokenData,
+    deadlines: Deadlines,
+    first: list[ModelConfig],
+    console: Console | None,
+) -> None:
+    """Design, enqueue and train plan trials one by one until the design has none left in the search's time."""
+    vocab, train = data.tokenizer.vocab_size, spec.base.train
+    candidates = plan_candidates(spec, vocab)
+    unit = first_unit(train.warmup_steps, train.cooldown_fraction)
+    peak = peak_flops(train.dtype)[0]
+    objective = PlanTrial(spec, search_dir, data, deadlines, lambda: speeds(spec, measured(study, vocab), peak))
+    while deadlines.left() > 0:
+        tried = [_model(record_of(t), vocab) for t in plan_trials(study) if record_of(t).model]
+        done = measured(study, vocab)
+        choices = choose(
+            candidates,
+            first,
+            [m for m, _ in done],
+            speeds(spec, done, peak),
+            deadlines.left(),
+            unit,
+            train.cooldown_fraction,
+            train.warmup_steps,
+            exclude=tried,
+        )
+        if not choices:
+            return
+        if console is not None and first and not tried and model_key(choices[0].model) != model_key(first[0]):
+            console.print(
+                _unaffordable(first[0], speeds(spec, done, peak), deadlines.left(), unit, train.cooldown_fraction)
+            )
+        if console is not None:
+            console.print(
+                f"Plan: {len(choices)} more trial(s) in {deadlines.left():.0f} s; next: {_describe(choices[0])}.",
+                highlight=False,
+            )
+        c = choices[0]
+        attrs = TrialRecord(share_s=c.share_s, branch_steps=list(c.ladder.steps)).to_attrs()
+        study.enqueue_trial(trial_params(spec, c.model), user_attrs=attrs)
+        study.optimize(objective, n_trials=1, catch=(MlxllmError,), gc_after_trial=True)
+        if console is not None:
+            console.print(_trial_line(plan_trials(study)[-1]), highlight=False)
+
+
+def forecast(study: optuna.Study, spec: SearchSpec, data: TokenData, search_seconds: float) -> Forecast:
+    """The plan from every plan trial's points, for every candidate architecture."""
+    vocab, train, target = data.tokenizer.vocab_size, spec.base.train, spec.target
+    assert target is not None
+    done = measured(study, vocab)
+    points: list[Point] = [p for _, r in done for p in r.law_points or ()]
+    seq_len = train.seq_len or spec.base.model.max_seq_len
+    # The target run's own speed: training steps and its evaluations every eval_interval (compilation aside).
+    rates = [
+        (
+            m,
+            spec.tokens_per_step
+            / (spec.tokens_per_step / (r.tokens_per_sec or 1.0) + (r.eval_s or 0.0) / train.eval_interval),
+        )
+        for m, r in done
+    ]
+    if not rates:  # nothing measured: a forecast without points is the shortfall paragraph alone
+        rates = [(replace(spec.base.model, vocab_size=vocab), 1.0)]
+    length = RunLength(target.kind, float(target.amount), spec.tokens_per_step)
+    return make_forecast(
+        points,
+        float(len(data.train)),
+        plan_candidates(spec, vocab),
+        fit_throughput(rates, seq_len),
+        length,
+        search_seconds,
+    )
+
+
+def _comment(text: str, wrap: bool = True) -> str:
+    """`text` as TOML comment lines: each paragraph wrapped (`wrap`), else each line as it is (a table)."""
+    lines = [w for para in text.splitlines() for w in (textwrap.wrap(para, 116) if wrap else [para]) or [""]]
+    return "".join(f"# {line}\n" for line in lines)
+
+
+def write_plan(study: optuna.Study, spec: SearchSpec, search_dir: Path, plan: Forecast, path: Path) -> Path:
+    """plan.json, and best.toml at `path`: the pick for the target with the WSD schedule its prediction is
+    of, or the base config when there is no fit, the reason as its header."""
+    (search_dir / PLAN_NAME).write_text(json.dumps(plan.to_dict(), indent=2))
+    best = plan.pick(1.0)
+    if best is None:
+        run = run_config(spec, spec.base.model, spec.base.train.learning_rate, search_dir / "best")
+        header = (
+            f"Search {study.study_name!r} planned no run: {plan.shortfall}\nThis is the base config, unchanged. "
+            f"Train it: mlxllm train --config {path}"
+        )
+        path.write_text(_comment(header) + "\n" + dump_toml(run))
+        return path
+    run = run_config(spec, best.model, plan_learning_rate(spec), search_dir / "best")
+    run = replace(run, train=replace(run.train, schedule="wsd"))
+    law = plan.law
+    assert law is not None
+    header = (
+        f"Plan of search {study.study_name!r} for a run of {plan.length.describe()}: a law L(N, D) fitted to "
+        f"{law.points} finished WSD runs of {law.trials} trials (see {PLAN_NAME}). This config is the pick for "
+        f"that run, trained with the WSD schedule (cooldown_fraction {run.train.cooldown_fraction:g}) the "
+        "prediction is of; predictions are +- 2 sd."
+    )
+    tail = f"law: {law.describe()}\nTrain it: mlxllm train --config {path}"
+    path.write_text(_comment(header) + _comment(render(plan), wrap=False) + _comment(tail) + "\n" + dump_toml(run))
+    return path
+
+
+LOOSE_2SD = 0.5  # nats: a pick for T this uncertain cannot be told from its neighbours
+
+
+def _too_loose(plan: Forecast) -> str | None:
+    """A warning when the pick for T is too uncertain to act on, with what the trials measured."""
+    best, law = plan.pick(1.0), plan.law
+    if best is None or law is None or 2 * best.sd <= LOOSE_2SD:
+        return None
+    lo, hi = law.n_range
+    return (
+        f"Warning: the fit is too loose to act on (2 sd = {2 * best.sd:.2f} at T): its {law.trials} trials measured "
+        f"{lo / 1e6:.3g}M to {hi / 1e6:.3g}M parameters without embeddings and at most {law.tokens_max:,.0f} tokens, "
+        f"while the pick at T has {best.params / 1e6:.3g}M and trains on {best.tokens:,.0f}. More search seconds, or a "
+        "shorter warm-up "
+        "(train.warmup_steps) so that shorter runs count, would measure closer to the run."
+    )
+
+
+def plan_search(
+    study: optuna.Study,
+    spec: SearchSpec,
+    search_dir: Path,
+    data: TokenData,
+    seed_configs: list[Path],
+    started: float,
+    best_path: Path,
+    show: bool,
+) -> Forecast:
+    """The whole fit planner after set-up (begun at `started`, time.time()): trials, fit, plan.json and best.toml
+    at `best_path`, the plan printed (`show`). `seed_configs`: run configs whose architectures are trained first,
+    after the base's."""
+    console = Console(width=160) if show else None
+    deadlines = Deadlines.start(spec.settings.seconds, FIT_RESERVE_S, since=started)
+    vocab = data.tokenizer.vocab_size
+    first = [m for m in (architecture(spec, load_config(p).model, vocab) for p in seed_configs) if m is not None]
+    base = architecture(spec, spec.base.model, vocab)
+    cap = spec.settings.caps.params
+    if base is not None and (cap is None or base.num_params() <= cap):
+        first.insert(0, base)
+    elif console is not None:
+        console.print("The base architecture is not in the search space (or over its caps): it is not trial 0.")
+    if console is not None:
+        train = spec.base.train
+        unit = first_unit(train.warmup_steps, train.cooldown_fraction)
+        console.print(
+            f"Planner: fit. Each trial is a WSD run (cooldown {train.cooldown_fraction:g}) with cooldown branches; "
+            f"the shortest finished run the fit admits is {first_step(train.warmup_steps)} steps "
+            f"(warm-up {train.warmup_steps}), a branch from step {unit}.",
+            highlight=False,
+        )
+    run_trials(study, spec, search_dir, data, deadlines, first, console)
+    plan = forecast(study, spec, data, time.time() - started)
+    write_plan(study, spec, search_dir, plan, best_path)
+    if console is not None:
+        console.print(render(plan), highlight=False)
+        loose = _too_loose(plan)
+        if loose:
+            console.print(loose, highlight=False)
+        console.print(f"Best config: {best_path} (mlxllm train --config {best_path})", highlight=False)
+        console.print(spent(study, spec, time.time() - started), highlight=False)
+    return plan

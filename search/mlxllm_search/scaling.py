@@ -1,0 +1,323 @@
+"""The loss of a finished run as a function of its parameters and tokens, fitted across a search's trials:
+L(N, D) = E + A (N / n_ref)^-alpha + B (D_eff / d_ref)^-beta (Chinchilla's approach 3), with its calibrated
+uncertainty at any (N, D).
+
+Why each part is there:
+- N counts the parameters without the embedding table (`law_params`), as Kaplan et al. (2020) do: with it
+  left out, models of one size but different depths fall on one curve; counted, a wide shallow model with a
+  2,048-piece BPE vocabulary would look larger than a deep narrow one that is as good. With byte tokens the
+  table is small and the choice matters little. An untied output projection is counted: it is real compute.
+- D_eff (Muennighoff et al. 2023): tokens repeated beyond the corpus' U unique ones are worth less and less,
+  D_eff = U + U R* (1 - exp(-R / R*)) with R = D / U - 1 repetitions and R* = 15.4 (their fit); R* is
+  assumed, not fitted: a search's few points cannot pin it.
+- The exponents are found on a log grid and (E, A, B) >= 0 by non-negative least squares for each (exact:
+  every subset of the three is solved in closed form, vectorised over the grid), so no local minimum and
+  no scipy. Weak log-normal priors pull the exponents toward typical values when few points leave them
+  loose; the profile likelihood n/2 log(RSS/n) weighs them against the data without a known noise level.
+  Huber weights (iterated) keep one bad evaluation from bending the law.
+- Parameter uncertainty is a bootstrap over whole trials (a trial's points share its architecture and seed,
+  so they are not independent): each resample is only a weight vector on the same points, so all of them
+  are fitted at once.
+- The scatter sigma of one finished run around the law (seed, shape at equal N, evaluation batches) is the
+  fit's residual scale, never below the points' own evaluation noise.
+- The checks of the fit's own extrapolation: each trial left out, its longest point predicted from the
+  others (a new architecture); and every trial's longest point predicted from the runs of at most a quarter
+  of its length (runs longer than any measured). Each held-out prediction has its own bootstrap, and the sd
+  is scaled by max(1, rms z) over the held-out z-scores, so that the law's misfit, which neither the
+  bootstrap nor sigma sees, widens the sd instead of hiding. The spread of a bootstrap is its MAD: with few
+  trials some resamples hold one or two sizes only, and their wild laws would swamp a plain variance.
+- Not modelled: a loss that rises again after many passes over the text (overfitting); the law saturates.
+  Predictions with more passes than REPEAT_FREE_EPOCHS and twice the most measured say so (`extrapolation`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from mlxllm.config import ModelConfig
+from mlxllm.errors import MlxllmError
+from mlxllm_search.grid_nnls import fit_grid
+from mlxllm_search.law_points import (
+    DISTINCT,
+    MIN_STEPS_AFTER_WARMUP,
+    Coverage,
+    InadmissiblePoints,
+    NotEnoughPoints,
+    Point,
+    first_step,
+    refusal,
+    split_points,
+)
+
+__all__ = [
+    "Coverage",
+    "InadmissiblePoints",
+    "LawFit",
+    "NotEnoughPoints",
+    "Point",
+    "effective_tokens",
+    "first_step",
+    "fit_law",
+    "law_params",
+    "split_points",
+]
+
+R_STAR = 15.4  # Muennighoff et al.'s fitted half-life of repeated data, in repetitions
+PRIOR_ALPHA, PRIOR_BETA = 0.35, 0.35  # typical exponents of fits with an irreducible term (Chinchilla: .34, .28)
+PRIOR_LOG_SD = 0.6  # weak: a factor 1.8 either way is one sd
+EXPONENT_RANGE, GRID = (0.05, 1.5), 40
+HUBER_K = 1.345  # 95% efficiency on Gaussian residuals
+IRLS_ROUNDS = 3
+REPS, LOO_REPS = 200, 40  # bootstrap resamples of the fit, and of each leave-one-trial-out fit
+FAR_TOKENS = 10.0  # beyond this factor over the longest run measured the tokens exponent is unchecked
+FORWARD_RATIO = 4.0  # the check of the extrapolation in tokens predicts runs this many times longer
+REPEAT_FREE_EPOCHS = 4.0  # up to here repeated data is nearly as good as new (Muennighoff et al.)
+
+
+def law_params(model: ModelConfig) -> int:
+    """The N of the law for an architecture (see the module docstring): parameters without the embeddings."""
+    return model.num_params(embeddings=False)
+
+
+def effective_tokens(tokens: Any, unique_tokens: float, r_star: float = R_STAR) -> Any:
+    """D_eff of `tokens` (a float or an array) trained on a corpus of `unique_tokens`."""
+    d = np.asarray(tokens, dtype=float)
+    repeats = np.maximum(d / unique_tokens - 1.0, 0.0)
+    out = np.where(d <= unique_tokens, d, unique_tokens * (1.0 + r_star * -np.expm1(-repeats / r_star)))
+    return float(out) if out.ndim == 0 else out
+
+
+def _fit_rows(
+    w: np.ndarray, counts: np.ndarray, xn: np.ndarray, xd: np.ndarray, y: np.ndarray, alphas: Any, betas: Any
+) -> np.ndarray:
+    """The law's (E, A, alpha, B, beta) for each weight row of w (R, n), with the exponents' priors."""
+    pen = (np.log(alphas / PRIOR_ALPHA)[:, None] ** 2 + np.log(betas / PRIOR_BETA)[None, :] ** 2) / (
+        2 * PRIOR_LOG_SD**2
+    )
+    return fit_grid(w, counts, xn, xd, y, alphas, betas, pen)
+
+
+def _law(p: np.ndarray, xn: Any, xd: Any) -> Any:
+    """The law with parameters p (..., 5) at reference-scaled (N, D_eff)."""
+    p = np.asarray(p)
+    return p[..., 0] + p[..., 1] * xn ** -p[..., 2] + p[..., 3] * xd ** -p[..., 4]
+
+
+def _spread(draws: np.ndarray, center: float) -> float:
+    """Variance of the bootstrap's predictions around the fit's, robustly (the MAD): with few trials some
+    resamples hold one or two sizes only, and their wild laws would dominate a plain variance."""
+    return float((1.4826 * np.median(np.abs(draws - center))) ** 2)
+
+
+def _scatter(residuals: np.ndarray, weights: np.ndarray, floor: float) -> float:
+    """sd of a run around the law: the weighted residuals with the 5 fitted parameters taken off."""
+    dof = max(1.0, float((weights > 0).sum()) - 5.0)
+    return max(math.sqrt(float((weights * residuals**2).sum()) / dof), floor)
+
+
+def _robust_fit(xn: np.ndarray, xd: np.ndarray, y: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """The central fit (E, A, alpha, B, beta) with Huber weights, refined on a fine grid around the best
+    exponents; returns (parameters, the final Huber weights)."""
+    alphas, betas = np.geomspace(*EXPONENT_RANGE, GRID), np.geomspace(*EXPONENT_RANGE, GRID)
+    h, n = np.ones_like(y), np.array([float(len(y))])
+    for _ in range(IRLS_ROUNDS):
+        p = _fit_rows(h[None], n, xn, xd, y, alphas, betas)[0]
+        r = y - _law(p, xn, xd)
+        scale = max(1.4826 * float(np.median(np.abs(r))), floor)
+        h = np.minimum(1.0, HUBER_K * scale / np.maximum(np.abs(r), 1e-300))
+    step = (EXPONENT_RANGE[1] / EXPONENT_RANGE[0]) ** (1 / (GRID - 1))
+    fine = lambda x: np.geomspace(x / step, x * step, 9)  # noqa: E731
+    return _fit_rows(h[None], n, xn, xd, y, fine(p[2]), fine(p[4]))[0], h
+
+
+def _resamples(trial: np.ndarray, pool: np.ndarray, reps: int, rng: np.random.Generator) -> np.ndarray:
+    """Multiplicity of each point (R, n) when `reps` resamples of the trials in `pool` are drawn."""
+    picks = rng.choice(pool, size=(reps, len(pool)))
+    per_trial = np.stack([np.bincount(row, minlength=trial.max() + 1) for row in picks])
+    return per_trial[:, trial].astype(float)
+
+
+@dataclass(frozen=True)
+class LawFit:
+    """A fitted L(N, D) with what its predictions' uncertainty is made of; JSON by to_dict / from_dict."""
+
+    e: float  # the irreducible loss
+    a: float  # the size term at n_ref
+    alpha: float
+    b: float  # the data term at d_ref effective tokens
+    beta: float
+    n_ref: float  # N and D_eff are scaled by these (the points' geometric means) for a well-posed fit
+    d_ref: float
+    unique_tokens: float  # the corpus' U
+    r_star: float
+    sigma: float  # sd of one finished run around the law (seed, shape at equal N, evaluation)
+    scale: float  # >= 1: the sd's factor from the held-out check
+    draws: tuple[tuple[float, ...], ...]  # bootstrap (E, A, alpha, B, beta), resampling whole trials
+    held_out_z: tuple[float, ...]  # each trial's longest point predicted without its trial, then from the
+    # trials' shorter runs only (when those pin the law), before scaling
+    n_range: tuple[float, float]  # smallest and largest N measured
+    tokens_max: float  # the longest run measured
+    epochs_max: float  # its passes over the corpus
+    points: int
+    trials: int
+
+    def _x(self, n_params: float, tokens: float, unique_tokens: float | None) -> tuple[float, float]:
+        u = self.unique_tokens if unique_tokens is None else unique_tokens
+        return n_params / self.n_ref, effective_tokens(tokens, u, self.r_star) / self.d_ref
+
+    def loss(self, n_params: float, tokens: float, unique_tokens: float | None = None) -> float:
+        """The law's mean at (N, D); `unique_tokens` other than the corpus' asks "with this much text"."""
+        return float(
+            _law(np.array([self.e, self.a, self.alpha, self.b, self.beta]), *self._x(n_params, tokens, unique_tokens))
+        )
+
+    def draws_at(self, n_params: float, tokens: float, unique_tokens: float | None = None) -> np.ndarray:
+        """The bootstrap fits' losses at (N, D): how the law's parameters are uncertain there."""
+        return _law(self._draws, *self._x(n_params, tokens, unique_tokens))
+
+    @cached_property
+    def _draws(self) -> np.ndarray:
+        return np.array(self.draws)
+
+    def predict(self, n_params: float, tokens: float, unique_tokens: float | None = None) -> tuple[float, float]:
+        """(mean, sd) of the finished loss of one run of N parameters trained on `tokens`: the bootstrap's
+        spread around the fit, with the scatter of a run, times the held-out check's factor."""
+        mean = self.loss(n_params, tokens, unique_tokens)
+        spread = _spread(self.draws_at(n_params, tokens, unique_tokens), mean)
+        return mean, self.scale * math.sqrt(spread + self.sigma**2)
+
+    def extrapolation(self, n_params: float, tokens: float, unique_tokens: float | None = None) -> str | None:
+        """Why a prediction at (N, D) reaches beyond what was measured (None: it does not): N outside the
+        measured sizes by more than DISTINCT, tokens beyond FAR_TOKENS times the longest run, or more than
+        REPEAT_FREE_EPOCHS passes over the corpus and twice the most measured (the repetition term is assumed)."""
+        u = self.unique_tokens if unique_tokens is None else unique_tokens
+        lo, hi = self.n_range
+        out = []
+        if not lo / DISTINCT <= n_params <= hi * DISTINCT:
+            out.append(f"{n_params / 1e6:.3g}M parameters, measured {lo / 1e6:.3g}M to {hi / 1e6:.3g}M")
+        if tokens > FAR_TOKENS * self.tokens_max:
+            out.append(f"{tokens / self.tokens_max:.0f}x the longest run measured")
+        if tokens / u > max(REPEAT_FREE_EPOCHS, 2 * self.epochs_max):
+            out.append(f"{tokens / u:.0f} passes over the text, measured up to {self.epochs_max:.1f}")
+        return "; ".join(out) or None
+
+    def describe(self) -> str:
+        return (
+            f"L = {self.e:.3f} + {self.a:.3f} (N/{self.n_ref / 1e6:.3g}M)^-{self.alpha:.2f} + {self.b:.3f} "
+            f"(D_eff/{self.d_ref / 1e6:.3g}M)^-{self.beta:.2f}; run scatter {self.sigma:.4f}, sd x{self.scale:.2f} "
+            f"from {len(self.held_out_z)} held-out predictions; {self.points} points of {self.trials} trials"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LawFit:
+        tup = {"draws": lambda v: tuple(tuple(map(float, r)) for r in v), "held_out_z": tuple, "n_range": tuple}
+        return cls(**{k: tup[k](v) if k in tup else v for k, v in d.items()})
+
+
+def fit_law(
+    points: Sequence[Point],
+    unique_tokens: float,
+    r_star: float = R_STAR,
+    min_steps_after_warmup: int = MIN_STEPS_AFTER_WARMUP,
+    seed: int = 0,
+) -> LawFit:
+    """Fit the law to finished-loss points of a corpus of `unique_tokens` (see the module docstring).
+    Raises InadmissiblePoints for points inside or just after their warm-up, NotEnoughPoints when the rest
+    cannot pin the law."""
+    refused = [r for p in points if (r := refusal(p, min_steps_after_warmup))]
+    if refused:
+        raise InadmissiblePoints(
+            "The scaling-law fit refuses runs that end inside or just after their warm-up (a prediction from "
+            f"them would be from nothing): {'; '.join(refused[:3])}{' ...' if len(refused) > 3 else ''}. "
+            "Leave them out (mlxllm_search.scaling.split_points) or train longer."
+        )
+    if not unique_tokens > 0:
+        raise MlxllmError(f"The corpus' unique tokens must be positive (got {unique_tokens!r}).")
+    coverage = Coverage.of(points)
+    if coverage.missing():
+        raise NotEnoughPoints(coverage)
+    ids = sorted({p.trial for p in points})
+    trial = np.array([ids.index(p.trial) for p in points])
+    n = np.array([float(p.n_params) for p in points])
+    d = np.array([p.tokens for p in points])
+    y = np.array([p.loss for p in points])
+    noise = [p.noise_sd for p in points if p.noise_sd is not None]
+    floor = max(float(np.median(noise)) if noise else 0.0, 1e-4)
+    deff = effective_tokens(d, unique_tokens, r_star)
+    n_ref, d_ref = float(np.exp(np.log(n).mean())), float(np.exp(np.log(deff).mean()))
+    xn, xd = n / n_ref, deff / d_ref
+    central, h = _robust_fit(xn, xd, y, floor)
+    sigma = _scatter(y - _law(central, xn, xd), h, floor)
+    draws, z = _bootstrap(trial, _forward(points), (xn, xd, y), h, floor, np.random.default_rng(seed))
+    return LawFit(
+        *map(float, central),
+        n_ref=n_ref,
+        d_ref=d_ref,
+        unique_tokens=float(unique_tokens),
+        r_star=r_star,
+        sigma=sigma,
+        scale=max(1.0, float(np.sqrt(np.mean(z**2)))),
+        draws=tuple(tuple(map(float, r)) for r in draws),
+        held_out_z=tuple(map(float, z)),
+        n_range=(float(n.min()), float(n.max())),
+        tokens_max=float(d.max()),
+        epochs_max=float(d.max() / unique_tokens),
+        points=len(points),
+        trials=len(ids),
+    )
+
+
+def _forward(points: Sequence[Point]) -> np.ndarray | None:
+    """The points the check of the extrapolation in tokens fits to: each trial's runs up to 1/FORWARD_RATIO
+    of its longest (else up to half of it), when those still pin the law; None: they do not."""
+    longest: dict[int, float] = {}
+    for p in points:
+        longest[p.trial] = max(longest.get(p.trial, 0.0), p.tokens)
+    for ratio in (FORWARD_RATIO, 2.0):
+        keep = np.array([p.tokens * ratio <= longest[p.trial] * 1.0001 for p in points])
+        if not Coverage.of([p for p, k in zip(points, keep) if k]).missing():
+            return keep
+    return None
+
+
+def _bootstrap(
+    trial: np.ndarray,
+    forward: np.ndarray | None,
+    xs: tuple[np.ndarray, np.ndarray, np.ndarray],
+    h: np.ndarray,
+    floor: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the bootstrap's parameter draws, the held-out z-scores), all fits in one batch: REPS resamples of
+    the trials, then for each check (each trial left out; the shorter runs only) its fit and LOO_REPS
+    resamples of the trials it keeps. xs: (N, D_eff, loss) of the points, N and D_eff scaled."""
+    xn, xd, y = xs
+    k = int(trial.max()) + 1
+    longest = [int(np.flatnonzero(trial == t)[np.argmax(xd[trial == t])]) for t in range(k)]
+    checks = [(trial != t, [longest[t]]) for t in range(k)]
+    if forward is not None:
+        checks.append((forward, [i for i in longest if not forward[i]]))
+    mult = [_resamples(trial, np.arange(k), REPS, rng)]
+    for mask, _ in checks:
+        mult += [mask[None].astype(float), _resamples(trial, np.unique(trial[mask]), LOO_REPS, rng) * mask]
+    m = np.concatenate(mult)
+    alphas, betas = np.geomspace(*EXPONENT_RANGE, GRID), np.geomspace(*EXPONENT_RANGE, GRID)
+    params = _fit_rows(m * h, m.sum(1), xn, xd, y, alphas, betas)
+    z = []
+    for c, (mask, held) in enumerate(checks):
+        lo = REPS + c * (1 + LOO_REPS)
+        sigma = _scatter(y - _law(params[lo], xn, xd), mask * h, floor)
+        for i in held:
+            mean = _law(params[lo], xn[i], xd[i])
+            spread = _spread(_law(params[lo + 1 : lo + 1 + LOO_REPS], xn[i], xd[i]), mean)
+            z.append((y[i] - mean) / math.sqrt(spread + sigma**2))
+    return params[:REPS], np.array(z)

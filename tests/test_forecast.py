@@ -1,0 +1,128 @@
+"""The plan for the user's run (mlxllm_search.forecast, mlxllm_search.throughput): the speed model, the picks
+for T/4 .. 4T, the data verdict, the too-small-budget paragraph and the JSON record. Synthetic trials on a
+known law and speed: no training, a few seconds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from mlxllm_search.forecast import Forecast, make_forecast, predict_loss, predict_model, render
+from mlxllm_search.scaling import Point, effective_tokens, law_params
+from mlxllm_search.throughput import PRIOR_SD, RunLength, fit_throughput
+
+from mlxllm import MlxllmError, ModelConfig
+
+FLOP_RATE = 1e11  # this synthetic machine's FLOPs per second: 4 x 128 trains at about 17,000 tokens/s
+SEQ = 256
+LENGTH = RunLength("seconds", 3600, tokens_per_step=16 * SEQ)
+CANDIDATES = [
+    ModelConfig(vocab_size=256, n_layers=n, d_model=d, n_heads=4)
+    for n in (2, 4, 6, 8)
+    for d in (64, 128, 192, 256, 384)
+]
+TRAINED = [CANDIDATES[i] for i in (0, 6, 8, 12, 14, 19)]  # 0.1M to 3.2M parameters without embeddings
+
+
+def speed_of(model: ModelConfig) -> float:
+    return FLOP_RATE / model.flops_per_token(SEQ)
+
+
+def true_loss(model: ModelConfig, tokens: float, unique: float) -> float:
+    return 1.0 + 75.0 * law_params(model) ** -0.4 + 50.0 * effective_tokens(tokens, unique) ** -0.3
+
+
+def study(unique: float, seconds: float = 40.0, trained: list[ModelConfig] = TRAINED, seed: int = 0) -> list[Point]:
+    """Each trained architecture's WSD run of `seconds`, with cooldown branches at 1/8 .. 1 of it."""
+    rng = np.random.default_rng(seed)
+    points = []
+    for t, m in enumerate(trained):
+        offset = rng.normal(0, 0.01)
+        for f in (1 / 8, 1 / 4, 1 / 2, 1):
+            d = f * seconds * speed_of(m)
+            loss = true_loss(m, d, unique) + offset + rng.normal(0, 0.01)
+            points.append(
+                Point(t, law_params(m), d, loss, step=max(1, int(d / LENGTH.tokens_per_step)), warmup_steps=10)
+            )
+    return points
+
+
+def measured_speed(trained: list[ModelConfig] = TRAINED):
+    rng = np.random.default_rng(1)
+    return fit_throughput([(m, speed_of(m) * rng.lognormal(0, 0.03)) for m in trained for _ in range(2)], SEQ)
+
+
+def plan(unique: float, **kw) -> Forecast:
+    return make_forecast(study(unique, **kw), unique, CANDIDATES, measured_speed(), LENGTH, search_seconds=360)
+
+
+def test_speed_is_measured_or_predicted_from_flops():
+    speed = measured_speed()
+    rate, sd = speed.tokens_per_second(TRAINED[2])
+    assert rate == pytest.approx(speed_of(TRAINED[2]), rel=0.1) and sd < 0.1
+    for m in (CANDIDATES[1], CANDIDATES[18]):  # never measured
+        rate, sd = speed.tokens_per_second(m)
+        assert rate == pytest.approx(speed_of(m), rel=0.15) and 0 < sd < PRIOR_SD
+    assert speed.slope == pytest.approx(-1.0, abs=0.15)
+    one = fit_throughput([(TRAINED[0], 10_000.0)], SEQ)
+    assert one.slope == -1.0 and one.tokens_per_second(TRAINED[1])[1] > PRIOR_SD
+    assert speed.tokens(CANDIDATES[0], RunLength("steps", 100, 4096)) == (409_600, 0.0)
+    assert speed.tokens(CANDIDATES[0], LENGTH, 2.0)[0] == pytest.approx(
+        7200 * speed.tokens_per_second(CANDIDATES[0])[0]
+    )
+    with pytest.raises(MlxllmError):
+        RunLength("minutes", 10, 4096)
+
+
+def test_longer_runs_pick_bigger_models_and_mark_extrapolation():
+    p = plan(unique=1e12)
+    assert p.law is not None and len(p.picks) == 5 and len(p.predictions) == len(CANDIDATES)
+    sizes = [law_params(x.model) for x in p.picks]
+    assert sizes[-1] > sizes[0], sizes  # 4T: a larger model than T/4
+    truth = {x.multiple: true_loss(x.model, x.tokens, 1e12) for x in p.picks}
+    assert all(abs(x.loss - truth[x.multiple]) < 2 * x.sd for x in p.picks)
+    assert p.pick(4.0).extrapolation  # beyond the largest model measured or the longest run
+    assert [x.loss for x in p.predictions] == sorted(x.loss for x in p.predictions)
+    text = render(p)
+    assert "T/4" in text and "4T" in text and "+-" in text and "extrapolation" in text
+
+
+def test_data_verdict_fires_on_a_small_corpus_only():
+    small, large = plan(unique=2e5), plan(unique=1e12)
+    assert small.verdict.fires and small.verdict.epochs > 4 and small.verdict.text_gain > small.verdict.bigger_gain
+    assert "more text would help more than a bigger model" in render(small)
+    assert not large.verdict.fires and large.verdict.text_gain == pytest.approx(0.0, abs=1e-9)
+    assert "more text would help more" not in render(large)
+
+
+def test_too_few_points_give_the_paragraph_not_a_number():
+    p = make_forecast(study(1e12, trained=TRAINED[:2]), 1e12, CANDIDATES, measured_speed(), LENGTH, search_seconds=60)
+    assert p.law is None and p.picks == () and p.verdict is None
+    assert (
+        "No loss is predicted" in p.shortfall
+        and "model sizes (parameter counts 10% apart): 2 measured, 3 needed" in p.shortfall
+    )
+    assert "search budget of about" in p.shortfall and "+-" not in render(p)
+    assert render(p) == p.shortfall
+    with pytest.raises(MlxllmError, match="no fit"):
+        predict_loss(json.loads(json.dumps(p.to_dict())), CANDIDATES[0])
+
+
+def test_runs_inside_the_warmup_are_left_out_and_priced():
+    short = study(1e12, seconds=0.5)  # a few steps each: all inside or just after the 10-step warm-up
+    assert all(p.step < 30 for p in short)
+    p = make_forecast(short, 1e12, CANDIDATES, measured_speed(), LENGTH, search_seconds=30)
+    assert p.law is None and "left out" in p.shortfall and "measured no finished loss" in p.shortfall
+    budget = float(p.shortfall.split("search budget of about ")[1].split(" s")[0].replace(",", ""))
+    assert budget > 30
+
+
+def test_json_record_predicts_any_architecture_the_same():
+    p = plan(unique=3e6)
+    record = json.loads(json.dumps(p.to_dict()))
+    assert Forecast.from_dict(record) == p
+    stranger = ModelConfig(vocab_size=256, n_layers=3, d_model=160, n_heads=5)  # not a candidate, never trained
+    direct = predict_model(p.law, p.speed, p.length, stranger)
+    assert predict_loss(record, stranger) == (direct.loss, direct.sd)
+    assert predict_loss(record, stranger, multiple=4.0)[0] < direct.loss

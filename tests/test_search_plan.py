@@ -1,0 +1,215 @@
+"""The fit planner of a target-aware search (planner = "fit", or "auto" below 6 targets of search): its choice,
+the design of its trials (sizes spread over log N, ladders of cooldown branches past the warm-up), a tiny
+search end to end (plan.json, best.toml with the WSD schedule), and the paragraph instead of a number when
+the search's budget cannot buy a fit.
+
+Tiny models (1-2 layers, d_model 16-64) on a generated corpus: each search takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+pytest.importorskip("matplotlib")
+
+import test_search  # noqa: E402
+from mlxllm_search.design import LADDER, Cost, Ladder, Speeds, choose, first_unit, longest_ladder  # noqa: E402
+from mlxllm_search.forecast import Forecast, predict_loss  # noqa: E402
+from mlxllm_search.law_points import DISTINCT, MIN_TRIALS, first_step  # noqa: E402
+from mlxllm_search.plan_search import PLAN_NAME, architecture, plan_candidates  # noqa: E402
+from mlxllm_search.scaling import law_params  # noqa: E402
+from mlxllm_search.spec import load_spec, make_target  # noqa: E402
+from mlxllm_search.storage import open_storage  # noqa: E402
+from mlxllm_search.target import FULL_RUNS_PER_BUDGET  # noqa: E402
+from mlxllm_search.throughput import model_key  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+import mlxllm.cli  # noqa: E402
+from mlxllm import MlxllmError, load_config  # noqa: E402
+from mlxllm.schedule import length_for_stable  # noqa: E402
+
+base_tables = test_search.base_tables
+search_cache = test_search.search_cache  # fixtures: the module's private token cache (autouse), its corpus
+text = test_search.text
+
+SPACE = """
+[space]
+n_layers = [1, 2]
+head_dim = [16]
+n_heads = [1, 2, 4]
+kv_group = [1]
+mlp_ratio = [2.0]
+learning_rate = { min = 3e-3, max = 2e-2, log = true }
+"""
+VOCAB = 257  # byte tokens
+
+
+def write_spec(tmp_path: Path, data: Path, tables: str, name: str = "p", warmup: int = 2) -> Path:
+    spec = base_tables(name, data, "eval_interval = 50\n").replace("warmup_steps = 2", f"warmup_steps = {warmup}")
+    path = tmp_path / f"{name}.toml"
+    path.write_text(spec + textwrap.dedent(SPACE) + textwrap.dedent(tables))
+    return path
+
+
+def cli(*args: str):
+    mlxllm.cli._load_plugins()
+    return CliRunner().invoke(mlxllm.cli.app, list(args))
+
+
+def load_study(out: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(None, out))
+
+
+# --- which planner -----------------------------------------------------------------------------------------
+
+
+def test_auto_plans_by_the_fit_below_six_targets_of_search(tmp_path: Path, text: Path) -> None:
+    t = make_target("seconds", 300)
+    assert t.planner == "auto" and FULL_RUNS_PER_BUDGET == 6
+    assert t.planner_for(6 * 300 - 1) == "fit" and t.planner_for(30) == "fit"
+    assert t.planner_for(6 * 300) == "curves" and t.planner_for(10_000) == "curves"
+    assert t.planner_for(None) == "curves"  # no search budget: the rungs reach the target
+    assert make_target("steps", 1000).planner_for(10) == "curves"  # a step target's seconds are unknown beforehand
+    assert make_target("seconds", 300, min_fraction=0.1).planner_for(30) == "curves"  # rung settings: the curves
+    assert make_target("seconds", 300, planner="curves").planner_for(30) == "curves"
+    assert make_target("seconds", 300, planner="fit").planner_for(10_000) == "fit"
+
+    def spec(tables: str, name: str):
+        return load_spec(write_spec(tmp_path, text, tables, name=name))
+
+    below, at = spec("[target]\nseconds = 2\n[search]\nseconds = 11\n", "b"), spec("[target]\nseconds = 2\n", "a")
+    assert below.planner == "fit" and below.plan is None  # no rungs: the fit's trials are designed instead
+    assert at.planner == "curves" and at.plan is not None
+    assert spec("[target]\nseconds = 2\nplanner = 'fit'\n", "f").planner == "fit"
+    assert below.space_hash() != at.space_hash()  # their trials' values differ in kind: one study holds one planner
+    with pytest.raises(MlxllmError, match=r"\[target\] planner in .* must be one of auto, fit, curves \(got 'magic'\)"):
+        spec("[target]\nseconds = 2\nplanner = 'magic'\n", "m")
+
+    plain = str(write_spec(tmp_path, text, "", name="c"))
+    result = cli("search", "run", plain, "--target-seconds", "2", "--planner", "magic", "--out", str(tmp_path / "c"))
+    assert result.exit_code == 1 and "--planner must be one of auto, fit, curves" in result.output
+    result = cli("search", "run", plain, "--planner", "fit", "--out", str(tmp_path / "c"))
+    assert result.exit_code == 1 and "give a target too" in result.output
+    assert isinstance(result.exception, SystemExit)  # a message, not a traceback
+    assert not (tmp_path / "c" / "study.journal").exists()  # refused before any study or training
+
+
+# --- the design ------------------------------------------------------------------------------------------
+
+
+def test_every_designed_branch_finishes_past_the_warm_up() -> None:
+    for warmup in (0, 1, 2, 5, 17, 50, 333):
+        for fraction in (0.1, 0.2, 0.5):
+            u = first_unit(warmup, fraction)
+            assert length_for_stable(u, fraction) >= first_step(warmup) and u >= warmup
+            assert u == max(1, warmup) or length_for_stable(u - 1, fraction) < first_step(warmup)  # the first such
+    cost = Cost(step_s=0.01, eval_s=0.02, call_s=0.5)
+    ladder = longest_ladder(cost, 60.0, unit=80, fraction=0.2)
+    assert ladder is not None and ladder.levels == len(LADDER) and ladder.unit > 80  # stretched to fill the share
+    assert cost.seconds(ladder) <= 60 < cost.seconds(Ladder(ladder.unit + 1, ladder.levels, 0.2))
+    short = longest_ladder(cost, cost.seconds(Ladder(80, 3, 0.2)) + 0.01, unit=80, fraction=0.2)
+    assert short == Ladder(80, 3, 0.2) and short.steps == (80, 160, 240) and short.lengths == (100, 200, 300)
+    assert longest_ladder(cost, cost.seconds(Ladder(80, 2, 0.2)) - 0.01, unit=80, fraction=0.2) is None
+
+
+def test_the_design_spreads_sizes_over_log_n_base_first_within_the_budget(tmp_path: Path, text: Path) -> None:
+    spec = load_spec(write_spec(tmp_path, text, "[target]\nseconds = 60\n[search]\nseconds = 20\n", warmup=10))
+    candidates = plan_candidates(spec, VOCAB)
+    base = architecture(spec, spec.base.model, VOCAB)
+    assert base is not None and model_key(base) in {model_key(m) for m in candidates}
+    speeds = Speeds(seq_len=32, tokens_per_step=128, eval_batches=2, peak_flops=2e10)
+    unit, warmup = first_unit(10, 0.2), 10
+    for seconds in (15.0, 40.0, 200.0):
+        choices = choose(candidates, [base], [], speeds, seconds, unit, 0.2, warmup)
+        assert len(choices) >= MIN_TRIALS and model_key(choices[0].model) == model_key(base)
+        sizes = sorted(law_params(c.model) for c in choices)
+        assert all(b > a * DISTINCT for a, b in zip(sizes, sizes[1:]))  # distinct sizes
+        assert sum(c.cost_s for c in choices) <= seconds * 1.001
+        for c in choices:  # no branch ends inside or just after the warm-up
+            assert c.ladder.steps[0] >= unit and min(c.ladder.lengths) >= first_step(warmup)
+            assert c.ladder.levels >= 2 and c.cost_s <= c.share_s
+    # Measured trials: no architecture twice, the sizes chosen next away from those measured.
+    first = choose(candidates, [base], [], speeds, 40.0, unit, 0.2, warmup)
+    done = [c.model for c in first[:2]]
+    rest = choose(candidates, [base], done, speeds, 40.0, unit, 0.2, warmup)
+    assert rest and not {model_key(c.model) for c in rest} & {model_key(m) for m in done}
+    # Too little time for a usable ladder on any size: the cheapest sizes measure how far short it falls, with
+    # branches from past the warm-up (a branch needs its peak learning rate) that the fit will refuse.
+    cheapest = min(candidates, key=lambda m: speeds.cost(m).step_s)
+    usable, short = (speeds.cost(cheapest).seconds(Ladder(u, 2, 0.2)) for u in (unit, warmup))
+    assert short < usable
+    tight = choose(candidates, [base], [], speeds, MIN_TRIALS * (usable + short) / 2, unit, 0.2, warmup)
+    assert tight and all(min(c.ladder.lengths) < first_step(warmup) <= c.ladder.unit * 1.25 * 2 for c in tight)
+    assert all(warmup <= c.ladder.unit < unit for c in tight)
+    assert choose(candidates, [base], [], speeds, MIN_TRIALS * short * 0.99, unit, 0.2, warmup) == []
+
+
+# --- searches --------------------------------------------------------------------------------------------
+
+
+def test_tiny_plan_search_end_to_end(tmp_path: Path, text: Path) -> None:
+    spec = write_spec(tmp_path, text, "[target]\nseconds = 30\n")
+    out, budget = tmp_path / "s", 16.0
+    start = time.perf_counter()
+    result = cli("search", "run", str(spec), "--out", str(out), "--search-seconds", str(budget))
+    wall = time.perf_counter() - start
+    assert result.exit_code == 0, result.output
+    assert wall < budget + 5, f"the search ran {wall:.1f} s on a {budget:g} s budget"
+    assert "Planner: fit" in result.output and "plan for 30 s" in result.output, result.output
+
+    plan = json.loads((out / PLAN_NAME).read_text())
+    forecast = Forecast.from_dict(plan)
+    assert forecast.law is not None and forecast.shortfall is None
+    assert [p.multiple for p in forecast.picks] == [0.25, 0.5, 1.0, 2.0, 4.0]
+    best = load_config(out / "best.toml")
+    pick = forecast.pick(1.0)
+    assert best.train.schedule == "wsd" and best.train.max_seconds == 30  # the schedule the prediction is of
+    assert (best.model.n_layers, best.model.d_model) == (pick.model.n_layers, pick.model.d_model)
+    header = (out / "best.toml").read_text().split("\n\n")[0]
+    assert f"{pick.loss:.4f} +- {2 * pick.sd:.4f}" in header and "T/4" in header and "4T" in header
+    loss, sd = predict_loss(plan, pick.model)
+    assert loss == pytest.approx(pick.loss) and sd > 0
+
+    trials = load_study(out, "p").get_trials()
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) >= MIN_TRIALS
+    base, first = load_spec(spec).base.model, trials[0].user_attrs["model"]
+    assert (first["n_layers"], first["d_model"], first["n_heads"]) == (base.n_layers, base.d_model, base.n_heads)
+    need = first_step(2)
+    for t in done:  # no point from inside the warm-up: every finished run is past first_step
+        steps = t.user_attrs["branch_steps"]
+        assert min(length_for_stable(s, 0.2) for s in steps) >= need
+        points = t.user_attrs["law_points"]
+        assert points and all(p["step"] >= need for p in points)
+        assert t.value == min(points, key=lambda p: -p["step"])["loss"]  # its value: the longest finished run
+        assert t.user_attrs["tokens_per_sec"] > 0
+    assert forecast.law.points == sum(len(t.user_attrs["law_points"]) for t in done)
+    assert not [p for p in (out / "trials").rglob("*") if p.is_file()]  # branches and main runs are removed
+
+
+def test_a_search_budget_too_small_for_a_fit_says_so_in_a_paragraph(tmp_path: Path, text: Path) -> None:
+    # A warm-up of 3,000 steps: the shortest finished run the fit admits is 6,000 steps, far beyond 8 s of search.
+    spec = write_spec(tmp_path, text, "[target]\nseconds = 60\n", name="q", warmup=3000)
+    out = tmp_path / "q"
+    result = cli("search", "run", str(spec), "--out", str(out), "--search-seconds", "8")
+    assert result.exit_code == 0, result.output
+    text_out = " ".join(result.output.split())
+    assert "No loss is predicted for the run of 60 s" in text_out and "plan for" not in text_out
+    assert "+-" not in text_out  # no number with an uncertainty: nothing to trust
+    plan = json.loads((out / PLAN_NAME).read_text())
+    assert plan["law"] is None and plan["picks"] == [] and plan["shortfall"].startswith("No loss is predicted")
+    best = (out / "best.toml").read_text()
+    header = " ".join(line[2:] for line in best.split("\n\n")[0].splitlines())
+    assert "planned no run" in header and "No loss is predicted" in header
+    run = load_config(out / "best.toml")
+    base = load_spec(spec).base
+    assert run.model == base.model and run.train.schedule == base.train.schedule  # the base config, unchanged
+    assert math.isclose(run.train.max_seconds, 60)
