@@ -18,7 +18,7 @@ from mlxllm.config import ModelConfig, TrainConfig
 from mlxllm.cpu import streams
 from mlxllm.device import usable_cores
 from mlxllm.distributed import Group
-from mlxllm.model import Transformer
+from mlxllm.model import Transformer, set_training
 
 # A transform of a function of a batch (as mx.compile is): cpu.streams.Split runs it over CPU streams.
 Transform = Callable[[Callable[[mx.array], Any]], Callable[[mx.array], Any]]
@@ -28,6 +28,16 @@ def loss_fn(model: Transformer, batch: mx.array) -> mx.array:
     """Mean next-token cross-entropy of a (B, L + 1) batch of token windows."""
     logits = model(batch[:, :-1]).astype(mx.float32)
     return ops.cross_entropy(logits, batch[:, 1:])
+
+
+def _loss_in_mode(model: Transformer, batch: mx.array, training: bool) -> mx.array:
+    """loss_fn with dropout on (training) or off; the mode is read while tracing, so it is set here,
+    inside the traced function, and put back after."""
+    before = set_training(model, training)
+    try:
+        return loss_fn(model, batch)
+    finally:
+        set_training(model, before)
 
 
 def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
@@ -91,7 +101,7 @@ def make_step(
 
     def loss(params: Any, batch: mx.array) -> mx.array:
         model.update(_cast(params, compute))  # bf16 compute on fp32 master weights
-        return loss_fn(model, batch)
+        return _loss_in_mode(model, batch, training=True)
 
     value_and_grad = mx.value_and_grad(loss)
 
@@ -138,15 +148,16 @@ def make_step(
 
 
 def make_eval(model: Transformer, cfg: TrainConfig, split: Transform | None = None) -> Callable:
-    """The mean loss of one validation batch, compiled, in the training dtype; `split` as make_step's."""
+    """The mean loss of one validation batch (dropout off), compiled, in the training dtype; `split` as
+    make_step's."""
     compute = getattr(mx, cfg.dtype)
 
     def loss_at(batch: mx.array) -> mx.array:
         if compute == mx.float32:
-            return loss_fn(model, batch)
+            return _loss_in_mode(model, batch, training=False)
         params = model.trainable_parameters()
         model.update(_cast(params, compute))
-        loss = loss_fn(model, batch)
+        loss = _loss_in_mode(model, batch, training=False)
         model.update(params)
         return loss
 
