@@ -40,10 +40,10 @@ def ring_seconds(params: int, processes: int, bandwidth: float, bytes_per_value:
 
 def _worker(config: str, steps: int, out_dir: str, corpus: str | None) -> None:
     """One process of the group: train, then time an all-reduce of the gradients' size."""
-    import mlx.core as mx
-
     import mlxllm  # first: it loads the optimized BLAS before mlx.core
     from mlxllm.distributed import group
+
+    import mlx.core as mx
 
     g = group()
     model = mlxllm.ModelConfig(vocab_size=257, max_seq_len=SEQ_LEN, **CONFIGS[config])

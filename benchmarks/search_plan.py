@@ -56,6 +56,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from mlxllm import data as data_mod
+from mlxllm.config import ModelConfig, RunConfig, from_dict, load_config
+from mlxllm.device import describe_cpu, device_name
+from mlxllm.errors import MlxllmError
+from mlxllm.tokenizer import ByteTokenizer
+from mlxllm.trainer import train
+
 import optuna
 from mlxllm_search import search
 from mlxllm_search.space import Choice, Space
@@ -64,13 +71,6 @@ from mlxllm_search.storage import open_storage
 from mlxllm_search.target import HUGE_STEPS
 from search_plan_tables import A, B, C, D, rule_pick, shape, show_results
 from search_target import DEFAULT_CORPUS, FULL, QUICK, for_target, predicted_before_target, spec_dict, train_result
-
-from mlxllm import data as data_mod
-from mlxllm.config import ModelConfig, RunConfig, from_dict, load_config
-from mlxllm.device import describe_cpu, device_name
-from mlxllm.errors import MlxllmError
-from mlxllm.tokenizer import ByteTokenizer
-from mlxllm.trainer import train
 
 PLAN = dict(
     FULL,

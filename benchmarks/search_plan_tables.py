@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 import statistics
 
+from mlxllm.config import ModelConfig, from_dict
+
 from mlxllm_search.curve import kendall_tau
 from search_target import noise_of, show_predictions
-
-from mlxllm.config import ModelConfig, from_dict
 
 TOKENS_PER_PARAM = 20  # (b): Chinchilla's compute-optimal ratio, the one nanochat sizes by
 A, B, C, D = "(a) default", "(b) 20 tokens per parameter", "(c) today's target search", "(d) plan search"

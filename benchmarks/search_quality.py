@@ -22,13 +22,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlxllm.config import ModelConfig, TrainConfig
+
 import optuna
 from mlxllm_search import search
 from mlxllm_search.records import record_of
 from mlxllm_search.spec import parse_spec
 from optuna.trial import TrialState
-
-from mlxllm.config import ModelConfig, TrainConfig
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 

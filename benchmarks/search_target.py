@@ -32,6 +32,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from mlxllm.config import ModelConfig, RunConfig, TrainConfig, load_config
+from mlxllm.tokenizer import ByteTokenizer
+from mlxllm.trainer import train
+
 import optuna
 from mlxllm_search import search
 from mlxllm_search.curve import kendall_tau
@@ -42,10 +46,6 @@ from mlxllm_search.speed import Point
 from mlxllm_search.storage import open_storage
 from mlxllm_search.target import HUGE_STEPS
 from optuna.trial import FrozenTrial
-
-from mlxllm.config import ModelConfig, RunConfig, TrainConfig, load_config
-from mlxllm.tokenizer import ByteTokenizer
-from mlxllm.trainer import train
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 

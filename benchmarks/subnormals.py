@@ -23,10 +23,6 @@ import math
 import time
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-
 import mlxllm  # noqa: F401 - the BLAS before mlx.core
 from mlxllm import attention as attention_mod
 from mlxllm import step as step_mod
@@ -35,6 +31,10 @@ from mlxllm.bench.workers import model_config
 from mlxllm.config import TrainConfig
 from mlxllm.cpu import fastexp
 from mlxllm.model import build_model
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 TINY = float(np.finfo(np.float32).tiny)

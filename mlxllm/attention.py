@@ -4,12 +4,12 @@ config.ATTENTION_IMPLS) for this device."""
 
 from __future__ import annotations
 
-import mlx.core as mx
-
 from mlxllm import kernels, ops
 from mlxllm.config import ATTENTION_IMPLS
 from mlxllm.cpu.halves import SPLIT_MIN_LEN, causal_halves_attention
 from mlxllm.errors import MlxllmError
+
+import mlx.core as mx
 
 
 def _grouped(q: mx.array, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array]:

@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-
 from mlxllm.errors import MlxllmError
+
+import mlx.core as mx
 
 PREFIX = "step_"
 DAMAGED = ".damaged-"  # a checkpoint that failed its checksums, set aside (not deleted) at resume

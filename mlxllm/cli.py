@@ -9,11 +9,11 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any
 
+from mlxllm.errors import MlxllmError
+
 import typer
 from rich.console import Console
 from rich.markup import escape
-
-from mlxllm.errors import MlxllmError
 
 app = typer.Typer(
     help="Train small GPT-style language models on your own text with MLX.",
@@ -178,13 +178,13 @@ def tokenizer_train(
 @friendly
 def info() -> None:
     """Show the MLX device, the BLAS in use and the measured matmul peak."""
-    import mlx.core as mx
-
     from mlxllm.config import ModelConfig, TrainConfig
     from mlxllm.cpu import blas
     from mlxllm.device import backend, describe_cpu, device_name, peak_flops
     from mlxllm.distributed import group
     from mlxllm.step import stream_count
+
+    import mlx.core as mx
 
     g = group()  # under mlx.launch, every process prints its own place in the group
     with g.in_turn("measuring the machine"):

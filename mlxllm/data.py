@@ -17,13 +17,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from mlxllm.config import TokenizerConfig
 from mlxllm.corpus import Corpus, Spec, fingerprint, open_corpus
 from mlxllm.device import cache_dir
 from mlxllm.errors import MlxllmError
 from mlxllm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+import numpy as np
 
 FORMAT_VERSION = 1
 

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-
 from mlxllm.cpu import blas
 from mlxllm.distributed import current
+
+import mlx.core as mx
 
 # Apple GPU peak FP32 TFLOP/s by chip (Apple's figures for the largest GPU of each chip; bf16/fp16 run
 # at the same rate on these GPUs). Looked up by the chip name the system reports.

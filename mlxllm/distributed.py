@@ -20,11 +20,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from mlxllm.errors import MlxllmError
+
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
-
-from mlxllm.errors import MlxllmError
 
 # Set by mlx.launch (or by hand) for each backend; without any of them a process trains alone.
 _LAUNCH_ENV = {

@@ -13,10 +13,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten
-
 from mlxllm import checkpoint as ckpt
 from mlxllm import hf_config
 from mlxllm.config import RunConfig, load_config
@@ -24,6 +20,10 @@ from mlxllm.errors import MlxllmError
 from mlxllm.generate import load
 from mlxllm.hf_tokenizer import write_tokenizer
 from mlxllm.model import Transformer
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 DTYPES = ("float32", "float16", "bfloat16")
 FORMATS = ("hf", "gguf")

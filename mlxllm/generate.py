@@ -7,12 +7,12 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import mlx.core as mx
-from mlx.utils import tree_flatten
-
 from mlxllm import ops, pretrained
 from mlxllm.model import KVCache, Transformer, set_training
 from mlxllm.tokenizer import Tokenizer
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
 
 
 def load(path: str | Path, which: str = "best") -> tuple[Transformer, Tokenizer]:

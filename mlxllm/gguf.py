@@ -17,14 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-import numpy as np
-from mlx.utils import tree_flatten
-
 from mlxllm.errors import MlxllmError
 from mlxllm.hf_tokenizer import byte_level_chars
 from mlxllm.model import Transformer
 from mlxllm.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
 
 try:
     import gguf

@@ -15,11 +15,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
 from mlxllm.errors import MlxllmError
 from mlxllm.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer
 from mlxllm.tokenizer import Tokenizer as MlxllmTokenizer
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 SPACE = "\u2581"
 EOS, UNK = "</s>", "<unk>"

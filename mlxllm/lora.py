@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from mlxllm.config import ModelConfig
 from mlxllm.model import Transformer
+
+import mlx.core as mx
+import mlx.nn as nn
 
 TARGETS = (
     "self_attn.q_proj",

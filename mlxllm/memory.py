@@ -14,11 +14,11 @@ import os
 import sys
 from typing import Any
 
-import mlx.core as mx
-
 from mlxllm import device
 from mlxllm.config import ModelConfig
 from mlxllm.errors import MlxllmError
+
+import mlx.core as mx
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 HEADROOM = 0.9  # refuse a run whose estimate exceeds this share of the device's memory

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import math
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
-
 from mlxllm import ops
 from mlxllm.attention import attention, decode_attention
 from mlxllm.config import ModelConfig
 from mlxllm.errors import MlxllmError
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
 __all__ = ["KVCache", "ModelConfig", "Transformer", "build_model", "init_weights", "set_training"]
 

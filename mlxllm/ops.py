@@ -3,11 +3,11 @@ equal one from `mlxllm.cpu` that MLX's CPU compiler runs faster. The one place t
 
 from __future__ import annotations
 
+from mlxllm.cpu import fastexp, layers
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
-
-from mlxllm.cpu import fastexp, layers
 
 
 def _cpu() -> bool:

@@ -9,15 +9,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from mlxllm import checkpoint as ckpt
 from mlxllm import hf_config, lora
 from mlxllm.config import ModelConfig, TokenizerConfig, load_config
 from mlxllm.errors import MlxllmError
 from mlxllm.model import Transformer
 from mlxllm.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
+
+import mlx.core as mx
+import mlx.nn as nn
 
 # Buffers some Llama checkpoints carry that are not parameters (mlxllm recomputes them).
 _NOT_PARAMETERS = ("rotary_emb.inv_freq",)

@@ -12,10 +12,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
-import mlx.core as mx
-import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_unflatten
-
 from mlxllm import checkpoint as ckpt
 from mlxllm import data as data_mod
 from mlxllm import lora, pretrained, rundir
@@ -27,6 +23,10 @@ from mlxllm.memory import check_fits, configure_cache, estimate_memory, set_wire
 from mlxllm.model import Transformer, build_model
 from mlxllm.pretrained import Pretrained
 from mlxllm.step import make_optimizer
+
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
 
 
 @dataclass

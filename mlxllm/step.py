@@ -7,18 +7,18 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import mlx.core as mx
-import mlx.nn as nn
-import mlx.optimizers as optim
-import numpy as np
-from mlx.utils import tree_map
-
 from mlxllm import ops
 from mlxllm.config import ModelConfig, TrainConfig
 from mlxllm.cpu import streams
 from mlxllm.device import usable_cores
 from mlxllm.distributed import Group
 from mlxllm.model import Transformer, set_training
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
 
 # A transform of a function of a batch (as mx.compile is): cpu.streams.Split runs it over CPU streams.
 Transform = Callable[[Callable[[mx.array], Any]], Callable[[mx.array], Any]]

@@ -9,11 +9,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
-import sentencepiece as spm
-
 from mlxllm.config import TokenizerConfig
 from mlxllm.device import usable_cores
 from mlxllm.errors import MlxllmError
+
+import sentencepiece as spm
 
 
 class Tokenizer(Protocol):

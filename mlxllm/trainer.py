@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-
 from mlxllm import checkpoint as ckpt
 from mlxllm import data as data_mod
 from mlxllm import distributed
@@ -27,6 +25,8 @@ from mlxllm.progress import Reporter
 from mlxllm.runstate import Run, memory, open_run
 from mlxllm.schedule import lr_at
 from mlxllm.step import cpu_split, evaluate, make_eval, make_step, step_seed
+
+import mlx.core as mx
 
 
 @dataclass

@@ -6,9 +6,9 @@ import os
 import random
 from pathlib import Path
 
-import pytest
-
 import mlxllm  # noqa: F401 - loads the optimized BLAS before mlx.core
+
+import pytest
 
 SUBJECTS = ["the cat", "a dog", "my friend", "the old man", "a small bird", "the teacher", "our neighbour", "the king"]
 VERBS = ["sees", "likes", "follows", "paints", "finds", "remembers", "carries", "greets"]

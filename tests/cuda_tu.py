@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-
 from mlxllm.kernels.cuda import translation_unit
 from mlxllm.kernels.fused import ROWS_PER_GROUP, inner_tile, launch_grid, template_args
 from mlxllm.kernels.source import BODIES
+
+import mlx.core as mx
 
 NVCC = shutil.which("nvcc")
 

@@ -3,11 +3,11 @@
 These need the hardware: on a machine without it they skip and say why.
 """
 
-import mlx.core as mx
-import pytest
-
 import mlxllm  # noqa: F401  (must precede mlx.core)
 from mlxllm.kernels.fused import fused_attention
+
+import mlx.core as mx
+import pytest
 
 BACKENDS = [
     pytest.param(

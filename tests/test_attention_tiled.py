@@ -2,16 +2,16 @@
 
 import json
 
-import mlx.core as mx
-import mlx.nn as nn
-import pytest
-
 import mlxllm  # noqa: F401  (must precede mlx.core)
 from mlxllm import kernels
 from mlxllm.attention import attention, reference_attention
 from mlxllm.device import device_name
 from mlxllm.kernels import select
 from mlxllm.kernels.tiled import tiled_attention, tiled_function
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
 
 TOL = 1e-5
 

@@ -12,13 +12,13 @@ import os
 import statistics
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 from mlxllm.bench.train import IMPLS, TINY_CONFIG, rotated, run_benchmark
 from mlxllm.bench.workers import TORCH_MODES, TORCH_REFERENCE, model_config
 from mlxllm.errors import MlxllmError
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 MLX_IMPLS = ("mlxllm", "mlxllm-1stream", "mlx-plain")
 

@@ -1,10 +1,10 @@
 import json
 from pathlib import Path
 
+from mlxllm.cli import app
+
 import pytest
 from typer.testing import CliRunner
-
-from mlxllm.cli import app
 
 TINY = [
     "--set",

@@ -1,9 +1,9 @@
 from pathlib import Path
 
-import pytest
-
 from mlxllm import MlxllmError, RunConfig, load_config
 from mlxllm.config import dump_toml
+
+import pytest
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

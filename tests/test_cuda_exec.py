@@ -26,6 +26,9 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 
+import mlxllm  # noqa: E402,F401  (must precede mlx.core)
+from mlxllm.kernels import fused  # noqa: E402
+
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -39,9 +42,6 @@ from cuda_tu import (  # noqa: E402
     mangled_name,
     ptxas_resources,
 )
-
-import mlxllm  # noqa: E402,F401  (must precede mlx.core)
-from mlxllm.kernels import fused  # noqa: E402
 
 KINDS = ("forward", "dq", "dkv")
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}

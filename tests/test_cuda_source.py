@@ -7,12 +7,12 @@ tests/test_cuda_exec.py runs the same units on a GPU.
 
 import subprocess
 
+import mlxllm  # noqa: F401  (must precede mlx.core)
+from mlxllm.kernels.cuda import translation_unit
+
 import mlx.core as mx
 import pytest
 from cuda_tu import NVCC, STAND_IN
-
-import mlxllm  # noqa: F401  (must precede mlx.core)
-from mlxllm.kernels.cuda import translation_unit
 
 # (head dim, causal, query heads per K/V head): the largest shared-memory case and a small non-causal one.
 VARIANTS = [(128, True, 2), (64, True, 1), (32, False, 4)]

@@ -1,14 +1,14 @@
 import json
 from pathlib import Path
 
-import numpy as np
-import pytest
-from conftest import tiny_configs
-
 from mlxllm import MlxllmError, RunConfig, train
 from mlxllm import corpus as corpus_mod
 from mlxllm import data as data_mod
 from mlxllm.config import TokenizerConfig
+
+import numpy as np
+import pytest
+from conftest import tiny_configs
 
 BYTE = TokenizerConfig(kind="byte")
 

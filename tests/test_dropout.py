@@ -8,17 +8,17 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from conftest import tiny_configs
-
 from mlxllm import MlxllmError, ModelConfig, RunConfig, TokenizerConfig, TrainConfig, train
 from mlxllm import step as step_mod
 from mlxllm.config import load_config
 from mlxllm.hf_config import from_hf, to_hf
 from mlxllm.memory import estimate_memory
 from mlxllm.model import build_model, set_training
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import tiny_configs
 
 SMALL = dict(vocab_size=61, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=32)
 IDS = mx.array([[(5 * i + 2) % 61 for i in range(24)]])

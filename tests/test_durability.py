@@ -11,13 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+from mlxllm import MlxllmError, RunConfig, load, train
+from mlxllm import checkpoint as ckpt
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import tiny_configs
-
-from mlxllm import MlxllmError, RunConfig, load, train
-from mlxllm import checkpoint as ckpt
 
 TESTS = Path(__file__).resolve().parent
 

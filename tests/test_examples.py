@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from mlxllm.checkpoint import latest_checkpoint, read_state
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

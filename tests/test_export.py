@@ -13,18 +13,18 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from conftest import tiny_configs
-from typer.testing import CliRunner
-
 from mlxllm import MlxllmError, RunConfig, TokenizerConfig, load, train
 from mlxllm import data as data_mod
 from mlxllm.cli import app
 from mlxllm.export import ExportOptions, export
 from mlxllm.generate import generate_ids
 from mlxllm.step import loss_fn
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import tiny_configs
+from typer.testing import CliRunner
 
 mlx_lm = pytest.importorskip("mlx_lm", reason="the export extra (pip install '.[export]') is not installed")
 transformers = pytest.importorskip("transformers", reason="the export extra (pip install '.[export]') is not installed")
@@ -275,9 +275,9 @@ def test_a_llama_saved_by_transformers_loads_with_equal_logits(exports, tmp_path
 
 
 def test_lora_fine_tuning_trains_adapters_only_and_merges_on_load_and_export(exports, tmp_path):
-    from mlx.utils import tree_flatten
-
     from mlxllm import lora, pretrained
+
+    from mlx.utils import tree_flatten
 
     _, hf = exports[("bpe", False, 4)]
     other = tmp_path / "other.txt"

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 
+from mlxllm import MlxllmError, ModelConfig
+
 import numpy as np
 import pytest
 from mlxllm_search.forecast import Forecast, make_forecast, predict_loss, predict_model, render
 from mlxllm_search.scaling import Point, effective_tokens, law_params
 from mlxllm_search.throughput import PRIOR_SD, RunLength, fit_throughput
-
-from mlxllm import MlxllmError, ModelConfig
 
 FLOP_RATE = 1e11  # this synthetic machine's FLOPs per second: 4 x 128 trains at about 17,000 tokens/s
 SEQ = 256

@@ -1,13 +1,13 @@
 import json
 from pathlib import Path
 
-import mlx.core as mx
-import pytest
-from conftest import tiny_configs
-
 from mlxllm import MlxllmError, ModelConfig, RunConfig, generate, load, train
 from mlxllm.generate import generate_ids, sample_next
 from mlxllm.model import KVCache, build_model
+
+import mlx.core as mx
+import pytest
+from conftest import tiny_configs
 
 
 def _without_cache(model, prompt, n, temperature, seed=0, top_k=None, top_p=None):
@@ -154,10 +154,10 @@ def test_decoding_follows_the_models_current_weights():
 
 
 def test_bench_generate_reports_mlxllm_and_mlx_lm(tmp_path: Path):
-    from typer.testing import CliRunner
-
     from mlxllm.bench.generate import mlx_lm_available
     from mlxllm.cli import app
+
+    from typer.testing import CliRunner
 
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mlxllm import MlxllmError, ModelConfig, TokenizerConfig
+from mlxllm.generate import generate_ids
+from mlxllm.model import Transformer, build_model
+from mlxllm.tokenizer import ByteTokenizer, Tokenizer, train_tokenizer
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import make_corpus
 from mlx.utils import tree_flatten
-
-from mlxllm import MlxllmError, ModelConfig, TokenizerConfig
-from mlxllm.generate import generate_ids
-from mlxllm.model import Transformer, build_model
-from mlxllm.tokenizer import ByteTokenizer, Tokenizer, train_tokenizer
 
 gguf = pytest.importorskip("gguf", reason="GGUF export needs the gguf package (pip install gguf)")
 

@@ -24,13 +24,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 import mlxllm  # noqa: F401  (must precede mlx.core)
 from mlxllm.attention import reference_attention
 from mlxllm.kernels.fused import ROWS_PER_GROUP, launch_grid
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 HERE = Path(__file__).parent
 KINDS = ("forward", "dq", "dkv")

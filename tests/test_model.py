@@ -1,13 +1,13 @@
 import math
 
-import mlx.core as mx
-import pytest
-from mlx.utils import tree_flatten
-
 import mlxllm  # noqa: F401
 from mlxllm import MlxllmError, ModelConfig
 from mlxllm.attention import attention, reference_attention
 from mlxllm.model import build_model
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
 
 
 def test_parameter_names_follow_llama_layout():
@@ -163,9 +163,9 @@ def test_rms_norm_is_mlx_rms_norm_with_its_gradient(dtype):
 
 
 def test_fast_cross_entropy_matches_mlx_with_its_gradient():
-    import mlx.nn as nn
-
     from mlxllm.cpu import fastexp
+
+    import mlx.nn as nn
 
     logits = mx.random.normal((4, 50, 65), key=mx.random.key(0)) * 8  # some rows far from uniform
     targets = mx.random.randint(0, 65, (4, 50), key=mx.random.key(1))

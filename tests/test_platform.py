@@ -6,11 +6,11 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+from mlxllm.cpu import blas as _blas
+
 import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
-
-from mlxllm.cpu import blas as _blas
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -142,9 +142,9 @@ def test_without_a_system_openblas_the_pip_installed_mkl_is_fast():
 
 
 def test_mlxllm_blas_none_is_said_loudly():
-    from typer.testing import CliRunner
-
     from mlxllm.cli import app
+
+    from typer.testing import CliRunner
 
     out = subprocess.run(
         [sys.executable, "-c", "from mlxllm.cli import main; main()", "info"],

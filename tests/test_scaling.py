@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 
+from mlxllm import MlxllmError
+
 import numpy as np
 import pytest
 from mlxllm_search.scaling import (
@@ -18,8 +20,6 @@ from mlxllm_search.scaling import (
     fit_law,
     split_points,
 )
-
-from mlxllm import MlxllmError
 
 TRUE = {"e": 1.0, "a": 75.0, "alpha": 0.4, "b": 50.0, "beta": 0.3}  # L = 1.73 at 0.2M/1M, 1.18 at 5M/50M
 SIZES = (0.2e6, 0.5e6, 1e6, 2e6, 5e6)

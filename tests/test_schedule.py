@@ -9,18 +9,18 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from conftest import tiny_configs
-from typer.testing import CliRunner
-
 from mlxllm import MlxllmError, RunConfig, TrainConfig, load_config
 from mlxllm import checkpoint as ckpt
 from mlxllm.branch import _stable_through, branch, branchable_steps
 from mlxllm.cli import app
 from mlxllm.config import dump_toml
 from mlxllm.schedule import length_for_stable, lr_at, stable_steps
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import tiny_configs
+from typer.testing import CliRunner
 
 # The source run: WSD over K = 60 steps (stable phase 48), checkpoints at 20 (in the warmup), 40, 60.
 WARMUP, K, S, F = 25, 60, 40, 0.2

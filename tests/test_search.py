@@ -19,15 +19,15 @@ import pytest
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
 
+import mlxllm.cli  # noqa: E402
+from mlxllm import MlxllmError, load_config  # noqa: E402
+
 from mlxllm_search import search  # noqa: E402
 from mlxllm_search.records import LOST  # noqa: E402
 from mlxllm_search.spec import load_spec  # noqa: E402
 from mlxllm_search.storage import counts  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
-
-import mlxllm.cli  # noqa: E402
-from mlxllm import MlxllmError, load_config  # noqa: E402
 
 WORDS = ["the cat", "a dog", "my friend", "sees", "likes", "follows", "the red ball", "an old book", "the river"]
 

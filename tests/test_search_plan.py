@@ -19,6 +19,10 @@ import pytest
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
 
+import mlxllm.cli  # noqa: E402
+from mlxllm import MlxllmError, load_config  # noqa: E402
+from mlxllm.schedule import length_for_stable  # noqa: E402
+
 import test_search  # noqa: E402
 from mlxllm_search.design import LADDER, Cost, Ladder, Speeds, choose, first_unit, longest_ladder  # noqa: E402
 from mlxllm_search.forecast import Forecast, predict_loss  # noqa: E402
@@ -31,10 +35,6 @@ from mlxllm_search.target import FULL_RUNS_PER_BUDGET  # noqa: E402
 from mlxllm_search.throughput import model_key  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
-
-import mlxllm.cli  # noqa: E402
-from mlxllm import MlxllmError, load_config  # noqa: E402
-from mlxllm.schedule import length_for_stable  # noqa: E402
 
 base_tables = test_search.base_tables
 search_cache = test_search.search_cache  # fixtures: the module's private token cache (autouse), its corpus

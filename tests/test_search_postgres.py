@@ -21,14 +21,14 @@ import pytest
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
 
+from mlxllm import MlxllmError  # noqa: E402
+
 from mlxllm_search import search  # noqa: E402
 from mlxllm_search.records import LOST  # noqa: E402
 from mlxllm_search.storage import GRACE_ENV, HEARTBEAT_ENV, counts, open_storage  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 from postgres_server import PostgresServer, missing, postgres_server  # noqa: E402
 from test_search import cli, write_spec  # noqa: E402
-
-from mlxllm import MlxllmError  # noqa: E402
 
 CLI = "import sys; from mlxllm.cli import main; sys.argv[0] = 'mlxllm'; main()"
 FINISHED = {TrialState.COMPLETE, TrialState.PRUNED}

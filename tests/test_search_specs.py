@@ -10,12 +10,12 @@ import pytest
 
 pytest.importorskip("optuna")
 
+from mlxllm.tokenizer import ByteTokenizer  # noqa: E402
+
 from mlxllm_search.plan_search import architecture, plan_candidates  # noqa: E402
 from mlxllm_search.space import TRAIN_BYTES_PER_PARAM  # noqa: E402
 from mlxllm_search.spec import load_spec  # noqa: E402
 from mlxllm_search.throughput import model_key  # noqa: E402
-
-from mlxllm.tokenizer import ByteTokenizer  # noqa: E402
 
 SPECS = sorted((Path(__file__).parents[1] / "configs" / "search").glob("*.toml"))
 

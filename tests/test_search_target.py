@@ -17,6 +17,9 @@ import pytest
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
 
+import mlxllm.cli  # noqa: E402
+from mlxllm import MlxllmError, load_config  # noqa: E402
+
 from mlxllm_search import search  # noqa: E402
 from mlxllm_search.curve import fit_curve, kendall_tau  # noqa: E402
 from mlxllm_search.spec import load_spec, make_target  # noqa: E402
@@ -27,9 +30,6 @@ from mlxllm_search.target_search import uncounted  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from test_search import base_tables, search_cache, text  # noqa: E402, F401 - the module's cache and corpus
 from typer.testing import CliRunner  # noqa: E402
-
-import mlxllm.cli  # noqa: E402
-from mlxllm import MlxllmError, load_config  # noqa: E402
 
 SPACE = """
 [space]

@@ -9,10 +9,6 @@ import os
 import subprocess
 import sys
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 from mlxllm import step as step_mod
 from mlxllm.config import ModelConfig, TrainConfig
 from mlxllm.cpu import blas as _blas
@@ -22,6 +18,10 @@ from mlxllm.errors import MlxllmError
 from mlxllm.model import build_model
 from mlxllm.schedule import lr_at
 from mlxllm.step import stream_count
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 linux_openblas = pytest.mark.skipif(
     not (sys.platform.startswith("linux") and _blas.loaded and "openblas" in _blas.loaded),
@@ -328,9 +328,9 @@ def test_the_pytorch_reference_is_mlxllms_model():
     torch = pytest.importorskip("torch", reason="PyTorch (CPU) is not installed; .ci/run installs it")
     import importlib.util
 
-    from mlx.utils import tree_flatten
-
     from mlxllm.bench.workers import TORCH_REFERENCE, model_config
+
+    from mlx.utils import tree_flatten
 
     spec = importlib.util.spec_from_file_location("torch_reference", TORCH_REFERENCE)
     ref = importlib.util.module_from_spec(spec)

@@ -6,16 +6,16 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from conftest import tiny_configs
-
 from mlxllm import MlxllmError, RunConfig, TrainConfig, train
 from mlxllm import checkpoint as ckpt
 from mlxllm.cpu import blas as _blas
 from mlxllm.device import usable_cores
 from mlxllm.step import stream_count
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import tiny_configs
 
 
 def _weights(run_dir: Path) -> dict[str, np.ndarray]:

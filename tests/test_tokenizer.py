@@ -1,13 +1,13 @@
 import random
 from pathlib import Path
 
-import pytest
-from conftest import make_corpus, tiny_configs
-from typer.testing import CliRunner
-
 from mlxllm import MlxllmError, RunConfig, train
 from mlxllm.config import TokenizerConfig
 from mlxllm.tokenizer import ByteTokenizer, load_tokenizer, train_tokenizer, training_sentences
+
+import pytest
+from conftest import make_corpus, tiny_configs
+from typer.testing import CliRunner
 
 
 def test_bpe_round_trips_unseen_text_through_byte_fallback(corpus: Path, tmp_path: Path):

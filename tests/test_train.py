@@ -4,17 +4,17 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from conftest import tiny_configs
-
 from mlxllm import MlxllmError, RunConfig, TrainConfig, load, train
 from mlxllm import checkpoint as ckpt
 from mlxllm import step as step_mod
 from mlxllm.data import prepare
 from mlxllm.model import ModelConfig, build_model
 from mlxllm.schedule import lr_at
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import tiny_configs
 
 
 def weights(run_dir: Path, which: str = "latest") -> dict[str, np.ndarray]:

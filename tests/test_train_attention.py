@@ -3,12 +3,12 @@
 from dataclasses import replace
 from pathlib import Path
 
+from mlxllm import RunConfig, train
+from mlxllm import checkpoint as ckpt
+
 import mlx.core as mx
 import numpy as np
 from conftest import tiny_configs
-
-from mlxllm import RunConfig, train
-from mlxllm import checkpoint as ckpt
 
 
 def test_flash_attention_training_matches_fast_over_50_steps(corpus: Path, tmp_path: Path):

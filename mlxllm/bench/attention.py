@@ -9,12 +9,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import mlx.core as mx
-
 from mlxllm.attention import attention
 from mlxllm.device import device_name
 from mlxllm.kernels import gpu_backend
 from mlxllm.kernels.select import IMPLS, record_choice
+
+import mlx.core as mx
 
 # "reference" is the unfused baseline, the full L x L score matrix in plain MLX ops, never recorded as
 # the 'auto' choice; "halves" skips a quarter of it (query halves) from L = 128.

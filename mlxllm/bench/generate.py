@@ -25,13 +25,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-from mlx.utils import tree_flatten
-
 from mlxllm import hf_config
 from mlxllm.config import ModelConfig
 from mlxllm.errors import MlxllmError
 from mlxllm.model import Transformer, build_model
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
 
 IMPLS = ("mlxllm", "mlx-lm")
 IMPL_NOTES = {

@@ -47,16 +47,16 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
     import mlxllm  # noqa: F401 - first: it loads the optimized BLAS before mlx.core
 
     # isort: split
-    import mlx.core as mx
-    import mlx.nn as nn
-    import mlx.optimizers as optim
-    import numpy as np
-
     from mlxllm import step as step_mod
     from mlxllm.attention import resolve_attention
     from mlxllm.config import TrainConfig
     from mlxllm.model import build_model
     from mlxllm.schedule import lr_at
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import numpy as np
 
     mc = model_config(cfg)
     tc = TrainConfig(

@@ -14,9 +14,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-import mlx.core as mx
-
 from mlxllm.cpu import fastexp
+
+import mlx.core as mx
 
 # Causal training attention from this length up is computed as two query halves.
 SPLIT_MIN_LEN = 128

@@ -17,10 +17,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from mlxllm.cpu import blas
+
 import mlx.core as mx
 from mlx.utils import tree_map
-
-from mlxllm.cpu import blas
 
 # Below this many FLOPs per stream and micro-batch, splitting costs more than it gains (see
 # benchmarks/README.md for the measurements behind it).

@@ -6,11 +6,11 @@ and `resolve_auto` (impl="auto").
 
 from __future__ import annotations
 
-import mlx.core as mx
-
 from mlxllm.device import backend
 from mlxllm.kernels.select import record_choice, resolve_auto
 from mlxllm.kernels.tiled import tiled_attention
+
+import mlx.core as mx
 
 
 def gpu_backend() -> str | None:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import mlx.core as mx
-
 from mlxllm.kernels.fused import template_args
 from mlxllm.kernels.source import INPUTS, OUTPUTS, kernel_source
+
+import mlx.core as mx
 
 MLX_DEFAULT_HEADER = """
 #include "mlx/backend/cuda/device/utils.cuh"

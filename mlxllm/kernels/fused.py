@@ -9,10 +9,10 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import mlx.core as mx
-
 from mlxllm.kernels.source import INPUTS, OUTPUTS, kernel_source
 from mlxllm.kernels.tiled import _check, attention_delta
+
+import mlx.core as mx
 
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)

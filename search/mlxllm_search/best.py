@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mlxllm.config import ModelConfig, dump_toml, from_dict
+
 import optuna
 from optuna.trial import FrozenTrial
 
-from mlxllm.config import ModelConfig, dump_toml, from_dict
 from mlxllm_search.records import record_of
 from mlxllm_search.space import SearchSpec, run_config
 from mlxllm_search.target_search import target_best, target_header

@@ -21,13 +21,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import optuna
-
 from mlxllm.branch import branch
 from mlxllm.config import ModelConfig, RunConfig
 from mlxllm.data import TokenData
 from mlxllm.schedule import length_for_stable
 from mlxllm.trainer import TrainResult, train
+
+import optuna
+
 from mlxllm_search.deadlines import Deadlines
 from mlxllm_search.design import Cost, Speeds
 from mlxllm_search.law_points import Point

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import typer
-
 from mlxllm.cli import friendly
 from mlxllm.errors import MlxllmError
+
+import typer
 
 search_app = typer.Typer(
     help="Search model architectures with Optuna (resumable, parallel, budget-aware).", no_args_is_help=True

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from mlxllm.config import ModelConfig
 from mlxllm.schedule import length_for_stable
+
 from mlxllm_search.law_points import DISTINCT, MIN_TRIALS, first_step
 from mlxllm_search.scaling import law_params
 from mlxllm_search.throughput import fit_throughput, model_key

@@ -19,6 +19,7 @@ from typing import Any
 
 from mlxllm.config import ModelConfig
 from mlxllm.errors import MlxllmError
+
 from mlxllm_search.law_points import (
     MIN_LENGTH_RATIO,
     MIN_LENGTHS,

@@ -11,13 +11,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-import optuna
-
 from mlxllm.config import RunConfig
 from mlxllm.data import TokenData
 from mlxllm.errors import MlxllmError
 from mlxllm.trainer import train
+
+import mlx.core as mx
+import optuna
+
 from mlxllm_search.deadlines import Deadlines
 from mlxllm_search.records import record_of, store
 from mlxllm_search.rungs import RungTrainer

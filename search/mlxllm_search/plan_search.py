@@ -19,14 +19,15 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import optuna
-from optuna.trial import FrozenTrial, TrialState
-from rich.console import Console
-
 from mlxllm.config import ModelConfig, dump_toml, load_config
 from mlxllm.data import TokenData
 from mlxllm.device import peak_flops
 from mlxllm.errors import MlxllmError
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+
 from mlxllm_search.branches import PlanTrial
 from mlxllm_search.deadlines import Deadlines
 from mlxllm_search.design import MIN_LEVELS, Choice, Ladder, Measured, Speeds, choose, first_unit

@@ -7,9 +7,10 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from mlxllm.errors import MlxllmError
+
 import optuna
 
-from mlxllm.errors import MlxllmError
 from mlxllm_search.records import StudyRecord
 from mlxllm_search.run import META_NAME
 from mlxllm_search.storage import open_storage

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mlxllm import data as data_mod
+from mlxllm.config import load_config
+from mlxllm.errors import MlxllmError
+
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial
 
-from mlxllm import data as data_mod
-from mlxllm.config import load_config
-from mlxllm.errors import MlxllmError
 from mlxllm_search.best import BEST_NAME, write_best
 from mlxllm_search.deadlines import Deadlines
 from mlxllm_search.display import LiveTrials, leaderboard, objective_names

@@ -16,14 +16,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import optuna
-from optuna.trial import FrozenTrial
-
 from mlxllm import checkpoint as ckpt
 from mlxllm.config import RunConfig
 from mlxllm.data import TokenData
 from mlxllm.device import peak_flops
 from mlxllm.trainer import TrainResult, train
+
+import optuna
+from optuna.trial import FrozenTrial
+
 from mlxllm_search.deadlines import Deadlines
 from mlxllm_search.predict import predict, typical_exponent
 from mlxllm_search.records import record_of, store

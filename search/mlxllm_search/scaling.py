@@ -38,10 +38,11 @@ from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import Any
 
-import numpy as np
-
 from mlxllm.config import ModelConfig
 from mlxllm.errors import MlxllmError
+
+import numpy as np
+
 from mlxllm_search.grid_nnls import fit_grid
 from mlxllm_search.law_points import (
     DISTINCT,

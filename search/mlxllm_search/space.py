@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlxllm.config import ModelConfig, RunConfig, TrainConfig
 from mlxllm.errors import MlxllmError
+
 from mlxllm_search.target import Plan, Target, check_fit_budget, make_plan
 
 if TYPE_CHECKING:

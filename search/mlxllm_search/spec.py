@@ -10,6 +10,7 @@ from typing import Any
 
 from mlxllm.config import RunConfig, apply_overrides, load_config, read_toml
 from mlxllm.errors import MlxllmError
+
 from mlxllm_search.space import (
     BUDGET_KINDS,
     CAPS,

@@ -22,11 +22,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
+from mlxllm.errors import MlxllmError
+
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
-from mlxllm.errors import MlxllmError
 from mlxllm_search.records import TrialRecord, record_of
 
 JOURNAL_NAME = "study.journal"

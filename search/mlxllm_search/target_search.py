@@ -4,10 +4,11 @@ the account of what the search spent."""
 
 from __future__ import annotations
 
+from mlxllm.errors import MlxllmError
+
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mlxllm.errors import MlxllmError
 from mlxllm_search.deadlines import Deadlines
 from mlxllm_search.objective import Objective
 from mlxllm_search.records import TrialRecord, record_of

@@ -16,10 +16,10 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
 from mlxllm.config import ModelConfig
 from mlxllm.errors import MlxllmError
+
+import numpy as np
 
 MEASURED_SD = 0.05  # log sd of a measured speed when the run trains later, on a machine loaded differently
 PRIOR_SD = 0.3  # log sd of a speed predicted from one measured architecture
