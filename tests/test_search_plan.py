@@ -27,7 +27,7 @@ import test_search  # noqa: E402
 from mlxllm_search.design import LADDER, Cost, Ladder, Speeds, choose, first_unit, longest_ladder  # noqa: E402
 from mlxllm_search.forecast import Forecast, predict_loss  # noqa: E402
 from mlxllm_search.law_points import DISTINCT, MIN_TRIALS, first_step  # noqa: E402
-from mlxllm_search.plan_search import PLAN_NAME, architecture, plan_candidates  # noqa: E402
+from mlxllm_search.plan_search import PLAN_NAME, architecture, plan_candidates, too_loose, write_plan  # noqa: E402
 from mlxllm_search.scaling import law_params  # noqa: E402
 from mlxllm_search.spec import load_spec, make_target  # noqa: E402
 from mlxllm_search.storage import open_storage  # noqa: E402
@@ -156,7 +156,8 @@ def test_the_design_spreads_sizes_over_log_n_base_first_within_the_budget(tmp_pa
 
 
 def test_tiny_plan_search_end_to_end(tmp_path: Path, text: Path) -> None:
-    spec = write_spec(tmp_path, text, "[target]\nseconds = 30\n")
+    # max_2sd: act on the pick of a fit this small, however loose (the fallback to the base is checked after).
+    spec = write_spec(tmp_path, text, "[target]\nseconds = 30\nmax_2sd = 100\n")
     out, budget = tmp_path / "s", 16.0
     start = time.perf_counter()
     result = cli("search", "run", str(spec), "--out", str(out), "--search-seconds", str(budget))
@@ -194,6 +195,18 @@ def test_tiny_plan_search_end_to_end(tmp_path: Path, text: Path) -> None:
     assert forecast.law.points == sum(len(t.user_attrs["law_points"]) for t in done)
     assert not [p for p in (out / "trials").rglob("*") if p.is_file()]  # branches and main runs are removed
 
+    # A pick more uncertain than max_2sd is not acted on: a paragraph with what S would do, the base config.
+    assert too_loose(forecast, 2 * pick.sd + 1e-9, 16.0) is None
+    loose = too_loose(forecast, 2 * pick.sd * 0.99, 16.0)
+    assert loose is not None and "too loose" in loose and "--search-seconds" in loose
+    fallback = tmp_path / "fallback.toml"
+    write_plan(load_study(out, "p"), load_spec(spec), out, forecast, fallback, loose)
+    kept = load_config(fallback)
+    assert (kept.model.n_layers, kept.model.d_model) == (base.n_layers, base.d_model)
+    assert kept.train.schedule == load_spec(spec).base.train.schedule  # the base's own, not the plan's WSD
+    assert "planned no run: The fit is too loose" in fallback.read_text()
+    assert json.loads((out / PLAN_NAME).read_text())["loose"] == loose
+
 
 def test_a_search_budget_too_small_for_a_fit_says_so_in_a_paragraph(tmp_path: Path, text: Path) -> None:
     # A warm-up of 3,000 steps: the shortest finished run the fit admits is 6,000 steps, far beyond 8 s of search.
@@ -213,3 +226,10 @@ def test_a_search_budget_too_small_for_a_fit_says_so_in_a_paragraph(tmp_path: Pa
     base = load_spec(spec).base
     assert run.model == base.model and run.train.schedule == base.train.schedule  # the base config, unchanged
     assert math.isclose(run.train.max_seconds, 60)
+
+
+def test_max_2sd_must_be_a_positive_number() -> None:
+    assert make_target("seconds", 300).max_2sd == 0.5 and make_target("seconds", 300, max_2sd=0.2).max_2sd == 0.2
+    for bad in (0, -1, "wide", True):
+        with pytest.raises(MlxllmError, match=r"max_2sd .* positive number"):
+            make_target("seconds", 300, max_2sd=bad)

@@ -232,18 +232,22 @@ def _comment(text: str, wrap: bool = True) -> str:
     return "".join(f"# {line}\n" for line in lines)
 
 
-def write_plan(study: optuna.Study, spec: SearchSpec, search_dir: Path, plan: Forecast, path: Path) -> Path:
+def write_plan(
+    study: optuna.Study, spec: SearchSpec, search_dir: Path, plan: Forecast, path: Path, loose: str | None = None
+) -> Path:
     """plan.json, and best.toml at `path`: the pick for the target with the WSD schedule its prediction is
-    of, or the base config when there is no fit, the reason as its header."""
-    (search_dir / PLAN_NAME).write_text(json.dumps(plan.to_dict(), indent=2))
+    of; or the base config, the reason as its header, when there is no fit or it is too `loose` to act on."""
+    (search_dir / PLAN_NAME).write_text(json.dumps({**plan.to_dict(), "loose": loose}, indent=2))
     best = plan.pick(1.0)
-    if best is None:
+    if best is None or loose:
         run = run_config(spec, spec.base.model, spec.base.train.learning_rate, search_dir / "best")
+        why = plan.shortfall if best is None else loose
         header = (
-            f"Search {study.study_name!r} planned no run: {plan.shortfall}\nThis is the base config, unchanged. "
+            f"Search {study.study_name!r} planned no run: {why}\nThis is the base config, unchanged. "
             f"Train it: mlxllm train --config {path}"
         )
-        path.write_text(_comment(header) + "\n" + dump_toml(run))
+        table = "" if best is None else _comment("The plan it did not act on:\n" + render(plan), wrap=False)
+        path.write_text(_comment(header) + table + "\n" + dump_toml(run))
         return path
     run = run_config(spec, best.model, plan_learning_rate(spec), search_dir / "best")
     run = replace(run, train=replace(run.train, schedule="wsd"))
@@ -260,21 +264,26 @@ def write_plan(study: optuna.Study, spec: SearchSpec, search_dir: Path, plan: Fo
     return path
 
 
-LOOSE_2SD = 0.5  # nats: a pick for T this uncertain cannot be told from its neighbours
+# A fit reaches about this many times beyond its longest measured run before its sd stops it (a rough
+# rule for the budget a too-loose fit would need: its longest runs grow with the search's seconds).
+REACH = 10.0
 
 
-def _too_loose(plan: Forecast) -> str | None:
-    """A warning when the pick for T is too uncertain to act on, with what the trials measured."""
+def too_loose(plan: Forecast, max_2sd: float, spent_s: float) -> str | None:
+    """The paragraph in place of a number when the pick for T is more uncertain than `max_2sd`: what the
+    trials measured, how far the pick is from it, and about what search budget would measure closer."""
     best, law = plan.pick(1.0), plan.law
-    if best is None or law is None or 2 * best.sd <= LOOSE_2SD:
+    if best is None or law is None or 2 * best.sd <= max_2sd:
         return None
     lo, hi = law.n_range
+    need = spent_s * max(1.0, best.tokens / law.tokens_max / REACH)
     return (
-        f"Warning: the fit is too loose to act on (2 sd = {2 * best.sd:.2f} at T): its {law.trials} trials measured "
-        f"{lo / 1e6:.3g}M to {hi / 1e6:.3g}M parameters without embeddings and at most {law.tokens_max:,.0f} tokens, "
-        f"while the pick at T has {best.params / 1e6:.3g}M and trains on {best.tokens:,.0f}. More search seconds, or a "
-        "shorter warm-up "
-        "(train.warmup_steps) so that shorter runs count, would measure closer to the run."
+        f"The fit is too loose to act on: the pick's predicted loss at T is {best.loss:.2f} +- {2 * best.sd:.2f} "
+        f"(2 sd; [target] max_2sd = {max_2sd:g}). Its {law.trials} trials measured {lo / 1e6:.3g}M to "
+        f"{hi / 1e6:.3g}M parameters without embeddings and runs of at most {law.tokens_max:,.0f} tokens, while "
+        f"the pick trains on {best.tokens:,.0f} at T ({best.tokens / law.tokens_max:.0f}x that). A search of "
+        f"roughly {need:,.0f} s (--search-seconds, against {spent_s:.0f} s here) would measure runs within "
+        f"{REACH:g}x of the target's; a shorter warm-up (train.warmup_steps) lets shorter runs count."
     )
 
 
@@ -312,12 +321,13 @@ def plan_search(
         )
     run_trials(study, spec, search_dir, data, deadlines, first, console)
     plan = forecast(study, spec, data, time.time() - started)
-    write_plan(study, spec, search_dir, plan, best_path)
+    assert spec.target is not None
+    loose = too_loose(plan, spec.target.max_2sd, time.time() - started)
+    write_plan(study, spec, search_dir, plan, best_path, loose)
     if console is not None:
         console.print(render(plan), highlight=False)
-        loose = _too_loose(plan)
         if loose:
-            console.print(loose, highlight=False)
+            console.print(loose + " best.toml is the base config.", highlight=False)
         console.print(f"Best config: {best_path} (mlxllm train --config {best_path})", highlight=False)
         console.print(spent(study, spec, time.time() - started), highlight=False)
     return plan

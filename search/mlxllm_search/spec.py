@@ -30,7 +30,7 @@ from mlxllm_search.space import (
 from mlxllm_search.target import PLANNERS, RUNG_SETTINGS, TARGET_KINDS, Target
 
 UNLIMITED_TRIALS = 10**6
-TARGET_KEYS = (*TARGET_KINDS, *RUNG_SETTINGS, "planner")
+TARGET_KEYS = (*TARGET_KINDS, *RUNG_SETTINGS, "planner", "max_2sd")
 
 
 def _dimension(key: str, v: Any, integer: bool, where: str) -> Dimension:
@@ -197,9 +197,22 @@ def check_planner(planner: Any, where: str) -> str:
     return planner
 
 
-def make_target(kind: str, amount: Any, where: str = "the command line", planner: Any = "auto", **rungs: Any) -> Target:
-    """A checked Target: `amount` of `kind` (seconds, steps or tokens), the planner, and optional rung settings."""
+def make_target(
+    kind: str,
+    amount: Any,
+    where: str = "the command line",
+    planner: Any = "auto",
+    max_2sd: Any = 0.5,
+    **rungs: Any,
+) -> Target:
+    """A checked Target: `amount` of `kind` (seconds, steps or tokens), the planner, the widest 2 sd the fit
+    planner acts on, and optional rung settings."""
     check_planner(planner, f"[target] planner in {where}" if where != "the command line" else "--planner")
+    if not _positive(max_2sd):
+        raise MlxllmError(
+            f"[target] max_2sd in {where} is the widest 2 sd (in nats) of a predicted loss the fit planner acts on: "
+            f"a positive number such as 0.5 (got {max_2sd!r})."
+        )
     if kind not in TARGET_KINDS:
         raise MlxllmError(f"The target in {where} must be given in one of {', '.join(TARGET_KINDS)} (got {kind!r}).")
     if not _positive(amount) or (kind != "seconds" and not float(amount).is_integer()):
@@ -227,6 +240,7 @@ def make_target(kind: str, amount: Any, where: str = "the command line", planner
         rungs.get("confirm_fraction"),
         planner,
         any(rungs.get(k) is not None for k in RUNG_SETTINGS),
+        float(max_2sd),
     )
 
 

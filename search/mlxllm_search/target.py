@@ -45,6 +45,9 @@ class Target:
     confirm_fraction: float | None = None  # ... and to what fraction; None: the next rung up (at most 1)
     planner: str = "auto"  # one of PLANNERS
     rungs_set: bool = False  # whether the spec set any of RUNG_SETTINGS (they configure the curves planner)
+    # The fit planner acts on its pick only when the pick's 2 sd at the target is at most this (nats): a
+    # wider one cannot be told from its neighbours, and best.toml stays the base, with what S would do.
+    max_2sd: float = 0.5
 
     def planner_for(self, search_seconds: float | None) -> str:
         """The planner this search uses: the one named, or for "auto" the fit when the search may spend less
