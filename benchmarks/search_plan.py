@@ -314,6 +314,9 @@ def curves_predictions(search_dir: Path, names: set[str]) -> dict[str, list]:
 def run_benchmark(b: Bench, spec: Any, seeds: int, n_oracle: int) -> None:
     base = spec.base
     at_target(b, A, base, seeds)
+    # The new search's pick comes second, so a benchmark stopped early still compares it with the default.
+    if plan_search_ready():
+        at_target(b, D, load_config(searched(b, "fit") / "best.toml"), seeds)
     rule = rule_pick(measure_speeds(b, spec), b.T)
     at_target(b, B, replace(base, model=from_dict(ModelConfig, rule["model"])), seeds)
     curves = searched(b, "curves")
@@ -381,7 +384,14 @@ def main() -> None:
             raise SystemExit(f"{e} Here S follows T: raise --target-seconds (it is {T:g} s, so S = {S:g} s).") from None
         if spec.space.params_of(spec.base) is None:
             raise SystemExit("The benchmark's space does not hold its default architecture: widen the space.")
-        header = {"corpus": str(args.corpus.resolve()), "target_s": T, "search_s": S, "quick": args.quick}
+        # The machine too: T is seconds of training, so runs kept from another CPU would not compare.
+        header = {
+            "corpus": str(args.corpus.resolve()),
+            "target_s": T,
+            "search_s": S,
+            "quick": args.quick,
+            "machine": f"{describe_cpu()}; MLX {device_name()}",
+        }
         ledger = Ledger(Path(tmp) / "results.json", header)
         train_tokens = len(
             data_mod.prepare(spec.base.train.data, spec.base.tokenizer, val_fraction=spec.base.train.val_fraction).train
