@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import textwrap
 import time
 from pathlib import Path
 
@@ -19,11 +18,11 @@ import pytest
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
 
-import mlxllm.cli  # noqa: E402
 from mlxllm import MlxllmError, load_config  # noqa: E402
 from mlxllm.schedule import length_for_stable  # noqa: E402
 
 import test_search  # noqa: E402
+import test_search_target  # noqa: E402
 from mlxllm_search.design import LADDER, Cost, Ladder, Speeds, choose, first_unit, longest_ladder  # noqa: E402
 from mlxllm_search.forecast import Forecast, predict_loss  # noqa: E402
 from mlxllm_search.law_points import DISTINCT, MIN_TRIALS, first_step  # noqa: E402
@@ -34,9 +33,7 @@ from mlxllm_search.storage import open_storage  # noqa: E402
 from mlxllm_search.target import FULL_RUNS_PER_BUDGET  # noqa: E402
 from mlxllm_search.throughput import model_key  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
 
-base_tables = test_search.base_tables
 search_cache = test_search.search_cache  # fixtures: the module's private token cache (autouse), its corpus
 text = test_search.text
 
@@ -52,16 +49,13 @@ learning_rate = { min = 3e-3, max = 2e-2, log = true }
 VOCAB = 257  # byte tokens
 
 
+cli = test_search_target.cli
+
+
 def write_spec(tmp_path: Path, data: Path, tables: str, name: str = "p", warmup: int = 2) -> Path:
-    spec = base_tables(name, data, "eval_interval = 50\n").replace("warmup_steps = 2", f"warmup_steps = {warmup}")
-    path = tmp_path / f"{name}.toml"
-    path.write_text(spec + textwrap.dedent(SPACE) + textwrap.dedent(tables))
+    path = test_search_target.write_spec(tmp_path, data, tables=tables, space=SPACE, name=name)
+    path.write_text(path.read_text().replace("warmup_steps = 2", f"warmup_steps = {warmup}"))
     return path
-
-
-def cli(*args: str):
-    mlxllm.cli._load_plugins()
-    return CliRunner().invoke(mlxllm.cli.app, list(args))
 
 
 def load_study(out: Path, name: str) -> optuna.Study:
