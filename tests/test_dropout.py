@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import tiny_configs
+from test_train import weights
 
 SMALL = dict(vocab_size=61, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=32)
 IDS = mx.array([[(5 * i + 2) % 61 for i in range(24)]])
@@ -73,6 +74,24 @@ def test_a_run_with_dropout_trains_and_keeps_the_setting(corpus: Path, tmp_path:
     losses = [h["val_loss"] for h in result.history]
     assert len(losses) == 5 and losses[-1] < losses[0] - 0.2, losses
     assert load_config(tmp_path / "run" / "config.toml").model.dropout == 0.1
+
+
+def test_a_run_with_dropout_resumes_exactly(corpus: Path, tmp_path: Path):
+    # Each step's masks come from (seed, step), so a run stopped and resumed draws the same ones.
+    m, t, k = tiny_configs(corpus, tmp_path / "straight", max_steps=12, eval_interval=6, warmup_steps=2)
+    m = replace(m, dropout=0.1)
+    train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
+    split = replace(t, out_dir=str(tmp_path / "split"))
+    first = train(RunConfig(model=m, tokenizer=k, train=split), show_progress=False, callback=lambda x: x["step"] >= 6)
+    assert first.step == 6
+    train(RunConfig(model=m, tokenizer=k, train=split), show_progress=False, resume=True)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    other = replace(t, out_dir=str(tmp_path / "other"), seed=t.seed + 1)  # another seed, other masks (and batches)
+    train(RunConfig(model=m, tokenizer=k, train=other), show_progress=False)
+    assert any(not np.array_equal(a[n], v) for n, v in weights(tmp_path / "other").items())
 
 
 def _peak(mc: ModelConfig, tc: TrainConfig) -> int:
