@@ -53,7 +53,7 @@ def _describe(r: Run) -> str:
         f"Model: {m.n_layers} layers x {m.d_model}, {m.n_heads} heads ({m.kv_heads} KV), "
         f"{m.num_params() / 1e6:.2f}M parameters; vocab {m.vocab_size}; {len(r.data.train):,} training tokens; "
         f"{r.total_steps} steps of {r.tokens_per_step:,} tokens; "
-        + describe_memory(memory(r.run, r.seq_len, g))
+        + describe_memory(memory(r.run, r.seq_len, g, r.quantization))
         + (f"; resuming at step {r.step}" if resumed else "")
         + (f"; data-parallel over {g.describe()}" if g.size > 1 else "")
     )
