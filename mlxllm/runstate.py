@@ -48,6 +48,8 @@ class Run:
     tokens: int = 0
     elapsed_before: float = 0.0  # training time of the runs this one resumes
     best_val: float | None = None
+    evals_since_best: int = 0  # evaluations in a row without a lower validation loss (early stopping)
+    last_eval_step: int = 0  # the step of the last evaluation counted there
     quantization: dict | None = None  # the frozen base's layout (quant.layout) in a QLoRA run
     last_good: Path | None = None
     start: float = field(default_factory=time.perf_counter)
@@ -91,6 +93,7 @@ class Run:
         self.optimizer.state = tree_unflatten(list(mx.load(str(latest / "optimizer.safetensors")).items()))
         self.step, self.tokens, self.elapsed_before = state["step"], state["tokens"], state["elapsed"]
         self.best_val, self.last_good = state.get("best_val_loss"), latest
+        self.evals_since_best = state.get("evals_since_best", 0)
         mx.eval(self.model.parameters(), self.optimizer.state)
 
     def share(self) -> None:
@@ -101,15 +104,20 @@ class Run:
             return
         self.model.update(g.broadcast(self.model.parameters()))
         self.optimizer.state = g.broadcast(self.optimizer.state)
-        counts = g.broadcast(mx.array([self.step, self.tokens], dtype=mx.int64)).tolist()
+        counts = g.broadcast(mx.array([self.step, self.tokens, self.evals_since_best], dtype=mx.int64)).tolist()
         best = math.nan if self.best_val is None else self.best_val
         elapsed, best = g.broadcast(mx.array([self.elapsed_before, best], dtype=mx.float32)).tolist()
-        self.step, self.tokens, self.elapsed_before = int(counts[0]), int(counts[1]), elapsed
+        self.step, self.tokens, self.evals_since_best, self.elapsed_before = *map(int, counts), elapsed
         self.best_val = None if math.isnan(best) else best
 
     def save(self, val: dict[str, float]) -> None:
-        if val and (self.best_val is None or val["val_loss"] < self.best_val):
-            self.best_val = val["val_loss"]
+        # A step evaluated again (a finished run resumed) is not one more evaluation without improvement.
+        if val and self.step != self.last_eval_step:
+            self.last_eval_step = self.step
+            if self.best_val is None or val["val_loss"] < self.best_val:
+                self.best_val, self.evals_since_best = val["val_loss"], 0
+            else:
+                self.evals_since_best += 1
         if not self.group.primary:
             return
         state = {
@@ -121,12 +129,27 @@ class Run:
             "val_loss": val.get("val_loss"),
             "val_bpb": val.get("val_bpb"),
             "best_val_loss": self.best_val,
+            "evals_since_best": self.evals_since_best,
             "quantization": self.quantization,
         }
         extra_files = [self.run_dir / "config.toml", *sorted(self.run_dir.glob("tokenizer*"))]
         weights, opt_state = dict(tree_flatten(self.model.parameters())), dict(tree_flatten(self.optimizer.state))
         self.last_good = ckpt.save_checkpoint(self.run_dir, self.step, weights, opt_state, state, extra_files)
         ckpt.prune(self.run_dir, self.cfg.keep_last)
+
+    def early_stop(self) -> str | None:
+        """Why the run stops here, when train.early_stop_patience evaluations in a row have not lowered
+        the best validation loss (the line that says so); else None."""
+        patience = self.cfg.early_stop_patience
+        if not patience or self.evals_since_best < patience:
+            return None
+        best = ckpt.best_checkpoint(self.run_dir) if self.group.primary else None
+        return (
+            f"Stopped early at step {self.step}: the validation loss has not improved on {self.best_val:.4f} for "
+            f"{self.evals_since_best} evaluations (train.early_stop_patience = {patience}); the best checkpoint"
+            + (f", {best.name}," if best else "")
+            + " is kept, and generate and export use it."
+        )
 
 
 def memory(run: RunConfig, seq_len: int, group: Group = Group(), quantization: dict | None = None) -> dict[str, float]:
@@ -277,6 +300,7 @@ def _build(
         if latest is not None:  # rank 0; the others take its state next
             r.restore(latest)
     r.share()
+    r.last_eval_step = r.step  # a checkpoint's step was evaluated before it was saved
     if g.primary:
         rundir.keep_metrics_until(run_dir, r.step)  # rows logged after that checkpoint come again
     return r

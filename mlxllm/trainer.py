@@ -131,6 +131,10 @@ def _loop(r: Run, reporter: Reporter, callback: Callback | None, peak: float, sp
             if _out_of_time(r):
                 out.stopped_by = "max_seconds"
                 break
+            if (why := r.early_stop()) is not None:  # also at once, for a resumed run that had stopped so
+                out.stopped_by = "early_stop"
+                reporter.message(why)
+                break
             r.optimizer.learning_rate = _learning_rate(r)
             mx.random.seed(step_seed(cfg.seed, r.step))
             loss, _ = step_fn(batch)
