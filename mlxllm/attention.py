@@ -7,6 +7,7 @@ from __future__ import annotations
 from mlxllm import kernels, ops
 from mlxllm.config import ATTENTION_IMPLS
 from mlxllm.cpu.halves import SPLIT_MIN_LEN, causal_halves_attention
+from mlxllm.device import device_name
 from mlxllm.errors import MlxllmError
 
 import mlx.core as mx
@@ -36,16 +37,30 @@ def reference_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, 
     return out.reshape(B, H, L, D)
 
 
-def resolve_attention(impl: str) -> str:
-    """Turn 'auto' into a concrete implementation for this device."""
-    return kernels.resolve_auto() if impl == "auto" else impl
+def resolve_attention(impl: str, shape: kernels.Shape | None = None) -> str:
+    """Turn 'auto' into a concrete implementation for `shape` on this device (None: the device's own choice)."""
+    return kernels.resolve_auto(shape) if impl == "auto" else impl
+
+
+def shape_of(q: mx.array, training: bool) -> kernels.Shape:
+    """The Shape (kernels.select) of queries q (B, H, L, D) on this device."""
+    return kernels.Shape(device_name(), str(q.dtype).rsplit(".", 1)[-1], q.shape[-1], training)
 
 
 def attention(
-    q: mx.array, k: mx.array, v: mx.array, *, scale: float, causal: bool = True, impl: str = "auto"
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    *,
+    scale: float,
+    causal: bool = True,
+    impl: str = "auto",
+    training: bool = True,
 ) -> mx.array:
-    """Scaled dot-product attention. q: (B, H, L, D); k, v: (B, Hkv, S, D) with H % Hkv == 0."""
-    impl = resolve_attention(impl)
+    """Scaled dot-product attention. q: (B, H, L, D); k, v: (B, Hkv, S, D) with H % Hkv == 0.
+    training: whether a backward pass follows (what 'auto' chooses for; a module passes its .training)."""
+    if impl == "auto":
+        impl = kernels.resolve_auto(shape_of(q, training))
     if impl == "fast":
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
     if impl == "reference":

@@ -202,8 +202,8 @@ def info() -> None:
     big = ModelConfig(vocab_size=65, n_layers=4, d_model=256, n_heads=4, max_seq_len=256)
     streams = stream_count(TrainConfig(), big)
     print(f"training streams (train.cpu_streams=0; a 4 x 256 model, context 256, batch 16): {streams}")
-    if blas.warning():
-        err.print("[bold yellow]Warning:[/] " + escape(blas.warning()), highlight=False, soft_wrap=True)
+    if blas.warning(backend()):
+        err.print("[bold yellow]Warning:[/] " + escape(blas.warning(backend())), highlight=False, soft_wrap=True)
 
 
 @bench_app.command("attention")

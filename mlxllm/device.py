@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -36,14 +37,18 @@ APPLE_FP32_TFLOPS = {
     "M4 Pro": 9.2,
     "M4 Max": 18.4,
 }
-# NVIDIA dense peak TFLOP/s: (fp32, bf16).
+# NVIDIA dense (not sparse) peak TFLOP/s: (fp32, tf32, bf16/fp16 with fp32 accumulation). MLX computes fp32
+# matmuls in TF32 on CUDA unless MLX_ENABLE_TF32=0 (cublas_gemm.cpp), so that is the fp32 peak by default.
+# Matched as whole words of the device's name, the longest first ("A10" is not the A10G, whose tensor rate
+# NVIDIA does not publish: a GPU not listed is measured instead).
 CUDA_TFLOPS = {
-    "H200": (67.0, 989.0),
-    "H100": (67.0, 989.0),
-    "A100": (19.5, 312.0),
-    "L40S": (91.6, 362.0),
-    "RTX 4090": (82.6, 165.2),
-    "A10": (31.2, 125.0),
+    "H200": (67.0, 494.7, 989.4),
+    "H100 PCIe": (51.2, 378.0, 756.0),
+    "H100": (67.0, 494.7, 989.4),
+    "A100": (19.5, 156.0, 312.0),
+    "L40S": (91.6, 183.0, 362.1),
+    "RTX 4090": (82.6, 82.6, 165.2),
+    "A10": (31.2, 62.5, 125.0),
 }
 
 
@@ -103,6 +108,7 @@ def _cpuinfo(field: str) -> str | None:
     return None
 
 
+@functools.cache
 def _cpu_model() -> str:
     return _cpuinfo("model name") or _apple_chip() or platform.processor() or "unknown"
 
@@ -158,6 +164,26 @@ def measure_matmul_flops(n: int = 1024, dtype: mx.Dtype = mx.float32, seconds: f
     return best
 
 
+def tf32_enabled() -> bool:
+    """Whether MLX's CUDA backend runs fp32 matmuls in TF32: MLX_ENABLE_TF32, an integer, 1 by default."""
+    try:
+        return int(os.environ.get("MLX_ENABLE_TF32", "1")) != 0
+    except ValueError:
+        return True
+
+
+def cuda_peak(name: str, dtype: str, tf32: bool = True) -> tuple[float, str] | None:
+    """(peak FLOP/s, source) of the NVIDIA GPU called `name` (e.g. 'cuda:NVIDIA A100-SXM4-80GB') for matmuls
+    in `dtype`, fp32 ones in TF32 when `tf32`; None for a GPU not in CUDA_TFLOPS."""
+    for key in sorted(CUDA_TFLOPS, key=len, reverse=True):
+        if re.search(rf"\b{re.escape(key)}\b", name):
+            fp32, tf32_peak, half = CUDA_TFLOPS[key]
+            if dtype != "float32":
+                return half * 1e12, f"NVIDIA {key} spec ({dtype})"
+            return (tf32_peak * 1e12, f"NVIDIA {key} spec (TF32)") if tf32 else (fp32 * 1e12, f"NVIDIA {key} spec")
+    return None
+
+
 def peak_flops(dtype: str = "float32") -> tuple[float, str]:
     """(peak FLOP/s, where the figure comes from). Measured once per device and cached on CPU."""
     kind = backend()
@@ -168,10 +194,9 @@ def peak_flops(dtype: str = "float32") -> tuple[float, str]:
             if chip.startswith(name):
                 return APPLE_FP32_TFLOPS[name] * 1e12, f"Apple {name} GPU spec"
     if kind == "cuda":
-        name = device_name()
-        for key, (fp32, half) in CUDA_TFLOPS.items():
-            if key in name:
-                return (fp32 if dtype == "float32" else half) * 1e12, f"NVIDIA {key} spec"
+        spec = cuda_peak(device_name(), dtype, tf32_enabled())
+        if spec is not None:
+            return spec
     path = cache_dir() / "peak_flops.json"
     key = f"{device_name()}|{blas.describe()}|{dtype}"
     try:

@@ -109,9 +109,12 @@ def describe(est: dict[str, float]) -> str:
     )
 
 
-def check_fits(est: dict[str, float], batch_size: int, seq_len: int) -> None:
-    """Raise MlxllmError with a suggestion when the estimate exceeds the device's memory."""
-    available, where = device_memory()
+def check_fits(
+    est: dict[str, float], batch_size: int, seq_len: int, device: tuple[float | None, str] | None = None
+) -> None:
+    """Raise MlxllmError with a suggestion when the estimate exceeds the device's memory.
+    device: (bytes, where the figure comes from) of the device the estimate is for; default device_memory()."""
+    available, where = device or device_memory()
     if available is None or est["total"] <= HEADROOM * available:
         return
     fixed = est["total"] - est["activations"]

@@ -126,7 +126,7 @@ class Attention(nn.Module):
             return self.o_proj(self._cached(q, k, v, cache))
         # Llama's rotate-half layout keeps q_proj/k_proj in checkpoint order.
         q, k = self.rope(q), self.rope(k)
-        out = attention(q, k, v, scale=self.scale, causal=True, impl=self.impl)
+        out = attention(q, k, v, scale=self.scale, causal=True, impl=self.impl, training=self.training)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def _cached(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache) -> mx.array:
@@ -138,7 +138,7 @@ class Attention(nn.Module):
         k = self.rope.at(k, offset=position, end=end)
         keys, values = cache.update(k, v)
         if cache.visible is None:
-            out = attention(q, keys, values, scale=self.scale, causal=True, impl=self.impl)
+            out = attention(q, keys, values, scale=self.scale, causal=True, impl=self.impl, training=self.training)
         else:
             out = decode_attention(q, keys, values, scale=self.scale, visible=cache.visible)
         # (B, H, L, D) -> (B, L, H * D); with one token, the same memory order.

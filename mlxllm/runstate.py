@@ -18,11 +18,13 @@ from typing import IO
 
 from mlxllm import checkpoint as ckpt
 from mlxllm import data as data_mod
-from mlxllm import lora, pretrained, quant, rundir
+from mlxllm import kernels, lora, pretrained, quant, rundir
 from mlxllm.config import RunConfig, TrainConfig, dump_toml
 from mlxllm.data import TokenData
+from mlxllm.device import backend, device_name
 from mlxllm.distributed import Group
 from mlxllm.errors import MlxllmError
+from mlxllm.layout import Layout, layout
 from mlxllm.memory import check_fits, configure_cache, estimate_memory, set_wired_limit
 from mlxllm.model import Transformer, build_model
 from mlxllm.pretrained import Pretrained
@@ -152,15 +154,24 @@ class Run:
         )
 
 
-def memory(run: RunConfig, seq_len: int, group: Group = Group(), quantization: dict | None = None) -> dict[str, float]:
-    """The estimate for this machine: each of its processes holds the model, optimizer state and the
-    activations of its rows. quantization: the frozen base's (a QLoRA run), counted at its size."""
+def memory(
+    run: RunConfig,
+    seq_len: int,
+    group: Group = Group(),
+    where: Layout | None = None,
+    quantization: dict | None = None,
+) -> dict[str, float]:
+    """The estimate for this process's device: each process that shares it (the layout's `sharing`: this
+    machine's processes on a Mac or the CPU, one under NCCL on CUDA) holds the model, optimizer state and
+    the activations of its rows. where: the group's layout (default: as `group` runs on this device).
+    quantization: the frozen base's (a QLoRA run), counted at its size."""
     t = run.train
     trainable = lora.trainable_params(run.model, t.lora_rank) if t.lora_rank else None
     est = estimate_memory(
         run.model, t.batch_size // group.size, seq_len, t.dtype, t.grad_accum, trainable, quantization
     )
-    return {k: v * group.local_size for k, v in est.items()}
+    sharing = (where or layout(group, backend())).sharing
+    return {k: v * sharing for k, v in est.items()}
 
 
 def _pretrained(run: RunConfig, latest: Path | None) -> Pretrained | None:
@@ -197,6 +208,15 @@ def _with_source(run: RunConfig, latest: Path | None) -> tuple[RunConfig, Pretra
             "raise max_seq_len or shorten seq_len."
         )
     return run, source
+
+
+def _attention(run: RunConfig, device: str | None = None) -> str:
+    """The attention the model trains with: model.attention for this device (device: its device_name(), by
+    default this one's), dtype and head dim, checked (kernels.choose): 'auto' whose recorded choice cannot
+    run here says so and uses 'fast'; an explicit 'flash' that cannot is refused before anything is written."""
+    m = run.model
+    shape = kernels.Shape(device or device_name(), run.train.dtype, m.head_dim, training=True)
+    return kernels.choose(m.attention, shape, groups=m.n_heads // m.kv_heads)
 
 
 def _check_split(cfg: TrainConfig, g: Group) -> None:
@@ -251,19 +271,19 @@ def _quantization(source: Pretrained | None, latest: Path | None) -> dict | None
 
 
 def _model(
-    run: RunConfig, source: Pretrained | None, latest: Path | None, quantization: dict | None
+    run: RunConfig, source: Pretrained | None, latest: Path | None, quantization: dict | None, attention: str
 ) -> tuple[Transformer, optim.Optimizer, dict | None]:
     """The starting model (the pretrained one, or a fresh one from train.seed; a resumed run's weights
-    come from its checkpoint after), its LoRA adapters (train.lora_rank), its optimizer, and the
-    layout of its quantized base (quantization: _quantization's)."""
+    come from its checkpoint after) with the attention implementation chosen for it, its LoRA adapters
+    (train.lora_rank), its optimizer, and the layout of its quantized base (quantization: _quantization's)."""
     cfg = run.train
     mx.random.seed(cfg.seed)
     if source is not None and latest is None:
-        model = pretrained.build(source, attention=run.model.attention)
+        model = pretrained.build(source, attention=attention)
     elif quantization:  # a resumed QLoRA run: placeholders, never evaluated, that its checkpoint replaces
-        model = Transformer(run.model)
+        model = Transformer(replace(run.model, attention=attention))
     else:
-        model = build_model(run.model, seed=cfg.seed)
+        model = build_model(replace(run.model, attention=attention), seed=cfg.seed)
     if cfg.lora_rank:
         lora.apply(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
     if quantization and latest is not None:
@@ -274,9 +294,16 @@ def _model(
 
 
 def _build(
-    run: RunConfig, source: Pretrained | None, latest: Path | None, data: TokenData | None, quiet: bool, g: Group
+    run: RunConfig,
+    source: Pretrained | None,
+    latest: Path | None,
+    data: TokenData | None,
+    quiet: bool,
+    g: Group,
+    attention: str,
 ) -> Run:
-    """The run from its checked settings: data, memory check, MLX settings, model, restore."""
+    """The run from its checked settings (attention: the implementation chosen for its model): data,
+    memory check, MLX settings, model, restore."""
     cfg, run_dir = run.train, Path(run.train.out_dir)
     seq_len = cfg.seq_len or run.model.max_seq_len
     if data is None:
@@ -288,15 +315,17 @@ def _build(
         data_mod.check_length(data, seq_len)
         if source is None:
             run = replace(run, model=replace(run.model, vocab_size=data.tokenizer.vocab_size))
-        check_fits(memory(run, seq_len, g, quantization), cfg.batch_size // g.size, seq_len)  # refuses, with a fix
+        check_fits(
+            memory(run, seq_len, g, quantization=quantization), cfg.batch_size // g.size, seq_len
+        )  # refuses, with a fix
     set_wired_limit()  # Apple silicon: keep the working set wired, as mlx-lm does
     configure_cache()  # CPU: reuse freed activation buffers instead of page-faulting them back every step
     with g.together("checking the run directory"):
         if g.primary:
             _write_settings(run_dir, run, latest, data)
     with g.together("building the model"):
-        model, optimizer, layout = _model(run, source, latest, quantization)
-        r = Run(run, run_dir, data, seq_len, model, optimizer, group=g, quantization=layout)
+        model, optimizer, qlayout = _model(run, source, latest, quantization, attention)
+        r = Run(run, run_dir, data, seq_len, model, optimizer, group=g, quantization=qlayout)
         if latest is not None:  # rank 0; the others take its state next
             r.restore(latest)
     r.share()
@@ -309,7 +338,8 @@ def _build(
 def open_run(
     run: RunConfig, resume: bool, overwrite: bool, data: TokenData | None, quiet: bool, g: Group = Group()
 ) -> Run:
-    """Set a run up, in order: the settings and the model it starts from, the run directory's lock,
+    """Set a run up, in order: the settings, the model it starts from and the attention implementation
+    that model runs (`_attention`), the run directory's lock,
     then (_build) the data, the memory check, the process-wide MLX settings, the model with its
     LoRA adapters, and the checkpoint it resumes. Nothing is written (or replaced) before the settings
     pass their checks.
@@ -323,15 +353,17 @@ def open_run(
         if not resume:  # a new run: checked before its directory is made
             with g.together("checking the settings"):
                 run, source = _with_source(run, None)
+                attention = _attention(run)
         with g.together("opening the run directory"):
             if g.primary:
                 lock, latest = _claim(run_dir, resume, overwrite)
         if resume:  # rank 0 from its checkpoint; the others from the settings, then rank 0's state
             with g.together("checking the settings"):
                 run, source = _with_source(run, latest)
+                attention = _attention(run)
         if overwrite and g.primary:
             rundir.clear(run_dir)
-        r = _build(run, source, latest, data, quiet, g)
+        r = _build(run, source, latest, data, quiet, g, attention)
     except BaseException:
         if lock is not None:
             lock.close()

@@ -18,8 +18,9 @@ from mlxllm.config import RunConfig
 from mlxllm.cpu import blas
 from mlxllm.cpu.streams import Split
 from mlxllm.data import TokenData
-from mlxllm.device import peak_flops
+from mlxllm.device import backend, peak_flops
 from mlxllm.errors import MlxllmError
+from mlxllm.layout import group_peak, layout
 from mlxllm.memory import describe as describe_memory
 from mlxllm.progress import Reporter
 from mlxllm.runstate import Run, memory, open_run
@@ -53,7 +54,7 @@ def _describe(r: Run) -> str:
         f"Model: {m.n_layers} layers x {m.d_model}, {m.n_heads} heads ({m.kv_heads} KV), "
         f"{m.num_params() / 1e6:.2f}M parameters; vocab {m.vocab_size}; {len(r.data.train):,} training tokens; "
         f"{r.total_steps} steps of {r.tokens_per_step:,} tokens; "
-        + describe_memory(memory(r.run, r.seq_len, g, r.quantization))
+        + describe_memory(memory(r.run, r.seq_len, g, quantization=r.quantization))
         + (f"; resuming at step {r.step}" if resumed else "")
         + (f"; data-parallel over {g.describe()}" if g.size > 1 else "")
     )
@@ -206,13 +207,14 @@ def train(
             "tokenizer=TokenizerConfig(...), train=TrainConfig(...))), or train(load_config('config.toml'))."
         )
     g = distributed.group()
-    if blas.warning() and g.primary:  # said even when quiet: it can cost a run 20x its time
-        print("Warning: " + blas.warning(), file=sys.stderr)
+    warning = blas.warning(backend())
+    if warning and g.primary:  # said even when quiet: it can cost a run 20x its time
+        print("Warning: " + warning, file=sys.stderr)
     r = open_run(run, resume, overwrite, data, quiet=not show_progress, g=g)
     try:
-        # Measured once per machine, with the BLAS's own thread count; the group's peak is the machines'.
+        # Measured once per machine, with the BLAS's own thread count; the group's peak is its devices'.
         with g.in_turn("measuring the machine"):
-            peak = peak_flops(r.cfg.dtype)[0] * g.machines
+            peak = group_peak(peak_flops(r.cfg.dtype)[0], layout(g, backend()))
         reporter = Reporter(
             r.run_dir if g.primary else None, r.total_steps, start_step=r.step, show=show_progress and g.primary
         )

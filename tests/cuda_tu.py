@@ -2,11 +2,11 @@
 
 The translation unit is the one `mx.fast.cuda_kernel` builds (see mlxllm/kernels/cuda.py), with one
 substitution: MLX's default header includes `mlx/backend/cuda/device/utils.cuh`, which the pip package does
-not ship, so STAND_IN provides what that header gives the kernels here (fp16/bf16 types, cuda::std limits
-for MLX's `inf` macro). Our kernels use nothing else from it.
+not ship, so STAND_IN provides what that header gives the kernels here (fp16/bf16 types, cuda::std limits).
+Our kernels use nothing else from it, nor the `inf` macro MLX's default header defined before 0.32.0.
 
 Several complete single-kernel units can be concatenated into one file for one nvcc run: the headers are
-include-guarded and the repeated macro definitions are identical, so each unit compiles as it would alone.
+include-guarded, so each unit compiles as it would alone.
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ STAND_IN = """
 #include <cuda_bf16.h>
 #include <cuda/std/limits>
 #include <cooperative_groups.h>
-
-#define inf cuda::std::numeric_limits<float>::infinity()
 
 """
 

@@ -171,7 +171,7 @@ def test_resolve_auto_default_and_recorded(tmp_path, monkeypatch):
 def test_bench_attention_rows_and_recorded_choice(tmp_path, monkeypatch):
     from mlxllm.bench.attention import bench_attention
     from mlxllm.kernels import select
-    from mlxllm.kernels.select import resolve_auto
+    from mlxllm.kernels.select import Shape, resolve_auto
 
     monkeypatch.setenv("MLXLLM_CACHE_DIR", str(tmp_path))  # the recorded choice stays out of other tests
     select._recorded.cache_clear()
@@ -182,13 +182,15 @@ def test_bench_attention_rows_and_recorded_choice(tmp_path, monkeypatch):
     assert all(r["ms"] > 0 and r["peak_mb"] > 0 for r in rows)
     recorded = [r["impl"] for r in rows if r.get("recorded")]
     assert len(set(recorded)) == 1 and recorded[0] != "reference"  # only a real implementation is recorded
-    assert resolve_auto() == recorded[0]
+    shape = Shape(device_name(), "float32", 32, training=True)  # what the benchmark timed: its record's key
+    assert resolve_auto(shape) == recorded[0]
     # The tiled path never holds the L x L scores: less peak memory than the naive one at the longer length.
     peak = {r["impl"]: r["peak_mb"] for r in rows if r["L"] == 160}
     assert peak["tiled"] < peak["reference"]
     monkeypatch.undo()
     select._recorded.cache_clear()
     assert select._recorded(str(select.cache_path()), device_name()) is None  # nothing leaked
+    assert select._recorded(str(select.cache_path()), shape.key) is None
 
 
 def test_reference_is_the_plain_path_at_every_length_and_old_records_of_it_read_as_halves(tmp_path, monkeypatch):

@@ -59,8 +59,12 @@ def _can_build_here() -> bool:
         return False
 
 
-def _built_requirements() -> list[Requirement]:
-    """The Requires-Dist pip builds from this tree, as `pip install .` would install it."""
+def _built_requirements(backend: str | None = None) -> list[Requirement]:
+    """The Requires-Dist pip builds from this tree, as `pip install .` would install it (backend: with
+    MLXLLM_BACKEND set to it, as `MLXLLM_BACKEND=cuda pip install .`; None: unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLXLLM_BACKEND"}
+    if backend is not None:
+        env["MLXLLM_BACKEND"] = backend
     report = subprocess.run(
         [
             sys.executable,
@@ -79,6 +83,7 @@ def _built_requirements() -> list[Requirement]:
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
     assert report.returncode == 0, report.stderr
     (item,) = json.loads(report.stdout)["install"]
@@ -105,6 +110,39 @@ def test_one_install_for_mac_and_linux():
     assert linux_mlx.specifier.contains(version("mlx"))
     old = {**default_environment(), **PLATFORMS["linux-x86_64"], "python_version": "3.10", "extra": ""}
     assert any(r.name == "tomli" and r.marker.evaluate(old) for r in reqs)
+
+
+def _applying(reqs: list[Requirement], platform_name: str) -> list[Requirement]:
+    """The requirements pip installs on `platform_name` (Python 3.11) when no extra is asked for."""
+    env = {**default_environment(), "python_version": "3.11", "python_full_version": "3.11.9"}
+    full = {**env, **PLATFORMS[platform_name], "extra": ""}
+    return [r for r in reqs if r.marker is None or r.marker.evaluate(full)]
+
+
+def test_the_cuda_install_brings_the_cuda_build_instead_of_the_cpu_one():
+    """`MLXLLM_BACKEND=cuda pip install .` (cuda12: CUDA 12) as pip builds it: on Linux one MLX build, the
+    CUDA one, without the CPU one or the CPU's BLAS; on macOS the same Metal install as the plain line."""
+    default = _built_requirements()
+    for backend, extra in (("cuda", "cuda13"), ("cuda12", "cuda12")):
+        reqs = _built_requirements(backend)
+        for platform_name in PLATFORMS:
+            applies = _applying(reqs, platform_name)
+            names = [r.name for r in applies]
+            (mlx,) = [r for r in applies if r.name == "mlx"]
+            if platform_name.startswith("linux"):
+                assert mlx.extras == {extra} and "mkl" not in names, (backend, platform_name, names)
+            else:
+                assert {str(r) for r in applies} == {str(r) for r in _applying(default, platform_name)}
+            assert {"numpy", "typer", "rich", "tokenizers", "sentencepiece"} <= set(names)
+        # What stays optional is the same whichever MLX build the plain requirements name.
+        assert {str(r) for r in reqs if r.marker and "extra" in str(r.marker)} == {
+            str(r) for r in default if r.marker and "extra" in str(r.marker)
+        }
+
+
+def test_an_unknown_backend_is_refused_with_the_names_it_takes():
+    with pytest.raises(AssertionError, match="names no MLX build: use cpu"):
+        _built_requirements("rocm")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS preload is for Linux only")

@@ -12,7 +12,8 @@ from typing import Any
 from mlxllm.attention import attention
 from mlxllm.device import device_name
 from mlxllm.kernels import gpu_backend
-from mlxllm.kernels.select import IMPLS, record_choice
+from mlxllm.kernels.fused import kernel_error
+from mlxllm.kernels.select import IMPLS, KernelProbe, Shape, record_choice, say, unsupported
 
 import mlx.core as mx
 
@@ -20,10 +21,17 @@ import mlx.core as mx
 # the 'auto' choice; "halves" skips a quarter of it (query halves) from L = 128.
 
 
-def available_impls() -> list[str]:
+def available_impls(shape: Shape, groups: int = 1, probe: KernelProbe = kernel_error) -> list[str]:
+    """The implementations to time for `shape`: 'flash' only on a GPU (on the CPU it is the tiled path again)
+    and where its kernels support the shape and build (`probe`), so that it is never recorded for a shape it
+    cannot run. groups: query heads per K/V head."""
     impls = ["reference", "halves", "fast", "tiled"]
     if gpu_backend() is not None:
-        impls.append("flash")  # on the CPU, flash is the tiled path again
+        why = unsupported("flash", shape) or probe(shape.backend, shape.dtype, shape.head_dim, groups)
+        if why:
+            say(f"attention: 'flash' is left out for {shape.describe()}: {why}")
+        else:
+            impls.append("flash")
     return impls
 
 
@@ -61,8 +69,9 @@ def bench_attention(
 ) -> list[dict[str, Any]]:
     """One row per (L, impl): {'impl', 'L', 'ms', 'peak_mb'} for forward+backward (grad wrt q, k, v of
     sum(out * cotangent)), causal. With record=True the implementation with the lowest total time over
-    all lengths becomes this device's 'auto' choice."""
-    impls = list(impls) if impls else available_impls()
+    all lengths becomes the 'auto' choice for training this dtype and head dim on this device."""
+    shape = Shape(device_name(), dtype, head_dim, training=True)
+    impls = list(impls) if impls else available_impls(shape)
     dt = getattr(mx, dtype)
     rows = []
     for L in lengths:
@@ -72,10 +81,11 @@ def bench_attention(
     if record:
         totals = {impl: sum(r["ms"] for r in rows if r["impl"] == impl) for impl in impls if impl in IMPLS}
         best = min(totals, key=totals.__getitem__)
-        path = record_choice(best)
+        path = record_choice(best, shape)
         for r in rows:
             r["recorded"] = r["impl"] == best
         rows[0]["record_path"] = str(path)
+        rows[0]["record_shape"] = shape.describe()
     return rows
 
 
@@ -101,4 +111,6 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     console.print(table)
     recorded = [r["impl"] for r in rows if r.get("recorded")]
     if recorded:
-        console.print(f"recorded '{recorded[0]}' as auto attention for {device_name()} in {rows[0]['record_path']}")
+        console.print(
+            f"recorded '{recorded[0]}' as auto attention for {rows[0]['record_shape']} in {rows[0]['record_path']}"
+        )

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mlxllm.bench.flops import executed_matmul_flops_per_token
 from mlxllm.bench.workers import COMPILED_MLX, TORCH_REFERENCE, Worker, model_config
 from mlxllm.errors import MlxllmError
 
@@ -64,22 +65,6 @@ def torch_available() -> str | None:
     if not TORCH_REFERENCE.is_file():
         return f"{TORCH_REFERENCE} is missing: reinstall mlxllm"
     return None
-
-
-def executed_matmul_flops_per_token(cfg: dict[str, Any]) -> float:
-    """Matmul FLOPs mlxllm's step really executes per token, counted layer by layer: the CPU attention
-    computes the T x T score matrix less the quarter its query halves skip (cpu.halves), so attention
-    counts 1.5x what the causal model estimate does (2x below cpu.halves.SPLIT_MIN_LEN)."""
-    from mlxllm.cpu.halves import SPLIT_MIN_LEN
-
-    mc = model_config(cfg)
-    d, f, L, T, V = mc.d_model, mc.hidden_dim, mc.n_layers, cfg["seq_len"], mc.vocab_size
-    hd, h, kv = mc.head_dim, mc.n_heads, mc.kv_heads
-    linear = L * (d * h * hd * 2 + d * kv * hd * 2 + 3 * d * f) + V * d  # projections + output projection
-    attention = L * 2 * (2 * T * h * hd)  # QK^T and PV per token, forward, full square
-    if T >= SPLIT_MIN_LEN:
-        attention *= 0.75
-    return 3 * (2 * linear + attention)  # backward is twice the forward
 
 
 def _theoretical_peak() -> float:
@@ -131,11 +116,23 @@ def _bench_config(
             w.close()
 
 
+def _executed_flops(cfg: dict[str, Any], workers: list[Worker]) -> float:
+    """Executed matmul FLOPs per token with the attention mlxllm's workers ran (on their backend), applied
+    to every row. Without an MLX worker, with the attention 'auto' means on this device."""
+    facts = next((w.ready for w in workers if "attention" in w.ready), None)
+    if facts is None:
+        from mlxllm.attention import resolve_attention
+        from mlxllm.device import backend
+
+        facts = {"attention": resolve_attention(cfg.get("attention", "auto")), "backend": backend()}
+    return executed_matmul_flops_per_token(cfg, facts["attention"], facts["backend"])
+
+
 def _row(
-    cfg: dict[str, Any], w: Worker, replies: list[dict[str, Any]], peak: float, peaks: list[float]
+    cfg: dict[str, Any], w: Worker, replies: list[dict[str, Any]], peak: float, peaks: list[float], exec_flops: float
 ) -> dict[str, Any]:
     warm, ws = replies[0], replies[1:]
-    model_flops, exec_flops = model_config(cfg).flops_per_token(cfg["seq_len"]), executed_matmul_flops_per_token(cfg)
+    model_flops = model_config(cfg).flops_per_token(cfg["seq_len"])
     tps = statistics.median(r["tokens_per_s"] for r in ws)
     compiled = w.impl in COMPILED_MLX or w.impl.startswith("torch-compile")
     note = IMPL_NOTES[w.impl] + (f", {w.ready['optimizer']} AdamW" if "optimizer" in w.ready else "")
@@ -197,7 +194,8 @@ def run_benchmark(
         workers, rounds = _bench_config(cfg, impls, steps, warmup, windows, offset=i)
         peaks.append(measure_peak())
         peak = peak_flops or max(max(peaks), _theoretical_peak())
-        results += [_row(cfg, w, rounds[w.impl], peak, peaks) for w in workers]
+        exec_flops = _executed_flops(cfg, workers)
+        results += [_row(cfg, w, rounds[w.impl], peak, peaks, exec_flops) for w in workers]
     if show:
         print_table(results, notes)
     if json_path:

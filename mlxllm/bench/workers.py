@@ -37,10 +37,66 @@ def model_config(cfg: dict[str, Any]) -> Any:
     )
 
 
+def rss_mb(maxrss: int, platform: str = sys.platform) -> float:
+    """getrusage's ru_maxrss in MiB: macOS reports bytes, Linux KiB."""
+    return maxrss / 2**20 if platform == "darwin" else maxrss / 1024
+
+
 def _rss_mb() -> float:
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return rss_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _compiled_runner(model: Any, optimizer: Any, tc: Any, split: Any, next_batch: Any, counting_loss_fn: Any):
+    """run(n, batch) of mlxllm's compiled step, as training runs it; `counting_loss_fn` stands in for
+    mlxllm.step.loss_fn, which the step looks up when it traces."""
+    from mlxllm import step as step_mod
+    from mlxllm.memory import configure_cache
+    from mlxllm.schedule import lr_at
+
+    import mlx.core as mx
+
+    configure_cache()  # as mlxllm.trainer.train does
+    step_mod.loss_fn = counting_loss_fn
+    step_fn = step_mod.make_step(model, optimizer, tc, split=split)
+
+    def run(n: int, batch):
+        if n == 0:
+            return batch
+        with split:  # its BLAS threads, as training opens it
+            for i in range(n):
+                optimizer.learning_rate = lr_at(tc, i, 0.5)
+                loss, _ = step_fn(batch)
+                mx.async_eval(loss, model.parameters(), optimizer.state)
+                batch = next_batch()  # built on the host while the step runs
+            # The whole last step, not just its loss: the loss is ready after the forward, and the
+            # backward and update left running would fall outside this window, into the next
+            # worker's (another process, on the same cores).
+            mx.eval(loss, model.parameters(), optimizer.state)
+        return batch
+
+    return run
+
+
+def _plain_runner(model: Any, optimizer: Any, tc: Any, next_batch: Any, counting_loss_fn: Any):
+    """run(n, batch) of a plain MLX loop: value_and_grad, clipping, the optimizer's update, mx.eval."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    grad_fn = nn.value_and_grad(model, counting_loss_fn)
+
+    def run(n: int, batch):
+        for _ in range(n):  # mx.eval every step: nothing is left pending
+            loss, grads = grad_fn(model, batch)
+            grads, _ = optim.clip_grad_norm(grads, tc.grad_clip)
+            optimizer.update(model, grads)
+            mx.eval(loss, model.parameters(), optimizer.state)
+            batch = next_batch()
+        return batch
+
+    return run
 
 
 def _mlx_worker(impl: str, cfg: dict[str, Any]):
@@ -50,24 +106,24 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
     from mlxllm import step as step_mod
     from mlxllm.attention import resolve_attention
     from mlxllm.config import TrainConfig
+    from mlxllm.device import device_name
+    from mlxllm.kernels import Shape
     from mlxllm.model import build_model
-    from mlxllm.schedule import lr_at
 
     import mlx.core as mx
-    import mlx.nn as nn
-    import mlx.optimizers as optim
     import numpy as np
 
     mc = model_config(cfg)
+    compiled = impl in COMPILED_MLX
     tc = TrainConfig(
         batch_size=cfg["batch_size"],
         seq_len=cfg["seq_len"],
-        compile=impl in COMPILED_MLX,
+        compile=compiled,
         cpu_streams=1 if impl == "mlxllm-1stream" else 0,
     )
     traces, calls, real_loss_fn = [0], [0], step_mod.loss_fn
     split = step_mod.cpu_split(tc, mc)  # a trace calls loss_fn once per stream the step is split over
-    n_streams = len(split.streams) if impl in COMPILED_MLX else 1
+    n_streams = len(split.streams) if compiled else 1
 
     def counting_loss_fn(model, batch):
         calls[0] += 1  # runs on every call uncompiled, only while tracing when compiled
@@ -79,47 +135,16 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
     optimizer = step_mod.make_optimizer(tc)
     optimizer.init(model.trainable_parameters())
     rng = np.random.default_rng(0)
-    B, T = cfg["batch_size"], cfg["seq_len"]
+    # The compiled step's layout is the training loop's, (grad_accum, B, T + 1); the plain loop's (B, T + 1).
+    rows = (1, cfg["batch_size"], cfg["seq_len"] + 1) if compiled else (cfg["batch_size"], cfg["seq_len"] + 1)
 
-    if impl in COMPILED_MLX:
-        from mlxllm.memory import configure_cache
+    def next_batch():
+        return mx.array(rng.integers(0, mc.vocab_size, rows, dtype=np.int32))
 
-        configure_cache()  # as mlxllm.trainer.train does
-        # The compiled step looks loss_fn up in mlxllm.step when it traces; the counter stays in place.
-        step_mod.loss_fn = counting_loss_fn
-        step_fn = step_mod.make_step(model, optimizer, tc, split=split)
-
-        def next_batch():  # the training loop's layout: (grad_accum, B, T + 1)
-            return mx.array(rng.integers(0, mc.vocab_size, (1, B, T + 1), dtype=np.int32))
-
-        def run(n: int, batch):
-            if n == 0:
-                return batch
-            with split:  # its BLAS threads, as training opens it
-                for i in range(n):
-                    optimizer.learning_rate = lr_at(tc, i, 0.5)
-                    loss, _ = step_fn(batch)
-                    mx.async_eval(loss, model.parameters(), optimizer.state)
-                    batch = next_batch()  # built on the host while the step runs
-                # The whole last step, not just its loss: the loss is ready after the forward, and the
-                # backward and update left running would fall outside this window, into the next
-                # worker's (another process, on the same cores).
-                mx.eval(loss, model.parameters(), optimizer.state)
-            return batch
+    if compiled:
+        run = _compiled_runner(model, optimizer, tc, split, next_batch, counting_loss_fn)
     else:
-        grad_fn = nn.value_and_grad(model, counting_loss_fn)
-
-        def next_batch():
-            return mx.array(rng.integers(0, mc.vocab_size, (B, T + 1), dtype=np.int32))
-
-        def run(n: int, batch):
-            for _ in range(n):  # mx.eval every step: nothing is left pending
-                loss, grads = grad_fn(model, batch)
-                grads, _ = optim.clip_grad_norm(grads, tc.grad_clip)
-                optimizer.update(model, grads)
-                mx.eval(loss, model.parameters(), optimizer.state)
-                batch = next_batch()
-            return batch
+        run = _plain_runner(model, optimizer, tc, next_batch, counting_loss_fn)
 
     def memory() -> dict[str, float]:
         return {
@@ -128,7 +153,9 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
             "max_rss_mb": _rss_mb(),
         }
 
-    return run, next_batch, traces, memory, {"attention": resolve_attention(mc.attention)}
+    shape = Shape(device_name(), tc.dtype, mc.head_dim, training=True)
+    facts = {"attention": resolve_attention(mc.attention, shape), "backend": shape.backend}
+    return run, next_batch, traces, memory, facts
 
 
 def _torch_worker(impl: str, cfg: dict[str, Any]):

@@ -85,9 +85,10 @@ def setup() -> None:
             return
 
 
-def warning() -> str | None:
-    """What to tell the user loudly when only the reference BLAS is in use (on Linux), else None."""
-    if not sys.platform.startswith("linux") or loaded:
+def warning(backend: str = "cpu") -> str | None:
+    """What to tell the user loudly when only the reference BLAS is in use (on Linux), else None.
+    backend: where MLX computes (device.backend()); on a GPU (CUDA: cuBLAS) the CPU's BLAS does no training."""
+    if not sys.platform.startswith("linux") or loaded or backend != "cpu":
         return None
     return describe() + ". " + HINT
 

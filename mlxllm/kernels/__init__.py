@@ -1,13 +1,13 @@
 """Fused causal attention: Metal/CUDA kernels, their tiled MLX reference, and the 'auto' choice.
 
 `mlxllm.attention.attention` calls `flash_attention` (impl="flash"), `tiled_attention` (impl="tiled")
-and `resolve_auto` (impl="auto").
+and `resolve_auto` (impl="auto"); a run checks its model's choice first with `choose`.
 """
 
 from __future__ import annotations
 
 from mlxllm.device import backend
-from mlxllm.kernels.select import record_choice, resolve_auto
+from mlxllm.kernels.select import Shape, choose, record_choice, resolve_auto
 from mlxllm.kernels.tiled import tiled_attention
 
 import mlx.core as mx
@@ -29,4 +29,12 @@ def flash_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, caus
     return fused_attention(q, k, v, scale=scale, causal=causal, backend=kind)
 
 
-__all__ = ["flash_attention", "gpu_backend", "record_choice", "resolve_auto", "tiled_attention"]
+__all__ = [
+    "Shape",
+    "choose",
+    "flash_attention",
+    "gpu_backend",
+    "record_choice",
+    "resolve_auto",
+    "tiled_attention",
+]

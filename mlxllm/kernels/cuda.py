@@ -1,7 +1,8 @@
 """The CUDA translation unit `mx.fast.cuda_kernel` compiles for one of our kernels, rebuilt in Python.
 
 MLX (mlx/backend/cuda/custom_kernel.cpp, `build_kernel`) JIT-compiles: its default header (which includes
-`mlx/backend/cuda/device/utils.cuh`, <cooperative_groups.h> and defines `inf`), our header, then
+`mlx/backend/cuda/device/utils.cuh` and <cooperative_groups.h>; MLX 0.32.0 dropped its `#define inf`, so
+our kernels spell infinity themselves), our header, then
 `namespace mlx::core::cu {` with a `__global__ void custom_kernel_<name><hash>(...)` whose parameters are the
 inputs as `const T*`, the outputs as `T*`, and whose body opens with the template arguments as `constexpr`
 / `using` declarations. This module writes the same text so that it can be compiled offline (the tests
@@ -21,8 +22,6 @@ MLX_DEFAULT_HEADER = """
 #include "mlx/backend/cuda/device/utils.cuh"
 
 #include <cooperative_groups.h>
-
-#define inf cuda::std::numeric_limits<float>::infinity()
 
 """
 

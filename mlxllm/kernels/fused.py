@@ -9,6 +9,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from mlxllm.errors import MlxllmError
 from mlxllm.kernels.source import INPUTS, OUTPUTS, kernel_source
 from mlxllm.kernels.tiled import _check, attention_delta
 
@@ -16,6 +17,7 @@ import mlx.core as mx
 
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+PROBE_LEN = 8  # query and key rows of the input a shape's kernels are first built and run on
 ROWS_PER_GROUP = 4  # SIMD groups (warps) per threadgroup: 128 threads
 
 
@@ -193,14 +195,48 @@ def fused_function(scale: float, causal: bool, backend: str) -> Callable:
     return fwd
 
 
+def unsupported(head_dim: int, dtype: str) -> str | None:
+    """Why the fused kernels cannot run this head dim or dtype ('float32', 'bfloat16', ...), or None."""
+    if head_dim not in HEAD_DIMS:
+        dims = ", ".join(map(str, HEAD_DIMS[:-1])) + f" and {HEAD_DIMS[-1]}"
+        return f"the fused kernels support head dims {dims} (d_model / n_heads), not {head_dim}"
+    if getattr(mx, dtype, None) not in DTYPES:
+        return f"the fused kernels compute in float32, float16 or bfloat16, not {dtype}"
+    return None
+
+
+@functools.cache
+def kernel_error(backend: str, dtype: str, head_dim: int, groups: int) -> str | None:
+    """None when the fused forward and backward kernels of this shape build and run on `backend`, else what
+    went wrong (a Metal or NVRTC compile error, or no such back-end in this MLX). MLX compiles a kernel when
+    it is first evaluated, so without this a failure would surface in the middle of the first step. Runs
+    the kernels on a tiny causal input (groups query heads on one K/V head); never call it while tracing."""
+    try:
+        dt = getattr(mx, dtype)
+        q = mx.zeros((1, groups, PROBE_LEN, head_dim), dt)
+        kv = mx.zeros((1, 1, PROBE_LEN, head_dim), dt)
+        fwd = fused_function(head_dim**-0.5, True, backend)
+
+        def loss(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+            return fwd(q, k, v)[0].astype(mx.float32).sum()
+
+        mx.eval(mx.grad(loss, argnums=(0, 1, 2))(q, kv, kv))
+    except Exception as e:  # noqa: BLE001 - whatever stops the kernel from running means it cannot be used here
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def fused_attention(
     q: mx.array, k: mx.array, v: mx.array, *, scale: float, causal: bool = True, backend: str
 ) -> mx.array:
     """Fused attention on the GPU. q: (B, H, L, D); k, v: (B, Hkv, L, D); D in 32, 64, 128."""
     _check(q, k, v)
-    if q.shape[-1] not in HEAD_DIMS or q.dtype not in DTYPES:
-        raise ValueError(
-            f"fused attention supports head dims {HEAD_DIMS} and fp32/fp16/bf16; got D={q.shape[-1]}, {q.dtype}"
+    why = unsupported(q.shape[-1], str(q.dtype).rsplit(".", 1)[-1])
+    if why:
+        raise MlxllmError(
+            f"attention 'flash' cannot run this model on {backend}: {why}. Set model.attention = 'auto' "
+            "(this device's fastest implementation that supports the model) or 'fast', or choose d_model and "
+            "n_heads for a supported head dim."
         )
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     return fused_function(float(scale), bool(causal), backend)(q, k, v)[0]
