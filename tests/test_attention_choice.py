@@ -97,7 +97,7 @@ def test_a_recorded_flash_with_head_dim_16_trains_with_fast_and_says_so(cache, c
     assert impl == "fast"
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "head dim" in err and "using 'fast'" in err
-    model, _ = _model(run, None, None, impl)
+    model, _, _ = _model(run, None, None, None, impl)
     assert {layer.self_attn.impl for layer in model.model.layers} == {"fast"}
     tokens = mx.array([[1, 2, 3, 4, 5, 6, 7, 8]])
     loss, grads = nn.value_and_grad(model, lambda mdl, x: mdl(x)[:, :-1].mean())(model, tokens)
