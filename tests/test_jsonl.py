@@ -103,7 +103,7 @@ def _masked_batch(tmp_path: Path, accum: int, rows: int, seq_len: int) -> np.nda
     path = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": p, "completion": c} for p, c in qa(300, seed=2)])
     d = data_mod.prepare(path, BYTE)
     batch = data_mod.train_batch(d, seed=0, step=3, batch_size=rows, seq_len=seq_len, accum=accum).copy()
-    batch[0, 0, 1, 4:] = 0  # micro-batch 0 starts with a row of 3 counted targets: far from an equal share
+    batch[0, 0, 1, 1:4], batch[0, 0, 1, 4:] = 1, 0  # micro-batch 0: a row of 3 counted targets, then none
     batch[0, 1, 1, :] = 0
     return batch
 
@@ -159,7 +159,7 @@ def test_the_tokenizer_learns_the_rendered_text_not_the_json(tmp_path: Path):
     path = write_jsonl(tmp_path / "big.jsonl", corpus_of("messages", 400))
     d = data_mod.prepare(path, TokenizerConfig(kind="bpe", vocab_size=400))
     pieces = [d.tokenizer.sp.id_to_piece(i) for i in range(d.tokenizer.vocab_size)]
-    assert "assistant" in "".join(pieces) and not any('"' in p or "role" in p for p in pieces)
+    assert any("assist" in p for p in pieces) and not any('"' in p or "role" in p for p in pieces)
 
 
 @pytest.mark.parametrize(
@@ -306,8 +306,10 @@ def test_instruction_tuning_an_imported_chat_model_learns_the_assistant_turns(hf
     data = write_jsonl(tmp_path / "train.jsonl", corpus_of("messages", 300))
     val = write_jsonl(tmp_path / "val.jsonl", corpus_of("messages", 40, seed=9))
     before = evaluate_model(llama, val)
-    m, t, k = tiny_configs(data, tmp_path / "run", max_steps=40, eval_interval=20, init_from=str(llama))
-    result = train(RunConfig(m, k, TrainConfig(**{**t.__dict__, "val_data": str(val)})), show_progress=False)
+    m, t, k = tiny_configs(
+        data, tmp_path / "run", max_steps=40, eval_interval=20, init_from=str(llama), val_data=str(val)
+    )
+    result = train(RunConfig(m, k, t), show_progress=False)
     after = evaluate_model(result.run_dir, val, which="latest")
     assert before.masked and after.tokens == before.tokens and after.seq_len == before.seq_len == 128
     assert after.loss < before.loss - 1.0, (before.loss, after.loss)
