@@ -23,6 +23,8 @@ from mlxllm.errors import MlxllmError
 
 import jinja2
 import jinja2.ext
+import jinja2.nodes
+import jinja2.parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # mlxllm's own template, for tokenizers that came with none (mlxllm's BPE and byte tokenizers): each
@@ -97,6 +99,21 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+class _Generation(jinja2.ext.Extension):
+    """transformers' `{% generation %}...{% endgeneration %}` (its marks of assistant text), rendered as
+    its body: mlxllm finds the assistant turns by their prefixes, so a template using it still reads."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: Any) -> str:
+        return caller()
+
+
 class ChatTemplate:
     """A Jinja chat template compiled in the sandbox, with the special tokens it is rendered with."""
 
@@ -104,7 +121,9 @@ class ChatTemplate:
         """source: the Jinja text; tokens: special tokens by name (bos_token, ...); origin: where the
         template came from, for messages."""
         self.source, self.tokens, self.origin = source, dict(tokens or {}), origin
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _Generation]
+        )
         env.filters["tojson"] = _tojson
         env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
         try:

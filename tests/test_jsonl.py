@@ -267,6 +267,18 @@ def test_a_template_failing_on_a_record_names_its_line_and_writes_nothing(tmp_pa
     assert set((cache_dir() / "data").glob("*")) == before
 
 
+def test_a_template_with_generation_marks_renders_as_transformers(hf_chat):
+    _, hf = hf_chat
+    marked = CHATML.replace(
+        "{{ '<|im_start|>' + message['role']", "{% generation %}{{ '<|im_start|>' + message['role']"
+    )
+    marked = marked.replace("+ '\n' }}{% endfor %}", "+ '\n' }}{% endgeneration %}{% endfor %}")
+    assert marked != CHATML and "endgeneration" in marked
+    conversation = corpus_of("messages", 1)[0]["messages"]
+    want = hf.apply_chat_template(conversation, tokenize=False, chat_template=marked)
+    assert ChatTemplate(marked, {"bos_token": "<s>"}).render(conversation) == want
+
+
 def test_plain_template_is_documented_and_prefix_consistent():
     template = ChatTemplate(PLAIN_TEMPLATE)
     conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
