@@ -105,6 +105,7 @@ def _masked_batch(tmp_path: Path, accum: int, rows: int, seq_len: int) -> np.nda
     batch = data_mod.train_batch(d, seed=0, step=3, batch_size=rows, seq_len=seq_len, accum=accum).copy()
     batch[0, 0, 1, 1:4], batch[0, 0, 1, 4:] = 1, 0  # micro-batch 0: a row of 3 counted targets, then none
     batch[0, 1, 1, :] = 0
+    batch[0, 2:, 1, -1] = batch[1, :, 1, -1] = 1  # and no slice of 2 rows without a counted target
     return batch
 
 
