@@ -168,13 +168,15 @@ def export_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="The model directory to write (must not exist yet).")],
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
     quantize: Annotated[int | None, typer.Option(help="4 or 8 bits, in mlx-lm's quantized format.")] = None,
+    group_size: Annotated[int, typer.Option(help="With --quantize: values per scale and bias, 32, 64 or 128.")] = 64,
     format_: Annotated[str, typer.Option("--format", help="hf (mlx-lm and transformers) or gguf (llama.cpp).")] = "hf",
     checkpoint: Annotated[str, typer.Option(help="best or latest.")] = "best",
 ) -> None:
     """Write a trained model as a directory that mlx-lm, transformers or llama.cpp load."""
     from mlxllm.export import ExportOptions, export
 
-    written = export(run_dir, out, ExportOptions(which=checkpoint, dtype=dtype, quantize=quantize, format=format_))
+    opts = ExportOptions(which=checkpoint, dtype=dtype, quantize=quantize, group_size=group_size, format=format_)
+    written = export(run_dir, out, opts)
     print(f"Exported {run_dir} to {written}")
 
 

@@ -172,6 +172,9 @@ class TrainConfig:
     max_seconds: float | None = None
     eval_interval: int = 50  # evaluate, then checkpoint, every N steps
     eval_batches: int = 10
+    # Stop when this many evaluations in a row have not lowered the best validation loss (the best
+    # checkpoint is kept, as always); 0: off.
+    early_stop_patience: int = 0
     log_interval: int = 10
     keep_last: int = 2
     seed: int = 0
@@ -213,6 +216,12 @@ class TrainConfig:
             problems.append(f"lora_rank must be 0 (off) or a positive integer (got {self.lora_rank!r})")
         elif self.lora_rank and not self.init_from:
             problems.append("lora_rank needs init_from: LoRA adapts a pretrained model (--init-from PATH)")
+        p = self.early_stop_patience
+        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
+            problems.append(
+                f"early_stop_patience must be 0 (off) or a positive integer, the evaluations in a row without a "
+                f"lower validation loss before the run stops (got {p!r})"
+            )
         if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 1):
             problems.append(f"seq_len must be a positive integer (got {self.seq_len!r})")
         if not isinstance(self.cpu_streams, int) or self.cpu_streams < 0:

@@ -4,6 +4,10 @@ The directory is Hugging Face's Llama layout (config.json, model.safetensors, th
 generation_config.json) with a short model card and the run's loss curves; mlxllm's parameter
 names are already Llama's, so the weights are written as they are. It is written under a temporary
 name and renamed into place, so a failed export leaves nothing half-written.
+
+A LoRA run is written merged: its adapters added into the weights. A QLoRA run's frozen quantized
+base is dequantized for that, so its export is a plain float model by default, or quantized again
+with --quantize (which rounds the merged weights anew); the model card says which.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxllm import checkpoint as ckpt
-from mlxllm import hf_config
+from mlxllm import hf_config, quant
 from mlxllm.config import RunConfig, load_config
 from mlxllm.errors import MlxllmError
 from mlxllm.generate import load
@@ -28,7 +32,7 @@ from mlx.utils import tree_flatten
 DTYPES = ("float32", "float16", "bfloat16")
 FORMATS = ("hf", "gguf")
 QUANT_BITS = (4, 8)
-GROUP_SIZE = 64  # mlx-lm's default group size
+GROUP_SIZES = (32, 64, 128)  # MLX's affine quantization; 64 is mlx-lm's default
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class ExportOptions:
     which: str = "best"  # best or latest checkpoint
     dtype: str = "float32"
     quantize: int | None = None  # bits, in mlx-lm's quantized format
+    group_size: int = 64  # with quantize: the values that share one scale and bias
     format: str = "hf"
 
     def __post_init__(self) -> None:
@@ -46,6 +51,8 @@ class ExportOptions:
             problems.append(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
         if self.quantize is not None and self.quantize not in QUANT_BITS:
             problems.append(f"--quantize must be 4 or 8 (got {self.quantize!r})")
+        if self.group_size not in GROUP_SIZES:
+            problems.append(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))} (got {self.group_size!r})")
         if self.format not in FORMATS:
             problems.append(f"--format must be one of {', '.join(FORMATS)} (got {self.format!r})")
         if self.format == "gguf" and self.quantize is not None:
@@ -54,24 +61,46 @@ class ExportOptions:
             raise MlxllmError("Cannot export: " + "; ".join(problems) + ".")
 
 
-def _quantize(model: Transformer, bits: int) -> dict:
-    def fits(_: str, m: nn.Module) -> bool:
-        return hasattr(m, "to_quantized") and m.weight.shape[-1] % GROUP_SIZE == 0
+def _quantize(model: Transformer, bits: int, group_size: int) -> dict:
+    def fits(_: str, m: nn.Module) -> bool:  # as mlx_lm.convert chooses
+        return hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0
 
-    nn.quantize(model, group_size=GROUP_SIZE, bits=bits, class_predicate=fits)
-    return {"group_size": GROUP_SIZE, "bits": bits, "mode": "affine"}
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=fits)
+    return {"group_size": group_size, "bits": bits, "mode": "affine"}
 
 
-def write_weights(model: Transformer, directory: Path, dtype: str, quantize: int | None) -> dict | None:
-    """model.safetensors in dtype (quantized layers keep their packed weights); returns the quantization."""
+def write_weights(
+    model: Transformer, directory: Path, dtype: str, quantize: int | None, group_size: int = 64
+) -> dict | None:
+    """model.safetensors in dtype, quantized to `quantize` bits in groups of `group_size` when given
+    (those layers keep their packed weights); returns the quantization."""
     model.set_dtype(getattr(mx, dtype))
-    quantization = _quantize(model, quantize) if quantize else None
+    quantization = _quantize(model, quantize, group_size) if quantize else None
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(directory / "model.safetensors"), weights, metadata={"format": "mlx"})
     return quantization
 
 
-def model_card(run: RunConfig, state: dict, n_params: int, has_plot: bool) -> str:
+def weights_note(run: RunConfig, state: dict, opts: ExportOptions) -> str:
+    """The model card's line on the weights: their dtype or quantization, and what a (Q)LoRA run's are."""
+    if opts.quantize:
+        written = f"quantized to {opts.quantize} bits, group size {opts.group_size} (mlx-lm's affine format)"
+    else:
+        written = f"{opts.dtype}, not quantized"
+    t, base = run.train, state.get("quantization")
+    if base:
+        again = ", then quantized again" if opts.quantize else ""
+        return (
+            f"- Weights: {written}. The run trained LoRA adapters (rank {t.lora_rank}) over a frozen quantized "
+            f"base ({quant.describe(base)}: QLoRA); that base was dequantized and the adapters merged into it{again}."
+        )
+    if t.lora_rank:
+        return f"- Weights: {written}. The run trained LoRA adapters (rank {t.lora_rank}), merged into the weights."
+    return f"- Weights: {written}."
+
+
+def model_card(run: RunConfig, state: dict, n_params: int, has_plot: bool, weights: str = "") -> str:
+    """weights: the line weights_note writes (left out when empty)."""
     m = run.model
     loss, bpb = state.get("val_loss"), state.get("val_bpb")
     lines = [
@@ -86,6 +115,7 @@ def model_card(run: RunConfig, state: dict, n_params: int, has_plot: bool) -> st
         f"MLP {m.hidden_dim}, context {m.max_seq_len}, RoPE theta {m.rope_theta:g}, "
         f"{'tied' if m.tie_embeddings else 'untied'} embeddings; {n_params:,} parameters.",
         f"- Tokenizer: {run.tokenizer.kind}, {m.vocab_size} tokens.",
+        *([weights] if weights else []),
         f"- Data: {_data(run.train.data)}.",
         f"- Training: {state.get('step')} steps, {state.get('tokens', 0):,} tokens, {state.get('elapsed', 0):.0f} s.",
         "- Validation: " + (f"loss {loss:.4f}, {bpb:.3f} bits per byte." if loss is not None else "not evaluated."),
@@ -109,7 +139,7 @@ def _write_hf(chosen: Path, tmp: Path, opts: ExportOptions) -> None:
     run = load_config(chosen / "config.toml")
     model, tok = load(chosen)
     n_params = run.model.num_params()
-    quantization = write_weights(model, tmp, opts.dtype, opts.quantize)
+    quantization = write_weights(model, tmp, opts.dtype, opts.quantize, opts.group_size)
     config = hf_config.to_hf(run.model, dtype=opts.dtype, eos_id=tok.eos_id)
     if quantization:
         config["quantization"] = config["quantization_config"] = quantization
@@ -117,7 +147,8 @@ def _write_hf(chosen: Path, tmp: Path, opts: ExportOptions) -> None:
     (tmp / "generation_config.json").write_text(json.dumps(hf_config.generation_config(tok.eos_id), indent=2) + "\n")
     write_tokenizer(tok, tmp, max_len=run.model.max_seq_len)
     has_plot = _plot(chosen.parent.parent, tmp / "loss_curves.png")
-    (tmp / "README.md").write_text(model_card(run, ckpt.read_state(chosen), n_params, has_plot))
+    state = ckpt.read_state(chosen)
+    (tmp / "README.md").write_text(model_card(run, state, n_params, has_plot, weights_note(run, state, opts)))
 
 
 def _plot(run_dir: Path, png: Path) -> bool:

@@ -3,6 +3,9 @@ projections, with the model's own weights frozen, so that only the adapters need
 optimizer state. W x becomes W x + (alpha / rank) * B (A x); B starts at zero, so training starts
 from the pretrained model exactly. Checkpoints hold the adapters beside the frozen weights; loading
 a run (generate, export, init_from) merges them into plain Llama weights.
+
+QLoRA is the same over a quantized model (an mlx-lm quantized folder): the frozen W is an
+nn.QuantizedLinear, kept packed while training, and only the adapters are in full precision.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ TARGETS = (
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update."""
+    """A frozen linear layer (plain or quantized) plus a trainable low-rank update."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, key: mx.array):
+    def __init__(self, base: nn.Linear | nn.QuantizedLinear, rank: int, alpha: float, key: mx.array):
         super().__init__()
         out_dims, in_dims = base.weight.shape
+        if isinstance(base, nn.QuantizedLinear):  # packed: 32 // bits values to a uint32
+            in_dims = in_dims * 32 // base.bits
         self.base = base
         self.scale = alpha / rank
         bound = 1 / math.sqrt(in_dims)  # as nn.Linear initializes its weight
@@ -57,11 +62,14 @@ def apply(model: Transformer, rank: int, alpha: float, seed: int = 0) -> None:
     keys = iter(mx.random.split(mx.random.key(seed), len(model.model.layers) * len(TARGETS)))
     for owner, name in _targets(model):
         setattr(owner, name, LoRALinear(getattr(owner, name), rank, alpha, next(keys)))
-    mx.eval(model.parameters())
+    # The adapters only: the frozen weights may be a resumed run's placeholders, replaced by its checkpoint
+    # unevaluated (runstate), and evaluating them would make a full-precision copy of a quantized model.
+    mx.eval(model.trainable_parameters())
 
 
 def merged(weights: dict[str, mx.array], scale: float) -> dict[str, mx.array]:
-    """Checkpoint weights with adapters (`x.base.weight`, `x.lora_a`, `x.lora_b`) as plain ones (`x.weight`)."""
+    """Checkpoint weights with adapters (`x.base.weight`, `x.lora_a`, `x.lora_b`) as plain ones (`x.weight`);
+    a QLoRA run's are dequantized first (quant.dequantized)."""
     out = {}
     for name, w in weights.items():
         if name.endswith(".base.weight"):

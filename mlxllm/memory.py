@@ -6,6 +6,9 @@ the block's inputs, normed inputs, q/k/v before and after RoPE, attention scores
 (n_heads x seq_len of them), the attention output, and the SwiGLU's gate/up/silu/product), plus the logits.
 With dropout, each dropped activation also keeps its mask, one activation-sized array each: the
 embeddings, and the attention and MLP outputs of every layer.
+A QLoRA run's frozen base counts at its packed size: each weight matrix at its bits per value plus
+its groups' scales and biases (quant.bytes_per_weight), the norms in fp32, and no low-precision copy
+of it (only the adapters are cast to the compute dtype).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import os
 import sys
 from typing import Any
 
-from mlxllm import device
+from mlxllm import device, quant
 from mlxllm.config import ModelConfig
 from mlxllm.errors import MlxllmError
 
@@ -38,9 +41,11 @@ def estimate_memory(
     dtype: Any = "float32",
     grad_accum: int = 1,
     trainable: int | None = None,
+    quantization: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Bytes needed by one training step: weights, grads, optimizer, activations, total (all floats).
-    trainable: how many parameters get gradients (LoRA's adapters), when not all of them."""
+    trainable: how many parameters get gradients (LoRA's adapters), when not all of them.
+    quantization: how the frozen weights are quantized (QLoRA: config.json's entry, or a layout)."""
     name = _dtype_name(dtype)
     act_bytes = DTYPE_BYTES[name]
     n = model_cfg.num_params()
@@ -48,7 +53,14 @@ def estimate_memory(
     kv = model_cfg.kv_heads * model_cfg.head_dim
     adapters = trainable or 0  # LoRA's, beside the frozen weights
     trained = n if trainable is None else trainable
-    weights = 4 * (n + adapters) + (act_bytes * n if name != "float32" else 0)  # fp32 master + compute copy
+    low = name != "float32"
+    if quantization:
+        norms = (2 * L + 1) * d
+        weights = (
+            (n - norms) * quant.bytes_per_weight(quantization) + 4 * (norms + adapters) + low * act_bytes * adapters
+        )
+    else:
+        weights = 4 * (n + adapters) + low * act_bytes * n  # fp32 master + compute copy
     grads = 4 * trained
     optimizer = 2 * 4 * trained  # AdamW: first and second moments in fp32
     tokens = batch_size * seq_len  # micro-batch: grad_accum micro-batches run one after another

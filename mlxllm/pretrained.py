@@ -1,6 +1,8 @@
 """A trained model on disk, whatever made it: an mlxllm run or checkpoint, or an mlx-lm / Hugging Face
-Llama directory (config.json, safetensors, tokenizer). Read into a shape, weights and a tokenizer, and
-built into mlxllm's decoder, for generation and as the start of fine-tuning (train.init_from)."""
+Llama directory (config.json, safetensors, tokenizer; mlx-lm's quantized folders too). Read into a
+shape, weights and a tokenizer, and built into mlxllm's decoder, for generation and as the start of
+fine-tuning (train.init_from). A run's checkpoint reads as plain weights: its LoRA adapters merged,
+over its QLoRA base dequantized."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxllm import checkpoint as ckpt
-from mlxllm import hf_config, lora
+from mlxllm import hf_config, lora, quant
 from mlxllm.config import ModelConfig, TokenizerConfig, load_config
 from mlxllm.errors import MlxllmError
 from mlxllm.model import Transformer
@@ -28,7 +30,7 @@ class Pretrained:
     config: ModelConfig
     weights: dict[str, mx.array]
     tokenizer: Tokenizer
-    quantization: dict[str, Any] | None
+    quantization: dict[str, Any] | None  # config.json's `quantization` entry (an mlx-lm quantized folder)
     source: Path
 
     @property
@@ -57,8 +59,9 @@ def _from_hf(directory: Path) -> Pretrained:
     weights = _read_weights(directory)
     # Without the key, transformers and mlx-lm assume opposite defaults: the weights say which it is.
     config = hf_config.from_hf({"tie_word_embeddings": "lm_head.weight" not in weights, **d}, str(where))
-    if config.tie_embeddings:
-        weights.pop("lm_head.weight", None)  # some exports write the tied matrix twice
+    if config.tie_embeddings:  # some exports write the tied matrix twice
+        for part in ("weight", "scales", "biases"):
+            weights.pop(f"lm_head.{part}", None)
     return Pretrained(config, weights, load_tokenizer(directory), d.get("quantization"), directory)
 
 
@@ -66,6 +69,9 @@ def _from_checkpoint(chosen: Path) -> Pretrained:
     ckpt.check(chosen)  # a damaged file is named, not loaded
     run = load_config(chosen / "config.toml")
     weights = dict(mx.load(str(chosen / "model.safetensors")))
+    recorded = ckpt.read_state(chosen).get("quantization")
+    if recorded:  # a QLoRA run: its frozen quantized base dequantized, for the adapters to merge into
+        weights = quant.dequantized(weights, recorded)
     if run.train.lora_rank:  # a LoRA run: its adapters merged into the model's own weights
         weights = lora.merged(weights, run.train.lora_alpha / run.train.lora_rank)
     return Pretrained(run.model, weights, load_tokenizer(chosen), None, chosen)
@@ -94,21 +100,13 @@ def find(path: str | Path, which: str = "best") -> Pretrained:
 
 
 def build(p: Pretrained, *, attention: str | None = None) -> Transformer:
-    """mlxllm's decoder holding p's weights (fp32, or as quantized as they were saved); attention
-    overrides the implementation the config names."""
+    """mlxllm's decoder holding p's weights in fp32; the layers that were saved quantized stay so
+    (their packed weights as saved, their scales and biases in fp32, so that they compute in fp32 as
+    the rest of the model does). attention overrides the implementation the config names."""
     model = Transformer(replace(p.config, attention=attention or p.config.attention))
     if p.quantization:
-        q = p.quantization
-        nn.quantize(
-            model,
-            group_size=q["group_size"],
-            bits=q["bits"],
-            mode=q.get("mode", "affine"),
-            class_predicate=lambda name, m: f"{name}.scales" in p.weights,
-        )
-        weights = p.weights
-    else:
-        weights = {k: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in p.weights.items()}
+        nn.quantize(model, class_predicate=quant.from_weights(p.quantization, p.weights))
+    weights = {k: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in p.weights.items()}
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:

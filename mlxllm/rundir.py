@@ -131,6 +131,13 @@ def check_resume(checkpoint: Path, run: RunConfig, data_key: str) -> None:
             f"now: {run.tokenizer}, data={run.train.data!r}). Resume with the same --data (unchanged) and "
             "tokenizer settings, or start a new run with --out or --overwrite."
         )
+    lora_then, lora_now = (saved.train.lora_rank, saved.train.lora_alpha), (run.train.lora_rank, run.train.lora_alpha)
+    if lora_then != lora_now:  # the checkpoint's weights are named and shaped by its adapters
+        raise MlxllmError(
+            f"Cannot resume {run_dir}: it was trained with train.lora_rank = {lora_then[0]} and lora_alpha = "
+            f"{lora_then[1]}, and this config has {lora_now[0]} and {lora_now[1]}. Resume with the run's own "
+            "config (it is saved as config.toml in the run directory), or start a new run with --out or --overwrite."
+        )
     if saved.model != run.model:
         diff = [
             f"{f.name}: checkpoint {getattr(saved.model, f.name)!r}, now {getattr(run.model, f.name)!r}"

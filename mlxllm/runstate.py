@@ -2,7 +2,11 @@
 up: checks first, then the run directory, the token data, the model, or the checkpoint it resumes.
 
 In a data-parallel group every process holds the whole state; rank 0 alone touches the run
-directory (lock, checkpoints, metrics), and the others take its model, optimizer and counters."""
+directory (lock, checkpoints, metrics), and the others take its model, optimizer and counters.
+
+A QLoRA run (LoRA from an mlx-lm quantized folder) saves its frozen quantized base in each
+checkpoint, packed as it trains, with its layout in state.json (quant.layout): a checkpoint stands
+alone, so that resuming, generating or exporting never reads the init_from folder again."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from typing import IO
 
 from mlxllm import checkpoint as ckpt
 from mlxllm import data as data_mod
-from mlxllm import lora, pretrained, rundir
+from mlxllm import lora, pretrained, quant, rundir
 from mlxllm.config import RunConfig, TrainConfig, dump_toml
 from mlxllm.data import TokenData
 from mlxllm.distributed import Group
@@ -44,6 +48,9 @@ class Run:
     tokens: int = 0
     elapsed_before: float = 0.0  # training time of the runs this one resumes
     best_val: float | None = None
+    evals_since_best: int = 0  # evaluations in a row without a lower validation loss (early stopping)
+    last_eval_step: int = 0  # the step of the last evaluation counted there
+    quantization: dict | None = None  # the frozen base's layout (quant.layout) in a QLoRA run
     last_good: Path | None = None
     start: float = field(default_factory=time.perf_counter)
     lock: IO[str] | None = None  # the run directory's, held while training (rank 0)
@@ -86,6 +93,7 @@ class Run:
         self.optimizer.state = tree_unflatten(list(mx.load(str(latest / "optimizer.safetensors")).items()))
         self.step, self.tokens, self.elapsed_before = state["step"], state["tokens"], state["elapsed"]
         self.best_val, self.last_good = state.get("best_val_loss"), latest
+        self.evals_since_best = state.get("evals_since_best", 0)
         mx.eval(self.model.parameters(), self.optimizer.state)
 
     def share(self) -> None:
@@ -96,15 +104,20 @@ class Run:
             return
         self.model.update(g.broadcast(self.model.parameters()))
         self.optimizer.state = g.broadcast(self.optimizer.state)
-        counts = g.broadcast(mx.array([self.step, self.tokens], dtype=mx.int64)).tolist()
+        counts = g.broadcast(mx.array([self.step, self.tokens, self.evals_since_best], dtype=mx.int64)).tolist()
         best = math.nan if self.best_val is None else self.best_val
         elapsed, best = g.broadcast(mx.array([self.elapsed_before, best], dtype=mx.float32)).tolist()
-        self.step, self.tokens, self.elapsed_before = int(counts[0]), int(counts[1]), elapsed
+        self.step, self.tokens, self.evals_since_best, self.elapsed_before = *map(int, counts), elapsed
         self.best_val = None if math.isnan(best) else best
 
     def save(self, val: dict[str, float]) -> None:
-        if val and (self.best_val is None or val["val_loss"] < self.best_val):
-            self.best_val = val["val_loss"]
+        # A step evaluated again (a finished run resumed) is not one more evaluation without improvement.
+        if val and self.step != self.last_eval_step:
+            self.last_eval_step = self.step
+            if self.best_val is None or val["val_loss"] < self.best_val:
+                self.best_val, self.evals_since_best = val["val_loss"], 0
+            else:
+                self.evals_since_best += 1
         if not self.group.primary:
             return
         state = {
@@ -116,19 +129,37 @@ class Run:
             "val_loss": val.get("val_loss"),
             "val_bpb": val.get("val_bpb"),
             "best_val_loss": self.best_val,
+            "evals_since_best": self.evals_since_best,
+            "quantization": self.quantization,
         }
         extra_files = [self.run_dir / "config.toml", *sorted(self.run_dir.glob("tokenizer*"))]
         weights, opt_state = dict(tree_flatten(self.model.parameters())), dict(tree_flatten(self.optimizer.state))
         self.last_good = ckpt.save_checkpoint(self.run_dir, self.step, weights, opt_state, state, extra_files)
         ckpt.prune(self.run_dir, self.cfg.keep_last)
 
+    def early_stop(self) -> str | None:
+        """Why the run stops here, when train.early_stop_patience evaluations in a row have not lowered
+        the best validation loss (the line that says so); else None."""
+        patience = self.cfg.early_stop_patience
+        if not patience or self.evals_since_best < patience:
+            return None
+        best = ckpt.best_checkpoint(self.run_dir) if self.group.primary else None
+        return (
+            f"Stopped early at step {self.step}: the validation loss has not improved on {self.best_val:.4f} for "
+            f"{self.evals_since_best} evaluations (train.early_stop_patience = {patience}); the best checkpoint"
+            + (f", {best.name}," if best else "")
+            + " is kept, and generate and export use it."
+        )
 
-def memory(run: RunConfig, seq_len: int, group: Group = Group()) -> dict[str, float]:
+
+def memory(run: RunConfig, seq_len: int, group: Group = Group(), quantization: dict | None = None) -> dict[str, float]:
     """The estimate for this machine: each of its processes holds the model, optimizer state and the
-    activations of its rows."""
+    activations of its rows. quantization: the frozen base's (a QLoRA run), counted at its size."""
     t = run.train
     trainable = lora.trainable_params(run.model, t.lora_rank) if t.lora_rank else None
-    est = estimate_memory(run.model, t.batch_size // group.size, seq_len, t.dtype, t.grad_accum, trainable=trainable)
+    est = estimate_memory(
+        run.model, t.batch_size // group.size, seq_len, t.dtype, t.grad_accum, trainable, quantization
+    )
     return {k: v * group.local_size for k, v in est.items()}
 
 
@@ -142,10 +173,12 @@ def _pretrained(run: RunConfig, latest: Path | None) -> Pretrained | None:
             )
         return None
     source = pretrained.find(latest or run.train.init_from)
-    if source.quantization:
+    if source.quantization and not run.train.lora_rank:
         raise MlxllmError(
-            f"{source.source} is quantized, and a quantized model cannot be trained further. "
-            "Start from the unquantized model (export it without --quantize)."
+            f"{source.source} is quantized ({quant.describe(source.quantization)}), and quantized weights cannot "
+            "be trained themselves: only LoRA adapters over them can (QLoRA). Set train.lora_rank (for example "
+            "--set train.lora_rank=8), or start from an unquantized copy of the model (`mlx_lm.convert "
+            "--dequantize`, or the run it was exported from). Nothing was written."
         )
     return source
 
@@ -211,20 +244,35 @@ def _write_settings(run_dir: Path, run: RunConfig, latest: Path | None, data: To
     (run_dir / "config.toml").write_text(dump_toml(run))
 
 
-def _model(run: RunConfig, source: Pretrained | None, latest: Path | None) -> tuple[Transformer, optim.Optimizer]:
+def _quantization(source: Pretrained | None, latest: Path | None) -> dict | None:
+    """How the run's frozen base is quantized (QLoRA): as the checkpoint it resumes records it, or as
+    the model it starts from was saved; None when it is not."""
+    if latest is not None:
+        return ckpt.read_state(latest).get("quantization")
+    return source.quantization if source is not None else None
+
+
+def _model(
+    run: RunConfig, source: Pretrained | None, latest: Path | None, quantization: dict | None
+) -> tuple[Transformer, optim.Optimizer, dict | None]:
     """The starting model (the pretrained one, or a fresh one from train.seed; a resumed run's weights
-    come from its checkpoint after), its LoRA adapters (train.lora_rank), and its optimizer."""
+    come from its checkpoint after), its LoRA adapters (train.lora_rank), its optimizer, and the
+    layout of its quantized base (quantization: _quantization's)."""
     cfg = run.train
     mx.random.seed(cfg.seed)
     if source is not None and latest is None:
         model = pretrained.build(source, attention=run.model.attention)
+    elif quantization:  # a resumed QLoRA run: placeholders, never evaluated, that its checkpoint replaces
+        model = Transformer(run.model)
     else:
         model = build_model(run.model, seed=cfg.seed)
     if cfg.lora_rank:
         lora.apply(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+    if quantization and latest is not None:
+        quant.apply(model, quantization)  # its layers packed as the checkpoint holds them
     optimizer = make_optimizer(cfg)
     optimizer.init(model.trainable_parameters())
-    return model, optimizer
+    return model, optimizer, quant.layout(model, quantization) if quantization else None
 
 
 def _build(
@@ -237,22 +285,25 @@ def _build(
         with g.in_turn("tokenizing the corpus"):  # once per machine, into its cache
             data = _prepare_data(run, source, quiet or not g.primary)
         g.check_same(data.directory.name, "tokenized data (corpus and tokenizer)")
+    quantization = _quantization(source, latest)
     with g.together("checking the memory"):
         data_mod.check_length(data, seq_len)
         data_mod.eval_batches(data, cfg.batch_size, seq_len, cfg.eval_batches)  # refuses windows with no target
         if source is None:
             run = replace(run, model=replace(run.model, vocab_size=data.tokenizer.vocab_size))
-        check_fits(memory(run, seq_len, g), cfg.batch_size // g.size, seq_len)  # refuses, with a suggestion
+        check_fits(memory(run, seq_len, g, quantization), cfg.batch_size // g.size, seq_len)  # refuses, with a fix
     set_wired_limit()  # Apple silicon: keep the working set wired, as mlx-lm does
     configure_cache()  # CPU: reuse freed activation buffers instead of page-faulting them back every step
     with g.together("checking the run directory"):
         if g.primary:
             _write_settings(run_dir, run, latest, data)
     with g.together("building the model"):
-        r = Run(run, run_dir, data, seq_len, *_model(run, source, latest), group=g)
+        model, optimizer, layout = _model(run, source, latest, quantization)
+        r = Run(run, run_dir, data, seq_len, model, optimizer, group=g, quantization=layout)
         if latest is not None:  # rank 0; the others take its state next
             r.restore(latest)
     r.share()
+    r.last_eval_step = r.step  # a checkpoint's step was evaluated before it was saved
     if g.primary:
         rundir.keep_metrics_until(run_dir, r.step)  # rows logged after that checkpoint come again
     return r

@@ -55,7 +55,7 @@ def _describe(r: Run) -> str:
         f"{m.num_params() / 1e6:.2f}M parameters; vocab {m.vocab_size}; {len(r.data.train):,} training tokens"
         f"{counted}; "
         f"{r.total_steps} steps of {r.tokens_per_step:,} tokens; "
-        + describe_memory(memory(r.run, r.seq_len, g))
+        + describe_memory(memory(r.run, r.seq_len, g, r.quantization))
         + (f"; resuming at step {r.step}" if resumed else "")
         + (f"; data-parallel over {g.describe()}" if g.size > 1 else "")
     )
@@ -132,6 +132,10 @@ def _loop(r: Run, reporter: Reporter, callback: Callback | None, peak: float, sp
         while r.step < r.total_steps:
             if _out_of_time(r):
                 out.stopped_by = "max_seconds"
+                break
+            if (why := r.early_stop()) is not None:  # also at once, for a resumed run that had stopped so
+                out.stopped_by = "early_stop"
+                reporter.message(why)
                 break
             r.optimizer.learning_rate = _learning_rate(r)
             mx.random.seed(step_seed(cfg.seed, r.step))
