@@ -26,6 +26,8 @@ COMMON = [
     "tokenizers>=0.19",
     "typer>=0.12",
     "rich>=13",
+    # Chat templates of imported models, rendered in its sandbox (3.1.6: the last known sandbox escapes fixed).
+    "jinja2>=3.1.6",
     "tomli>=2; python_version < '3.11'",
 ]
 

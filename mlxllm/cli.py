@@ -51,7 +51,13 @@ def train(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config (see configs/).")] = None,
     data: Annotated[
         list[str] | None,
-        typer.Option("--data", "-d", help="Text file, folder of .txt/.md files, or glob (repeatable)."),
+        typer.Option(
+            "--data", "-d", help="Text or .jsonl file, folder of .txt/.md/.jsonl files, or glob (repeatable)."
+        ),
+    ] = None,
+    val_data: Annotated[
+        list[str] | None,
+        typer.Option("--val-data", help="A validation corpus of its own (text or .jsonl; repeatable): train.val_data."),
     ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Run directory (default: the config's train.out_dir).")
@@ -80,6 +86,7 @@ def train(
     run = load_config(config, set_)
     given = {
         "data": (data[0] if len(data) == 1 else tuple(data)) if data else None,
+        "val_data": (val_data[0] if len(val_data) == 1 else tuple(val_data)) if val_data else None,
         "out_dir": str(out) if out is not None else None,
         "max_steps": steps,
         "max_seconds": seconds,
@@ -118,6 +125,40 @@ def generate_cmd(
     print(
         prompt + generate(model, tok, prompt, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     )
+
+
+@app.command("eval")
+@friendly
+def eval_cmd(
+    model: Annotated[Path, typer.Argument(help="A run, checkpoint, export, or mlx-lm / Hugging Face Llama directory.")],
+    data: Annotated[
+        list[str], typer.Option("--data", "-d", help="Text or .jsonl file, folder or glob to measure (repeatable).")
+    ],
+    seq_len: Annotated[
+        int | None, typer.Option(help="Window length (default: the run's train.seq_len, else the model's context).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows evaluated at once.")] = 8,
+    mask_prompt: Annotated[
+        bool, typer.Option(help="Leave jsonl prompts and non-assistant turns out of the loss, as training does.")
+    ] = True,
+    checkpoint: Annotated[str, typer.Option(help="best or latest.")] = "best",
+    json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Loss, perplexity and bits per byte of a model on a corpus, with the tokens counted."""
+    import json
+
+    from mlxllm.evaluate import describe, evaluate_model
+
+    if checkpoint not in ("best", "latest"):
+        raise MlxllmError(f"--checkpoint must be best or latest (got {checkpoint!r}).")
+    result = evaluate_model(
+        model, data, which=checkpoint, seq_len=seq_len, batch_size=batch_size, mask_prompt=mask_prompt, quiet=json_
+    )
+    if json_:
+        print(json.dumps(result.to_dict()))
+        return
+    for key, value in describe(result).items():
+        print(f"{key:<14} {value}")
 
 
 @app.command("export")

@@ -179,6 +179,12 @@ class TrainConfig:
     keep_last: int = 2
     seed: int = 0
     val_fraction: float = 0.1
+    # A corpus (files, folders or globs, text or jsonl) that is the whole validation split; `data` then
+    # trains whole. None: the last val_fraction of each text block, and every 1/val_fraction-th record.
+    val_data: str | tuple[str, ...] | None = None
+    # jsonl prompt/completion and messages records: the loss on the completion / assistant turns only.
+    # False: on every token. text records and text files always count whole.
+    mask_prompt: bool = True
     compile: bool = True
     # Each micro-batch is split over this many CPU streams, one thread each, gradients averaged.
     # 0: one per core on the Linux CPU backend (batch_size and model size permitting), else 1.
@@ -189,8 +195,9 @@ class TrainConfig:
     sample_prompt: str = ""
 
     def __post_init__(self) -> None:
-        if isinstance(self.data, list):  # from TOML: kept as a tuple, so that the config stays hashable
-            object.__setattr__(self, "data", tuple(self.data))
+        for name in ("data", "val_data"):  # from TOML: kept as a tuple, so that the config stays hashable
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         positive = (
             "batch_size",
             "grad_accum",
@@ -237,6 +244,8 @@ class TrainConfig:
                 f"cooldown_fraction must be a number between 0 and 1, both excluded (got {f!r}): the share "
                 "of a wsd run spent decaying the learning rate, 0.2 for example"
             )
+        if not isinstance(self.mask_prompt, bool):
+            problems.append(f"mask_prompt must be true or false (got {self.mask_prompt!r})")
         if self.max_tokens is not None and self.max_tokens < 1:
             problems.append(f"max_tokens must be positive (got {self.max_tokens})")
         if self.max_seconds is not None and self.max_seconds <= 0:

@@ -1,6 +1,6 @@
 """What a corpus is and how its files are read: one or more files, folders or globs (or the built-in
 corpus), each file read as text in blocks of about 1 MiB cut at line ends, so it never has to fit
-in memory.
+in memory; a .jsonl file is read by its records instead (mlxllm.records).
 
 A file named on its own must be UTF-8 text. In a folder or a glob, as in `git grep`, binary files
 are skipped and text in another encoding is decoded (as Windows-1252, else Latin-1); both are listed
@@ -22,6 +22,7 @@ from mlxllm.errors import MlxllmError
 
 BLOCK_BYTES = 1 << 20
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".markdown")
+FOLDER_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl")  # .jsonl: records (mlxllm.records), read by their lines
 DEFAULT_CORPUS_BYTES = 2_500_000
 FALLBACK_ENCODINGS = ("cp1252", "latin-1")  # latin-1 decodes any bytes: the last resort
 
@@ -46,11 +47,12 @@ def _expand(spec: str) -> tuple[list[Path], bool]:
     if path.is_file():
         return [path], True
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES)
         if not files:
             raise MlxllmError(
-                f"The folder {spec} holds no text files ({', '.join(TEXT_SUFFIXES)}). "
-                "Point --data at a text file, a folder of .txt/.md files, or a glob such as 'notes/**/*.txt'."
+                f"The folder {spec} holds no text files ({', '.join(FOLDER_SUFFIXES)}). "
+                "Point --data at a text or .jsonl file, a folder of .txt/.md/.jsonl files, or a glob such as "
+                "'notes/**/*.txt'."
             )
         return files, False
     if any(c in spec for c in "*?["):

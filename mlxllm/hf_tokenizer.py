@@ -116,6 +116,8 @@ def write_tokenizer(tok: MlxllmTokenizer, directory: Path, *, max_len: int) -> l
         "model_max_length": max_len,
         "clean_up_tokenization_spaces": False,
     }
+    if isinstance(tok, HFTokenizer) and tok.chat:  # an imported model's chat template goes with it
+        config.update({k: v for k, v in tok.chat.items() if k != "eos_token"})
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     return [directory / n for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]

@@ -30,6 +30,13 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     return nn.losses.cross_entropy(logits, targets, reduction="mean")
 
 
+def token_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """Cross-entropy of each integer target (no reduction)."""
+    if fastexp.use_fast_exp():
+        return fastexp.cross_entropy(logits, targets)
+    return nn.losses.cross_entropy(logits, targets, reduction="none")
+
+
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     if _cpu() and x.size >= fastexp.PER_STREAM_MIN_SIZE:
         return layers.rms_norm(float(eps))(x, weight)

@@ -241,6 +241,8 @@ def _prepare_data(run: RunConfig, source: Pretrained | None, quiet: bool) -> Tok
         val_fraction=cfg.val_fraction,
         quiet=quiet,
         tokenizer=source.tokenizer if source else None,
+        val_spec=cfg.val_data,
+        mask_prompt=cfg.mask_prompt,
     )
 
 
@@ -313,6 +315,7 @@ def _build(
     quantization = _quantization(source, latest)
     with g.together("checking the memory"):
         data_mod.check_length(data, seq_len)
+        data_mod.eval_batches(data, cfg.batch_size, seq_len, cfg.eval_batches)  # refuses windows with no target
         if source is None:
             run = replace(run, model=replace(run.model, vocab_size=data.tokenizer.vocab_size))
         check_fits(

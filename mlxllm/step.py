@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from mlxllm import ops
+from mlxllm import data, ops
 from mlxllm.config import ModelConfig, TrainConfig
 from mlxllm.cpu import streams
 from mlxllm.device import usable_cores
@@ -25,9 +25,17 @@ Transform = Callable[[Callable[[mx.array], Any]], Callable[[mx.array], Any]]
 
 
 def loss_fn(model: Transformer, batch: mx.array) -> mx.array:
-    """Mean next-token cross-entropy of a (B, L + 1) batch of token windows."""
-    logits = model(batch[:, :-1]).astype(mx.float32)
-    return ops.cross_entropy(logits, batch[:, 1:])
+    """Mean next-token cross-entropy of a (B, L + 1) batch of token windows. Of a (B, 2, L + 1) batch
+    (the tokens, and 1 where a token counts as a target), the mean over all B * L targets with the
+    uncounted ones as 0: divided by the share of targets counted it is the mean over the counted ones,
+    and slices of equal size average into the whole batch's, as unmasked means do (make_step and
+    evaluate divide by the global batch's share)."""
+    if batch.ndim == 2:
+        logits = model(batch[:, :-1]).astype(mx.float32)
+        return ops.cross_entropy(logits, batch[:, 1:])
+    tokens, counted = batch[:, 0], batch[:, 1, 1:]
+    logits = model(tokens[:, :-1]).astype(mx.float32)
+    return (ops.token_cross_entropy(logits, tokens[:, 1:]) * counted).mean()
 
 
 def _loss_in_mode(model: Transformer, batch: mx.array, training: bool) -> mx.array:
@@ -94,7 +102,9 @@ def make_step(
     clipped (optim.clip_grad_norm) and applied.
 
     Takes batches of shape (grad_accum, batch_size, seq_len + 1), this process's rows of the global
-    batch; returns (mean loss, gradient norm) over the whole group. `cfg.batch_size` is the rows per
+    batch, or (grad_accum, batch_size, 2, seq_len + 1) with their mask (the loss is then the mean over
+    the global batch's counted targets, however they fall over micro-batches, streams and processes);
+    returns (mean loss, gradient norm) over the whole group. `cfg.batch_size` is the rows per
     process. `split` transforms the micro-batch's loss-and-gradient function (`cpu_split` runs it
     over CPU streams); None: it runs as it is. The learning rate is the optimizer's, set by the caller."""
     compute, k = getattr(mx, cfg.dtype), cfg.grad_accum
@@ -113,7 +123,9 @@ def make_step(
 
     micro = split(loss_and_grad) if split is not None else loss_and_grad
 
-    def step(batch: mx.array, summed: tuple[mx.array, Any] | None, update: bool) -> tuple[mx.array, Any]:
+    def step(
+        batch: mx.array, summed: tuple[mx.array, Any] | None, update: bool, share: mx.array | None = None
+    ) -> tuple[mx.array, Any]:
         value, grads = micro(batch)
         if summed is not None:
             value, grads = summed[0] + value, tree_map(mx.add, summed[1], grads)
@@ -124,6 +136,9 @@ def make_step(
         # One all-reduce per step; each process's rows are an equal share, so the mean of the means
         # is the mean over the global batch, as one process would compute it.
         grads, value = _averaged(grads, group, getattr(mx, cfg.allreduce_dtype)), group.mean(value)
+        if share is not None:  # a masked batch: the mean over the global batch's counted targets
+            share = mx.maximum(group.mean(share), 1e-12)  # none counted: the sums are 0, and so the step
+            value, grads = value / share, tree_map(lambda g: g / share, grads)
         grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
         optimizer.update(model, grads)
         return value, norm
@@ -142,7 +157,9 @@ def make_step(
         for i in range(k - 1):
             summed = step(batches[i], summed, False)
             mx.async_eval(summed)
-        return step(batches[k - 1], summed, True)
+        # (k, B, 2, L + 1): tokens and their mask; the share of this process's targets that count.
+        share = batches[:, :, 1, 1:].astype(mx.float32).mean() if batches.ndim == 4 else None
+        return step(batches[k - 1], summed, True, share)
 
     return accumulated
 
@@ -168,10 +185,16 @@ def make_eval(model: Transformer, cfg: TrainConfig, split: Transform | None = No
 def evaluate(
     eval_fn: Callable, batches: list[np.ndarray], bytes_per_token: float, group: Group = Group()
 ) -> dict[str, float]:
-    """Validation loss, perplexity and bits per byte over the batches (each process its rows of each)."""
+    """Validation loss, perplexity and bits per byte over the batches (each process its rows of each):
+    the mean over every counted target of every batch (all targets, unmasked), whatever the batches'
+    sizes; bytes_per_token: the UTF-8 bytes per counted token."""
     losses = []
     for b in batches:  # one batch after another: as one graph, MLX would run them side by side
         losses.append(eval_fn(mx.array(group.rows(b))))
         mx.async_eval(losses[-1])
-    loss = group.mean(mx.mean(mx.stack(losses))).item()
+    # Each batch's mean is over all of its targets (the uncounted as 0): weighted by their number, summed,
+    # and divided by the number counted.
+    targets = mx.array([b.shape[0] * (b.shape[-1] - 1) for b in batches], dtype=mx.float32)
+    counted = sum(data.counted_targets(b) for b in batches)
+    loss = group.mean(mx.sum(mx.stack(losses) * targets)).item() / max(1, counted)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": loss / math.log(2) / bytes_per_token}

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+from mlxllm.chat import read_settings
 from mlxllm.config import TokenizerConfig
 from mlxllm.device import usable_cores
 from mlxllm.errors import MlxllmError
@@ -67,15 +68,19 @@ class SentencePieceTokenizer:
 
 
 class HFTokenizer:
-    """An imported model's own Hugging Face tokenizer.json, through the tokenizers library."""
+    """An imported model's own Hugging Face tokenizer.json, through the tokenizers library, with its
+    chat template (chat.read_settings) where it came with one."""
 
-    def __init__(self, text: str, eos_id: int):
+    def __init__(self, text: str, eos_id: int, chat: dict[str, str] | None = None):
+        """text: the tokenizer.json; eos_id: its end-of-sequence id; chat: its chat_template and the
+        special tokens the template names ({} or None: no template)."""
         from tokenizers import Tokenizer as HFT
 
         self.text = text
         self.tk = HFT.from_str(text)
         self.vocab_size = self.tk.get_vocab_size()
         self.eos_id = eos_id
+        self.chat = dict(chat or {})
 
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids
@@ -85,11 +90,17 @@ class HFTokenizer:
 
     def save(self, directory: Path) -> None:
         (directory / "tokenizer.json").write_text(self.text)
-        config = {"eos_token": self.tk.id_to_token(self.eos_id)}
+        config: dict = {"eos_token": self.tk.id_to_token(self.eos_id)}
+        if self.chat:  # the template's own special tokens apart: its eos_token need not be eos_id's
+            tokens = {k: v for k, v in self.chat.items() if k != "chat_template"}
+            config.update(chat_template=self.chat["chat_template"], mlxllm_chat_tokens=tokens)
         (directory / "tokenizer_config.json").write_text(json.dumps(config))
 
     def fingerprint(self) -> str:
-        return "tokenizers:" + hashlib.sha256(self.text.encode()).hexdigest()
+        own = "tokenizers:" + hashlib.sha256(self.text.encode()).hexdigest()
+        if not self.chat:  # as before templates were read: the caches of such runs stay theirs
+            return own
+        return own + ":chat:" + hashlib.sha256(json.dumps(self.chat, sort_keys=True).encode()).hexdigest()
 
 
 # sentencepiece drops every training "sentence" longer than its max_sentence_length (4,192 bytes by
@@ -198,5 +209,5 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if kind == "bpe":
         return SentencePieceTokenizer((directory / "tokenizer.model").read_bytes())
     if isinstance(meta, dict) and "model" in meta:  # Hugging Face's format
-        return HFTokenizer(text, _hf_eos(directory, text))
+        return HFTokenizer(text, _hf_eos(directory, text), read_settings(directory))
     raise MlxllmError(f"Unknown tokenizer kind {kind!r} in {meta_path}.")

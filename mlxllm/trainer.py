@@ -50,9 +50,11 @@ Callback = Callable[[dict[str, Any]], "bool | None"]
 
 def _describe(r: Run) -> str:
     m, resumed, g = r.run.model, r.step > 0, r.group
+    counted = f" ({r.data.train_counted:,} counted: prompts masked)" if r.data.train_mask is not None else ""
     return (
         f"Model: {m.n_layers} layers x {m.d_model}, {m.n_heads} heads ({m.kv_heads} KV), "
-        f"{m.num_params() / 1e6:.2f}M parameters; vocab {m.vocab_size}; {len(r.data.train):,} training tokens; "
+        f"{m.num_params() / 1e6:.2f}M parameters; vocab {m.vocab_size}; {len(r.data.train):,} training tokens"
+        f"{counted}; "
         f"{r.total_steps} steps of {r.tokens_per_step:,} tokens; "
         + describe_memory(memory(r.run, r.seq_len, g, quantization=r.quantization))
         + (f"; resuming at step {r.step}" if resumed else "")

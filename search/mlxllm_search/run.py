@@ -351,7 +351,8 @@ def search(
 
     # The corpus is tokenized (and hashed) once here; every trial, in every worker, reuses these tokens.
     train = spec.base.train
-    prepared = data_mod.prepare(train.data, spec.base.tokenizer, val_fraction=train.val_fraction, quiet=not show)
+    split = {"val_fraction": train.val_fraction, "val_spec": train.val_data, "mask_prompt": train.mask_prompt}
+    prepared = data_mod.prepare(train.data, spec.base.tokenizer, quiet=not show, **split)
     data_mod.check_length(prepared, train.seq_len or spec.base.model.max_seq_len)
     fits = spec.check(prepared.tokenizer.vocab_size)  # caps no architecture can meet fail here, before any training
     fit = spec.planner == "fit"  # the fit planner designs its own trials, the seed configs' first
