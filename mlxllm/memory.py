@@ -5,7 +5,12 @@ weights when computing in bfloat16, and the activations the backward pass keeps 
 the block's inputs, normed inputs, q/k/v before and after RoPE, attention scores/probabilities
 (n_heads x seq_len of them), the attention output, and the SwiGLU's gate/up/silu/product), plus the logits.
 With dropout, each dropped activation also keeps its mask, one activation-sized array each: the
-embeddings, and the attention and MLP outputs of every layer.
+embeddings, and the attention and MLP outputs of every layer. With gradient checkpointing
+(train.grad_checkpoint) each block keeps only its input, and one block's activations at a time are
+alive again while its backward recomputes them.
+
+MLXLLM_MEMORY_LIMIT (bytes, or with a unit: 6GB, 512MB) sets the memory a run may use in place of the
+device's (a Mac shared with other work, or a test).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import mlx.core as mx
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 HEADROOM = 0.9  # refuse a run whose estimate exceeds this share of the device's memory
+LIMIT_ENV = "MLXLLM_MEMORY_LIMIT"
+UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -38,9 +45,11 @@ def estimate_memory(
     dtype: Any = "float32",
     grad_accum: int = 1,
     trainable: int | None = None,
+    grad_checkpoint: bool = False,
 ) -> dict[str, float]:
     """Bytes needed by one training step: weights, grads, optimizer, activations, total (all floats).
-    trainable: how many parameters get gradients (LoRA's adapters), when not all of them."""
+    trainable: how many parameters get gradients (LoRA's adapters), when not all of them.
+    grad_checkpoint: each block's activations are recomputed in the backward (train.grad_checkpoint)."""
     name = _dtype_name(dtype)
     act_bytes = DTYPE_BYTES[name]
     n = model_cfg.num_params()
@@ -56,7 +65,8 @@ def estimate_memory(
     embeddings = d
     if model_cfg.dropout:
         per_token_layer, embeddings = per_token_layer + 2 * d, embeddings + d  # the masks
-    activations = L * tokens * per_token_layer * act_bytes + tokens * (embeddings * act_bytes + 3 * V * 4)
+    blocks = L * per_token_layer if not grad_checkpoint else L * d + per_token_layer  # inputs + one block's
+    activations = tokens * blocks * act_bytes + tokens * (embeddings * act_bytes + 3 * V * 4)
     total = weights + grads + optimizer + activations
     if grad_accum > 1:
         total += grads  # the running sum of gradients
@@ -71,6 +81,8 @@ def estimate_memory(
 
 def device_memory() -> tuple[float | None, str]:
     """(bytes the training may use, where the figure comes from); None when unknown."""
+    if os.environ.get(LIMIT_ENV):
+        return parse_bytes(os.environ[LIMIT_ENV], LIMIT_ENV), LIMIT_ENV
     info = device.info()
     for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
         if info.get(key):
@@ -79,6 +91,20 @@ def device_memory() -> tuple[float | None, str]:
         return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "system RAM"
     except (ValueError, OSError, AttributeError):
         return None, "unknown"
+
+
+def parse_bytes(text: str, what: str) -> float:
+    """A size such as 8GB, 512MB or 1e9 (bytes); `what` names it in the error."""
+    t = text.strip().upper().replace(" ", "").removesuffix("IB").removesuffix("B")
+    number = t.rstrip("KMGT")
+    unit = t[len(number) :] + "B" if t[len(number) :] else ""
+    try:
+        value = float(number) * UNITS[unit]
+    except (ValueError, KeyError):
+        value = -1.0
+    if not value > 0:
+        raise MlxllmError(f"{what} must be a size such as 8GB, 512MB or 1e9 (bytes) (got {text!r}).")
+    return value
 
 
 def format_bytes(n: float) -> str:

@@ -25,7 +25,15 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-__all__ = ["KVCache", "ModelConfig", "Transformer", "build_model", "init_weights", "set_training"]
+__all__ = [
+    "KVCache",
+    "ModelConfig",
+    "Transformer",
+    "build_model",
+    "init_weights",
+    "set_grad_checkpoint",
+    "set_training",
+]
 
 
 class KVCache:
@@ -174,10 +182,38 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)  # p = 0 (the default) returns its input: no random draws
+        self.draws = cfg.dropout > 0  # its forward draws random masks
+        self.grad_checkpoint = False  # set_grad_checkpoint: recompute this block's activations in the backward
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        if self.grad_checkpoint and cache is None and self.training:
+            return _recomputed(self, x)
+        return self.forward(x, cache)
+
+    def forward(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
         h = x + self.dropout(self.self_attn(self.input_layernorm(x), cache))
         return h + self.dropout(self.mlp(self.post_attention_layernorm(h)))
+
+
+def _recomputed(block: TransformerBlock, x: mx.array) -> mx.array:
+    """The block's output through mx.checkpoint: the backward keeps only its input and recomputes the
+    rest. Its trainable parameters are inputs of the checkpointed function, so that their gradients
+    flow. With dropout, the recomputation must draw the masks the forward drew: the random state goes
+    in as an input and comes out as an output, so both passes start from the same key and the state
+    after the block is what the block without checkpointing leaves."""
+
+    def run(params: dict, x: mx.array, key: mx.array | None) -> tuple[mx.array, ...]:
+        block.update(params)
+        if key is None:
+            return (block.forward(x),)
+        mx.random.state[0] = key
+        return block.forward(x), mx.random.state[0]
+
+    key = mx.random.state[0] if block.draws else None
+    out = mx.checkpoint(run)(block.trainable_parameters(), x, key)
+    if key is not None:
+        mx.random.state[0] = out[1]
+    return out[0]
 
 
 class LlamaModel(nn.Module):
@@ -239,6 +275,13 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
     init_weights(model, seed)
     mx.eval(model.parameters())
     return model
+
+
+def set_grad_checkpoint(model: Transformer, on: bool) -> None:
+    """Gradient checkpointing (train.grad_checkpoint) on or off for every block: in training mode, the
+    backward recomputes each block's activations from its input instead of keeping them."""
+    for layer in model.model.layers:
+        layer.grad_checkpoint = on
 
 
 def set_training(model: nn.Module, training: bool) -> bool:
