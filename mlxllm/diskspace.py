@@ -101,11 +101,12 @@ def _reason(error: BaseException, run_dir: Path, size: int) -> tuple[str, str]:
     if code in FULL or (code is None and free < size):
         return (
             f"the disk is full ({format_bytes(free)} free; a checkpoint takes about {format_bytes(size)})",
-            f"Free at least {format_bytes(size)} on it, or lower train.keep_last (fewer checkpoints kept), {resume}",
+            f"Free at least {format_bytes(size)} on that disk, or lower train.keep_last (fewer checkpoints kept), "
+            + resume,
         )
     if code in READ_ONLY or (code is None and _read_only(run_dir)):
         return (
-            f"the directory cannot be written ({os.strerror(code) if code else 'read-only'})",
+            f"{run_dir / 'checkpoints'} cannot be written ({os.strerror(code) if code else 'read-only'})",
             f"Make it writable again (a disk remounted read-only after errors needs checking first), {resume}",
         )
     limit = _fsize_limit()

@@ -8,7 +8,10 @@ and `attention`.
 Dropout (`ModelConfig.dropout`, off by default) is residual dropout: on the token embeddings and on
 each attention and MLP output before it is added to the residual stream, in training mode only
 (`set_training`). The attention probabilities are not dropped: the fused, flash and tiled attention
-kernels never hold them.
+kernels never hold them. Each block draws one key from MLX's random state and its two masks from it.
+
+Gradient checkpointing (`set_grad_checkpoint`, train.grad_checkpoint) recomputes each block's
+activations in the backward from its input instead of keeping them (`_recomputed`).
 """
 
 from __future__ import annotations
@@ -181,39 +184,58 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)  # p = 0 (the default) returns its input: no random draws
-        self.draws = cfg.dropout > 0  # its forward draws random masks
+        self.p = cfg.dropout  # residual dropout's probability; 0 (the default): no random draws
         self.grad_checkpoint = False  # set_grad_checkpoint: recompute this block's activations in the backward
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        # With dropout, the block draws one key from MLX's random state and its masks from that key, so
+        # that a checkpointed block's recomputation draws the same masks as its forward.
+        key = mx.random.randint(0, 2**31 - 1, (2,), dtype=mx.uint32) if self.p > 0 and self.training else None
         if self.grad_checkpoint and cache is None and self.training:
-            return _recomputed(self, x)
-        return self.forward(x, cache)
+            return _recomputed(self, x, key)
+        return self.forward(x, cache, key)
 
-    def forward(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
-        h = x + self.dropout(self.self_attn(self.input_layernorm(x), cache))
-        return h + self.dropout(self.mlp(self.post_attention_layernorm(h)))
+    def forward(self, x: mx.array, cache: KVCache | None = None, key: mx.array | None = None) -> mx.array:
+        """The block on x; `key`: its dropout masks' random key (None: no dropout)."""
+        keys = (None, None) if key is None else mx.random.split(key)
+        h = x + self._drop(self.self_attn(self.input_layernorm(x), cache), keys[0])
+        return h + self._drop(self.mlp(self.post_attention_layernorm(h)), keys[1])
 
-
-def _recomputed(block: TransformerBlock, x: mx.array) -> mx.array:
-    """The block's output through mx.checkpoint: the backward keeps only its input and recomputes the
-    rest. Its trainable parameters are inputs of the checkpointed function, so that their gradients
-    flow. With dropout, the recomputation must draw the masks the forward drew: the random state goes
-    in as an input and comes out as an output, so both passes start from the same key and the state
-    after the block is what the block without checkpointing leaves."""
-
-    def run(params: dict, x: mx.array, key: mx.array | None) -> tuple[mx.array, ...]:
-        block.update(params)
+    def _drop(self, x: mx.array, key: mx.array | None) -> mx.array:
         if key is None:
-            return (block.forward(x),)
-        mx.random.state[0] = key
-        return block.forward(x), mx.random.state[0]
+            return x
+        keep = 1 - self.p
+        return (mx.random.bernoulli(keep, x.shape, key=key) * x) * (1 / keep)
 
-    key = mx.random.state[0] if block.draws else None
-    out = mx.checkpoint(run)(block.trainable_parameters(), x, key)
-    if key is not None:
-        mx.random.state[0] = out[1]
-    return out[0]
+
+def _recomputed(block: TransformerBlock, x: mx.array, key: mx.array | None) -> mx.array:
+    """The block's output, with a backward that keeps only its input and parameters and recomputes the
+    rest (gradient checkpointing). Its parameters are inputs of the custom function, so that their
+    gradients flow; the dropout key is a constant of it, so the recomputation draws the forward's masks.
+
+    Not mx.checkpoint: in a training step MLX evaluates its recomputation as soon as the block's
+    inputs exist, and each block's parameter gradients only after the whole backward, each holding its
+    recomputed activations, so it saved about 3% of an 8-layer step's peak. The two dependencies below
+    make the recomputation wait for the backward to reach the block, and the gradient of the block's
+    input wait for those of its parameters, so one block's activations are alive at a time."""
+    flat = tree_flatten(block.trainable_parameters())
+    names, n = [name for name, _ in flat], len(flat)
+
+    def run(*arrays: mx.array) -> mx.array:
+        block.update(tree_unflatten(list(zip(names, arrays[:n]))))
+        return block.forward(arrays[n], None, key)
+
+    @mx.custom_function
+    def forward(*arrays: mx.array) -> mx.array:
+        return run(*arrays)
+
+    @forward.vjp
+    def backward(primals: tuple, cotangent: mx.array, output: mx.array) -> tuple:
+        _, grads = mx.vjp(run, mx.depends(list(primals), [cotangent]), [cotangent])
+        *params, dx = grads
+        return (*params, mx.depends([dx], params)[0])
+
+    return forward(*(a for _, a in flat), x)
 
 
 class LlamaModel(nn.Module):

@@ -80,7 +80,7 @@ def lock_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> IO[str]:
             f"{run_dir} already holds a training run. Pass --resume to continue it, --overwrite to replace it, "
             "or choose another directory with --out."
         )
-    others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK) if run_dir.is_dir() else []
+    others = sorted(p.name for p in run_dir.iterdir() if p.name not in (LOCK, ".DS_Store")) if run_dir.is_dir() else []
     if overwrite and others and not holds_run(run_dir):
         raise MlxllmError(
             f"{run_dir} is not empty and holds no training run ({', '.join(others[:3])}"

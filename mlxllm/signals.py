@@ -76,7 +76,7 @@ class StopOnSignal:
 
     def __exit__(self, *exc: object) -> None:
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # None: not set from Python
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:

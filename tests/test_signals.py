@@ -96,19 +96,26 @@ def test_a_second_signal_waits_for_the_save_and_a_third_ends_at_once(corpus: Pat
     assert ckpt.list_checkpoints(out) == []  # the save it cut short is not a checkpoint
 
 
-def test_a_signal_just_after_an_evaluation_does_not_save_that_step_again(corpus: Path, tmp_path: Path):
+@pytest.mark.parametrize(
+    "signum, said",
+    [(signal.SIGTERM, "Stopped by SIGTERM"), (signal.SIGINT, "Interrupted"), (signal.SIGHUP, "Stopped by SIGHUP")],
+)
+def test_a_signal_just_after_an_evaluation_does_not_save_that_step_again(
+    signum: int, said: str, corpus: Path, tmp_path: Path
+):
     m, t, k = tiny_configs(corpus, tmp_path / "r", max_steps=40, eval_interval=10)
+    before = signal.getsignal(signum)
 
     def callback(metrics: dict) -> None:  # right after step 10's evaluation and checkpoint
         if metrics["step"] == 10:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
 
-    with pytest.raises(Stopped, match="Stopped by SIGTERM at step 10") as stopped:
+    with pytest.raises(Stopped, match=f"{said} at step 10: its checkpoint is saved") as stopped:
         train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False, callback=callback)
-    assert stopped.value.signum == signal.SIGTERM
+    assert stopped.value.signum == signum and isinstance(stopped.value, KeyboardInterrupt)
     [saved] = ckpt.list_checkpoints(tmp_path / "r")
     assert step_of(saved) == 10 and ckpt.read_state(saved)["val_loss"] is not None  # the evaluation's own
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    assert signal.getsignal(signum) is before  # the handlers are put back
 
 
 def test_a_signal_to_one_rank_stops_the_whole_group_after_the_same_step(corpus: Path, tmp_path: Path):
@@ -137,4 +144,5 @@ def test_a_signal_to_one_rank_stops_the_whole_group_after_the_same_step(corpus: 
 
     resumed = subprocess.run(command(config, "--resume"), capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stderr
-    assert_same_state(want, ckpt.latest_checkpoint(out), atol=1e-5)  # 2 processes train as 1, to rounding
+    # 2 processes train as 1 to float rounding (in the weights; AdamW's moments amplify it)
+    assert_same_state(want, ckpt.latest_checkpoint(out), atol=1e-5, files=("model",))

@@ -66,9 +66,9 @@ def arrays(path: Path) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in mx.load(str(path)).items()}
 
 
-def assert_same_state(a: Path, b: Path, atol: float = 0.0) -> None:
-    """Two checkpoints hold the same weights and optimizer state: bit for bit, or within atol."""
-    for name in ("model.safetensors", "optimizer.safetensors"):
+def assert_same_state(a: Path, b: Path, atol: float = 0.0, files: tuple[str, ...] = ("model", "optimizer")) -> None:
+    """Two checkpoints hold the same weights and optimizer state (`files`): bit for bit, or within atol."""
+    for name in (f"{f}.safetensors" for f in files):
         want, got = arrays(a / name), arrays(b / name)
         assert want.keys() == got.keys(), name
         for key in want:
