@@ -73,8 +73,12 @@ def train(
             help="Start from this model: an mlxllm run or checkpoint, or an mlx-lm / Hugging Face Llama directory.",
         ),
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out from its latest checkpoint (none yet: start it).")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a run already in --out (never a folder of other files).")
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """Train a tokenizer and a model on text, evaluate, checkpoint and print a sample."""

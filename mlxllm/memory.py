@@ -135,8 +135,10 @@ def check_fits(est: dict[str, float], batch_size: int, seq_len: int) -> None:
         fit = max(0, int(batch_size * room / est["activations"]))
         if fit >= 1:
             suggestion.append(
-                f"train.batch_size={fit} with train.grad_accum={-(-batch_size // fit)} (the same tokens per step)"
+                f"train.batch_size={fit} with train.grad_accum={-(-batch_size // fit)} (the same tokens per step; "
+                'train.micro_batch="auto" picks it for you)'
             )
+        suggestion.append("train.grad_checkpoint=true (a third more compute)")
         suggestion.append("a shorter train.seq_len")
         suggestion.append("train.dtype=bfloat16")
     else:
