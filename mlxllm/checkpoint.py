@@ -12,16 +12,18 @@ step_00000100/
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from mlxllm import diskspace
 from mlxllm.errors import MlxllmError
 
 import mlx.core as mx
@@ -35,6 +37,14 @@ def crash_point(where: str, step: int) -> None:
     as a power cut or the OOM killer would."""
     if os.environ.get("MLXLLM_CRASH_AT") == f"{where}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pause_point(where: str) -> None:
+    """Tests' hook: MLXLLM_PAUSE_AT=where:seconds sleeps here, so that a test can act while a
+    checkpoint is half written (send a second signal, say)."""
+    at, _, seconds = os.environ.get("MLXLLM_PAUSE_AT", "").partition(":")
+    if at == where:
+        time.sleep(float(seconds))
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -143,16 +153,21 @@ def save_checkpoint(
     state: dict[str, Any],
     extra_files: list[Path],
 ) -> Path:
-    """Write a checkpoint atomically; on failure nothing already on disk is touched."""
+    """Write a checkpoint atomically; on failure nothing already on disk is touched. A write that
+    fails (a full disk, a read-only or vanished directory, an I/O error) removes its partial files and
+    raises the paragraph of diskspace.save_failed."""
     root = checkpoint_dir(run_dir)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    old = root / f".old-{final.name}-{os.getpid()}"
+    mx.eval(weights, optimizer_state)  # computed first: a failure below is the disk's, not the computation's
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(exist_ok=True)  # not the run directory: one that vanished is not made again elsewhere
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         crash_point("checkpoint", step)
+        pause_point("checkpoint")
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), optimizer_state)
         for f in extra_files:
             shutil.copy2(f, tmp / f.name)
@@ -165,21 +180,20 @@ def save_checkpoint(
             fh.flush()
             os.fsync(fh.fileno())
         _fsync(tmp)
-        old = root / f".old-{final.name}-{os.getpid()}"
         if final.exists():  # the same step saved again (a resumed run that stopped at once)
             os.rename(final, old)
         os.rename(tmp, final)
         _fsync(root)  # the rename itself reaches the disk
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
+    except (OSError, RuntimeError, ValueError) as e:  # MLX reports a failed write as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        why = "the disk is full" if e.errno == errno.ENOSPC else str(e)
-        prev = latest_checkpoint(run_dir)
-        kept = f"The previous checkpoint {prev} is intact" if prev else "No earlier checkpoint exists"
-        raise MlxllmError(
-            f"Could not save the checkpoint for step {step}: {why}. {kept}. "
-            "Free some space (or lower train.keep_last) and rerun with --resume."
-        ) from None
+        if old.exists() and not final.exists():
+            with contextlib.suppress(OSError):  # else put back at the next start (rundir._clear_leftovers)
+                os.rename(old, final)
+        size = sum(a.nbytes for a in (*weights.values(), *optimizer_state.values()))
+        prev = latest_checkpoint(run_dir) if Path(run_dir).is_dir() else None
+        left = tmp if tmp.exists() else None  # on a read-only disk it cannot be removed
+        raise diskspace.save_failed(step, e, Path(run_dir), prev, size, left) from None
     return final
 
 

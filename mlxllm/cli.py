@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from mlxllm.errors import MlxllmError
+from mlxllm.signals import Stopped
 
 import typer
 from rich.console import Console
@@ -29,7 +30,8 @@ err = Console(stderr=True)
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user errors into one paragraph on stderr and exit code 1, never a traceback."""
+    """Turn user errors into one paragraph on stderr and exit code 1, never a traceback; a run stopped
+    by a signal into its one line and exit code 128 + the signal's number (130 for Ctrl-C)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -38,6 +40,10 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except MlxllmError as e:
             err.print("[bold red]Error:[/] " + escape(str(e)), highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except Stopped as e:  # a signal during training: the run saved its step and says so
+            if str(e):
+                err.print(escape(str(e)), highlight=False, soft_wrap=True)
+            raise typer.Exit(128 + e.signum) from None
         except KeyboardInterrupt:
             err.print("Interrupted. Checkpoints already written are kept; continue with --resume.")
             raise typer.Exit(130) from None
@@ -73,8 +79,12 @@ def train(
             help="Start from this model: an mlxllm run or checkpoint, or an mlx-lm / Hugging Face Llama directory.",
         ),
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out from its latest checkpoint (none yet: start it).")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a run already in --out (never a folder of other files).")
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """Train a tokenizer and a model on text, evaluate, checkpoint and print a sample."""

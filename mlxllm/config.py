@@ -28,6 +28,7 @@ ATTENTION_IMPLS = ("auto", "fast", "flash", "tiled", "halves", "reference")
 TOKENIZER_KINDS = ("bpe", "byte", "hf")  # hf: a pretrained model's tokenizer.json (train.init_from)
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "wsd")
+MICRO_BATCHES = ("fixed", "auto")
 
 
 def _refuse(what: str, problems: list[str]) -> None:
@@ -191,6 +192,14 @@ class TrainConfig:
     cpu_streams: int = 0
     # Data-parallel (under mlx.launch): the dtype the gradients are averaged in across processes.
     allreduce_dtype: str = "float32"
+    # Recompute each block's activations in the backward pass (mx.checkpoint) instead of keeping them:
+    # about a third more compute, for the memory of one block's activations instead of every block's.
+    grad_checkpoint: bool = False
+    # "fixed": micro-batches of batch_size rows, as given. "auto": when the memory estimate says they
+    # do not fit, the same global batch (batch_size x grad_accum rows, the same rows in the same order)
+    # in the largest micro-batches that fit (a larger grad_accum), else with grad_checkpoint on; said
+    # in one line. A run that fits neither way is refused.
+    micro_batch: str = "fixed"
     sample_tokens: int = 200
     sample_prompt: str = ""
 
@@ -232,6 +241,13 @@ class TrainConfig:
             problems.append(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
         if self.allreduce_dtype not in ("float32", "bfloat16"):
             problems.append(f"allreduce_dtype must be float32 or bfloat16 (got {self.allreduce_dtype!r})")
+        if not isinstance(self.grad_checkpoint, bool):
+            problems.append(f"grad_checkpoint must be true or false (got {self.grad_checkpoint!r})")
+        if self.micro_batch not in MICRO_BATCHES:
+            problems.append(
+                f"micro_batch must be one of {', '.join(MICRO_BATCHES)} (got {self.micro_batch!r}); auto splits a "
+                "batch that does not fit the memory into smaller micro-batches"
+            )
         if not self.learning_rate > 0:
             problems.append(f"learning_rate must be positive (got {self.learning_rate})")
         if not 0 <= self.min_lr_ratio <= 1:

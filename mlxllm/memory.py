@@ -8,7 +8,12 @@ With dropout, each dropped activation also keeps its mask, one activation-sized 
 embeddings, and the attention and MLP outputs of every layer.
 A QLoRA run's frozen base counts at its packed size: each weight matrix at its bits per value plus
 its groups' scales and biases (quant.bytes_per_weight), the norms in fp32, and no low-precision copy
-of it (only the adapters are cast to the compute dtype).
+of it (only the adapters are cast to the compute dtype). With gradient checkpointing
+(train.grad_checkpoint) each block keeps only its input, and one block's activations at a time are
+alive again while its backward recomputes them.
+
+MLXLLM_MEMORY_LIMIT (bytes, or with a unit: 6GB, 512MB) sets the memory a run may use in place of the
+device's (a Mac shared with other work, or a test).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import mlx.core as mx
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 HEADROOM = 0.9  # refuse a run whose estimate exceeds this share of the device's memory
+LIMIT_ENV = "MLXLLM_MEMORY_LIMIT"
+UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -42,10 +49,12 @@ def estimate_memory(
     grad_accum: int = 1,
     trainable: int | None = None,
     quantization: dict[str, Any] | None = None,
+    grad_checkpoint: bool = False,
 ) -> dict[str, float]:
     """Bytes needed by one training step: weights, grads, optimizer, activations, total (all floats).
     trainable: how many parameters get gradients (LoRA's adapters), when not all of them.
-    quantization: how the frozen weights are quantized (QLoRA: config.json's entry, or a layout)."""
+    quantization: how the frozen weights are quantized (QLoRA: config.json's entry, or a layout).
+    grad_checkpoint: each block's activations are recomputed in the backward (train.grad_checkpoint)."""
     name = _dtype_name(dtype)
     act_bytes = DTYPE_BYTES[name]
     n = model_cfg.num_params()
@@ -68,7 +77,8 @@ def estimate_memory(
     embeddings = d
     if model_cfg.dropout:
         per_token_layer, embeddings = per_token_layer + 2 * d, embeddings + d  # the masks
-    activations = L * tokens * per_token_layer * act_bytes + tokens * (embeddings * act_bytes + 3 * V * 4)
+    blocks = L * per_token_layer if not grad_checkpoint else L * d + per_token_layer  # inputs + one block's
+    activations = tokens * blocks * act_bytes + tokens * (embeddings * act_bytes + 3 * V * 4)
     total = weights + grads + optimizer + activations
     if grad_accum > 1:
         total += grads  # the running sum of gradients
@@ -83,6 +93,8 @@ def estimate_memory(
 
 def device_memory() -> tuple[float | None, str]:
     """(bytes the training may use, where the figure comes from); None when unknown."""
+    if os.environ.get(LIMIT_ENV):
+        return parse_bytes(os.environ[LIMIT_ENV], LIMIT_ENV), LIMIT_ENV
     info = device.info()
     for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
         if info.get(key):
@@ -91,6 +103,20 @@ def device_memory() -> tuple[float | None, str]:
         return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "system RAM"
     except (ValueError, OSError, AttributeError):
         return None, "unknown"
+
+
+def parse_bytes(text: str, what: str) -> float:
+    """A size such as 8GB, 512MB or 1e9 (bytes); `what` names it in the error."""
+    t = text.strip().upper().replace(" ", "").removesuffix("IB").removesuffix("B")
+    number = t.rstrip("KMGT")
+    unit = t[len(number) :] + "B" if t[len(number) :] else ""
+    try:
+        value = float(number) * UNITS[unit]
+    except (ValueError, KeyError):
+        value = -1.0
+    if not value > 0:
+        raise MlxllmError(f"{what} must be a size such as 8GB, 512MB or 1e9 (bytes) (got {text!r}).")
+    return value
 
 
 def format_bytes(n: float) -> str:
@@ -124,8 +150,10 @@ def check_fits(
         fit = max(0, int(batch_size * room / est["activations"]))
         if fit >= 1:
             suggestion.append(
-                f"train.batch_size={fit} with train.grad_accum={-(-batch_size // fit)} (the same tokens per step)"
+                f"train.batch_size={fit} with train.grad_accum={-(-batch_size // fit)} (the same tokens per step; "
+                'train.micro_batch="auto" picks it for you)'
             )
+        suggestion.append("train.grad_checkpoint=true (a third more compute)")
         suggestion.append("a shorter train.seq_len")
         suggestion.append("train.dtype=bfloat16")
     else:

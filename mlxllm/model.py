@@ -8,7 +8,10 @@ and `attention`.
 Dropout (`ModelConfig.dropout`, off by default) is residual dropout: on the token embeddings and on
 each attention and MLP output before it is added to the residual stream, in training mode only
 (`set_training`). The attention probabilities are not dropped: the fused, flash and tiled attention
-kernels never hold them.
+kernels never hold them. Each block draws one key from MLX's random state and its two masks from it.
+
+Gradient checkpointing (`set_grad_checkpoint`, train.grad_checkpoint) recomputes each block's
+activations in the backward from its input instead of keeping them (`_recomputed`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,15 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-__all__ = ["KVCache", "ModelConfig", "Transformer", "build_model", "init_weights", "set_training"]
+__all__ = [
+    "KVCache",
+    "ModelConfig",
+    "Transformer",
+    "build_model",
+    "init_weights",
+    "set_grad_checkpoint",
+    "set_training",
+]
 
 
 class KVCache:
@@ -173,11 +184,58 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)  # p = 0 (the default) returns its input: no random draws
+        self.p = cfg.dropout  # residual dropout's probability; 0 (the default): no random draws
+        self.grad_checkpoint = False  # set_grad_checkpoint: recompute this block's activations in the backward
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
-        h = x + self.dropout(self.self_attn(self.input_layernorm(x), cache))
-        return h + self.dropout(self.mlp(self.post_attention_layernorm(h)))
+        # With dropout, the block draws one key from MLX's random state and its masks from that key, so
+        # that a checkpointed block's recomputation draws the same masks as its forward.
+        key = mx.random.randint(0, 2**31 - 1, (2,), dtype=mx.uint32) if self.p > 0 and self.training else None
+        if self.grad_checkpoint and cache is None and self.training:
+            return _recomputed(self, x, key)
+        return self.forward(x, cache, key)
+
+    def forward(self, x: mx.array, cache: KVCache | None = None, key: mx.array | None = None) -> mx.array:
+        """The block on x; `key`: its dropout masks' random key (None: no dropout)."""
+        keys = (None, None) if key is None else mx.random.split(key)
+        h = x + self._drop(self.self_attn(self.input_layernorm(x), cache), keys[0])
+        return h + self._drop(self.mlp(self.post_attention_layernorm(h)), keys[1])
+
+    def _drop(self, x: mx.array, key: mx.array | None) -> mx.array:
+        if key is None:
+            return x
+        keep = 1 - self.p
+        return (mx.random.bernoulli(keep, x.shape, key=key) * x) * (1 / keep)
+
+
+def _recomputed(block: TransformerBlock, x: mx.array, key: mx.array | None) -> mx.array:
+    """The block's output, with a backward that keeps only its input and parameters and recomputes the
+    rest (gradient checkpointing). Its parameters are inputs of the custom function, so that their
+    gradients flow; the dropout key is a constant of it, so the recomputation draws the forward's masks.
+
+    Not mx.checkpoint: in a training step MLX evaluates its recomputation as soon as the block's
+    inputs exist, and each block's parameter gradients only after the whole backward, each holding its
+    recomputed activations, so it saved about 3% of an 8-layer step's peak. The two dependencies below
+    make the recomputation wait for the backward to reach the block, and the gradient of the block's
+    input wait for those of its parameters, so one block's activations are alive at a time."""
+    flat = tree_flatten(block.trainable_parameters())
+    names, n = [name for name, _ in flat], len(flat)
+
+    def run(*arrays: mx.array) -> mx.array:
+        block.update(tree_unflatten(list(zip(names, arrays[:n]))))
+        return block.forward(arrays[n], None, key)
+
+    @mx.custom_function
+    def forward(*arrays: mx.array) -> mx.array:
+        return run(*arrays)
+
+    @forward.vjp
+    def backward(primals: tuple, cotangent: mx.array, output: mx.array) -> tuple:
+        _, grads = mx.vjp(run, mx.depends(list(primals), [cotangent]), [cotangent])
+        *params, dx = grads
+        return (*params, mx.depends([dx], params)[0])
+
+    return forward(*(a for _, a in flat), x)
 
 
 class LlamaModel(nn.Module):
@@ -239,6 +297,13 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
     init_weights(model, seed)
     mx.eval(model.parameters())
     return model
+
+
+def set_grad_checkpoint(model: Transformer, on: bool) -> None:
+    """Gradient checkpointing (train.grad_checkpoint) on or off for every block: in training mode, the
+    backward recomputes each block's activations from its input instead of keeping them."""
+    for layer in model.model.layers:
+        layer.grad_checkpoint = on
 
 
 def set_training(model: nn.Module, training: bool) -> bool:

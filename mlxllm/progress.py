@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mlxllm.errors import MlxllmError
+
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -55,8 +57,15 @@ class Reporter:
 
     def log(self, metrics: dict[str, Any]) -> None:
         if self.metrics_file is not None:
-            self.metrics_file.write(json.dumps(metrics) + "\n")
-            self.metrics_file.flush()
+            try:
+                self.metrics_file.write(json.dumps(metrics) + "\n")
+                self.metrics_file.flush()
+            except OSError as e:  # a full disk, say: the checkpoints already written are what matters
+                raise MlxllmError(
+                    f"Could not append to {self.metrics_file.name} at step {metrics['step']}: {e}. Training "
+                    "stopped; the checkpoints already written are kept. Free some space (or fix the disk), then "
+                    "rerun the same command with --resume."
+                ) from None
         self.last.update(metrics)
         if self.live:
             self.progress.update(self.task, completed=metrics["step"], info=_fmt(self.last))

@@ -1,7 +1,8 @@
 """A run directory and the rules that keep it whole: one trainer at a time (a lock that dies with its
-process), an earlier run replaced only with overwrite and continued only with resume (with the same
-corpus, tokenizer and shape), and after a crash the leftovers of a half-written checkpoint cleared
-and the metrics rows past the checkpoint a run resumes from dropped.
+process), an earlier run replaced only with overwrite (and never a directory of other files) and
+continued only with resume (with the same corpus, tokenizer and shape), and after a crash the
+leftovers of a half-written checkpoint cleared and the metrics rows past the checkpoint a run resumes
+from dropped.
 
 run_dir/
   .lock          held (flock) by the live trainer; it holds the trainer's pid
@@ -79,6 +80,13 @@ def lock_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> IO[str]:
             f"{run_dir} already holds a training run. Pass --resume to continue it, --overwrite to replace it, "
             "or choose another directory with --out."
         )
+    others = sorted(p.name for p in run_dir.iterdir() if p.name not in (LOCK, ".DS_Store")) if run_dir.is_dir() else []
+    if overwrite and others and not holds_run(run_dir):
+        raise MlxllmError(
+            f"{run_dir} is not empty and holds no training run ({', '.join(others[:3])}"
+            + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            + "): --overwrite replaces only a run, so nothing was touched. Choose a new or empty --out."
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock(run_dir)
     _clear_leftovers(run_dir)
@@ -87,7 +95,7 @@ def lock_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> IO[str]:
 
 def clear(run_dir: Path) -> None:
     """Remove the earlier run in a locked run_dir (train --overwrite); a directory that holds no run
-    (the user's own files) is left as it is."""
+    (the user's own files, which lock_run_dir refuses to overwrite) is left as it is."""
     if not holds_run(run_dir):
         return
     for p in run_dir.iterdir():

@@ -11,6 +11,7 @@ alone, so that resuming, generating or exporting never reads the init_from folde
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import IO
 
 from mlxllm import checkpoint as ckpt
 from mlxllm import data as data_mod
-from mlxllm import kernels, lora, pretrained, quant, rundir
+from mlxllm import diskspace, kernels, lora, microbatch, pretrained, quant, rundir
 from mlxllm.config import RunConfig, TrainConfig, dump_toml
 from mlxllm.data import TokenData
 from mlxllm.device import backend, device_name
@@ -168,7 +169,14 @@ def memory(
     t = run.train
     trainable = lora.trainable_params(run.model, t.lora_rank) if t.lora_rank else None
     est = estimate_memory(
-        run.model, t.batch_size // group.size, seq_len, t.dtype, t.grad_accum, trainable, quantization
+        run.model,
+        t.batch_size // group.size,
+        seq_len,
+        t.dtype,
+        t.grad_accum,
+        trainable,
+        quantization,
+        t.grad_checkpoint,
     )
     sharing = (where or layout(group, backend())).sharing
     return {k: v * sharing for k, v in est.items()}
@@ -250,7 +258,10 @@ def _claim(run_dir: Path, resume: bool, overwrite: bool) -> tuple[IO[str], Path 
     """The run directory's lock, and the checkpoint the run resumes (None: a new run)."""
     lock = rundir.lock_run_dir(run_dir, resume, overwrite)
     try:
-        return lock, (ckpt.latest_good(run_dir) if resume and not overwrite else None)
+        latest = ckpt.latest_good(run_dir) if resume and not overwrite else None
+        if resume and not overwrite and latest is None:  # said even when quiet: the user asked for a resume
+            print(f"Note: --resume: {run_dir} holds no checkpoint to resume; starting a new run.", file=sys.stderr)
+        return lock, latest
     except BaseException:
         lock.close()
         raise
@@ -260,8 +271,8 @@ def _write_settings(run_dir: Path, run: RunConfig, latest: Path | None, data: To
     """The run's tokenizer and config.toml, once the checkpoint it resumes (if any) is shown to match."""
     if latest is not None:
         rundir.check_resume(latest, run, data.directory.name)
+    (run_dir / "config.toml").write_text(dump_toml(run))  # first: from here on the directory holds a run
     data.tokenizer.save(run_dir)
-    (run_dir / "config.toml").write_text(dump_toml(run))
 
 
 def _quantization(source: Pretrained | None, latest: Path | None) -> dict | None:
@@ -318,9 +329,15 @@ def _build(
         data_mod.eval_batches(data, cfg.batch_size, seq_len, cfg.eval_batches)  # refuses windows with no target
         if source is None:
             run = replace(run, model=replace(run.model, vocab_size=data.tokenizer.vocab_size))
-        check_fits(
-            memory(run, seq_len, g, quantization=quantization), cfg.batch_size // g.size, seq_len
-        )  # refuses, with a fix
+    with g.together("fitting the batch in the memory"):
+        if cfg.micro_batch == "auto":  # the largest micro-batches that fit, said in one line
+            run = microbatch.fit(run, lambda r: memory(r, seq_len, g, quantization=quantization), g)
+        fits = memory(run, seq_len, g, quantization=quantization)
+        check_fits(fits, run.train.batch_size // g.size, seq_len)  # refuses, with a suggestion
+    with g.together("checking the disk space"):
+        if g.primary:
+            start = ckpt.read_state(latest)["step"] if latest is not None else 0
+            diskspace.check_space(run_dir, run, start, ckpt.list_checkpoints(run_dir))
     set_wired_limit()  # Apple silicon: keep the working set wired, as mlx-lm does
     configure_cache()  # CPU: reuse freed activation buffers instead of page-faulting them back every step
     with g.together("checking the run directory"):

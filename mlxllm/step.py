@@ -12,7 +12,7 @@ from mlxllm.config import ModelConfig, TrainConfig
 from mlxllm.cpu import streams
 from mlxllm.device import usable_cores
 from mlxllm.distributed import Group
-from mlxllm.model import Transformer, set_training
+from mlxllm.model import Transformer, set_grad_checkpoint, set_training
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -106,8 +106,10 @@ def make_step(
     the global batch's counted targets, however they fall over micro-batches, streams and processes);
     returns (mean loss, gradient norm) over the whole group. `cfg.batch_size` is the rows per
     process. `split` transforms the micro-batch's loss-and-gradient function (`cpu_split` runs it
-    over CPU streams); None: it runs as it is. The learning rate is the optimizer's, set by the caller."""
+    over CPU streams); None: it runs as it is. The learning rate is the optimizer's, set by the caller.
+    cfg.grad_checkpoint: each block's activations are recomputed in the backward (model.set_grad_checkpoint)."""
     compute, k = getattr(mx, cfg.dtype), cfg.grad_accum
+    set_grad_checkpoint(model, cfg.grad_checkpoint)
 
     def loss(params: Any, batch: mx.array) -> mx.array:
         model.update(_cast(params, compute))  # bf16 compute on fp32 master weights

@@ -25,6 +25,7 @@ from mlxllm.memory import describe as describe_memory
 from mlxllm.progress import Reporter
 from mlxllm.runstate import Run, memory, open_run
 from mlxllm.schedule import lr_at
+from mlxllm.signals import StopOnSignal, signal_name
 from mlxllm.step import cpu_split, evaluate, make_eval, make_step, step_seed
 
 import mlx.core as mx
@@ -121,8 +122,20 @@ def _learning_rate(r: Run) -> float | mx.array:
     return g.sum(mx.array(lr if g.primary else 0.0))
 
 
-def _loop(r: Run, reporter: Reporter, callback: Callback | None, peak: float, split: Split) -> _Outcome:
-    """Step until a budget (or the callback) stops it; evaluate and checkpoint every eval_interval."""
+def _stop_saving(r: Run, window: _Window, reporter: Reporter, peak: float) -> None:
+    """Stopped by a signal: the steps since the last log are logged, and this step is saved unless its
+    evaluation just saved it. No evaluation: a scheduler's grace period may not afford one."""
+    if window.losses:
+        reporter.log(_window_metrics(r, window, peak))
+    if r.last_good is None or ckpt.read_state(r.last_good)["step"] != r.step:
+        r.save({})
+
+
+def _loop(
+    r: Run, reporter: Reporter, callback: Callback | None, peak: float, split: Split, stop: StopOnSignal
+) -> _Outcome:
+    """Step until a budget, the callback or a signal (`stop`) stops it; evaluate and checkpoint every
+    eval_interval."""
     cfg, out, g = r.cfg, _Outcome(), r.group
     step_fn = make_step(r.model, r.optimizer, r.local_cfg, g, split)
     eval_fn = make_eval(r.model, r.local_cfg, split)
@@ -131,6 +144,9 @@ def _loop(r: Run, reporter: Reporter, callback: Callback | None, peak: float, sp
     window, batch = _Window(r.start), r.batch()
     with g.watch() as beat:
         while r.step < r.total_steps:
+            if stop.agreed is not None:
+                out.stopped_by = signal_name(stop.agreed)
+                break
             if _out_of_time(r):
                 out.stopped_by = "max_seconds"
                 break
@@ -142,6 +158,7 @@ def _loop(r: Run, reporter: Reporter, callback: Callback | None, peak: float, sp
             mx.random.seed(step_seed(cfg.seed, r.step))
             loss, _ = step_fn(batch)
             mx.async_eval(loss, r.model.parameters(), r.optimizer.state)
+            stop.poll(loss)
             r.step, r.tokens = r.step + 1, r.tokens + r.tokens_per_step
             window.losses.append(loss)
             window.tokens += r.tokens_per_step
@@ -166,7 +183,9 @@ def _loop(r: Run, reporter: Reporter, callback: Callback | None, peak: float, sp
             if cfg.max_tokens is not None and r.tokens >= cfg.max_tokens:
                 out.stopped_by = "max_tokens"
                 break
-        if r.step and (not out.history or out.history[-1]["step"] != r.step):
+        if stop.agreed is not None and out.stopped_by == signal_name(stop.agreed):
+            _stop_saving(r, window, reporter, peak)
+        elif r.step and (not out.history or out.history[-1]["step"] != r.step):
             out.last_val = evaluate(eval_fn, val_batches, r.data.bytes_per_token, g)
             r.save(out.last_val)
             reporter.log({"step": r.step, "elapsed": r.elapsed(), **out.last_val})
@@ -213,6 +232,7 @@ def train(
     if warning and g.primary:  # said even when quiet: it can cost a run 20x its time
         print("Warning: " + warning, file=sys.stderr)
     r = open_run(run, resume, overwrite, data, quiet=not show_progress, g=g)
+    stop = StopOnSignal(g)
     try:
         # Measured once per machine, with the BLAS's own thread count; the group's peak is its devices'.
         with g.in_turn("measuring the machine"):
@@ -222,8 +242,8 @@ def train(
         )
         reporter.message(_describe(r))
         try:
-            with cpu_split(r.local_cfg, r.run.model, g) as split:  # its BLAS threads while open
-                out = _loop(r, reporter, callback, peak, split)
+            with cpu_split(r.local_cfg, r.run.model, g) as split, stop:  # its BLAS threads, the signals
+                out = _loop(r, reporter, callback, peak, split, stop)
         except RuntimeError as e:
             if not g.is_lost(e):
                 raise
@@ -233,6 +253,9 @@ def train(
     finally:
         if r.lock is not None:
             r.lock.close()
+    stopped = stop.stopped(r.step, r.last_good if g.primary else None)
+    if stopped is not None:
+        raise stopped
     result = TrainResult(
         run_dir=r.run_dir,
         step=r.step,

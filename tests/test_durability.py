@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from mlxllm import MlxllmError, RunConfig, load, train
@@ -126,7 +127,8 @@ def test_overwrite_replaces_a_run_but_never_a_folder_that_holds_none(corpus: Pat
     mine.mkdir()
     (mine / "thesis.txt").write_text("irreplaceable")
     m, t, k = tiny_configs(corpus, mine, max_steps=2, eval_interval=2)
-    train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False, overwrite=True)
+    with pytest.raises(MlxllmError, match="is not empty and holds no training run"):  # refused, untouched
+        train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False, overwrite=True)
     assert (mine / "thesis.txt").read_text() == "irreplaceable"
     (tmp_path / "run").mkdir()
     m, t, k = tiny_configs(corpus, tmp_path / "run", max_steps=2, eval_interval=2)
@@ -134,3 +136,32 @@ def test_overwrite_replaces_a_run_but_never_a_folder_that_holds_none(corpus: Pat
     (tmp_path / "run" / "stale.txt").write_text("from the old run")
     train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False, overwrite=True)
     assert not (tmp_path / "run" / "stale.txt").exists() and ckpt.latest_checkpoint(tmp_path / "run")
+
+
+def test_overwrite_refuses_a_folder_of_other_files_and_trains_into_an_empty_one(corpus: Path, tmp_path: Path):
+    mine = tmp_path / "my-files"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "thesis.txt").write_text("irreplaceable")
+    m, t, k = tiny_configs(corpus, mine, max_steps=2, eval_interval=2)
+    with pytest.raises(MlxllmError, match=r"my-files is not empty and holds no training run \(notes, thesis.txt\)"):
+        train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False, overwrite=True)
+    assert sorted(p.name for p in mine.iterdir() if p.name != ".lock") == ["notes", "thesis.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    m, t, k = tiny_configs(corpus, empty, max_steps=2, eval_interval=2)
+    assert train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False, overwrite=True).step == 2
+
+
+def test_resume_with_nothing_to_resume_says_so_and_starts_a_new_run(
+    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    m, t, k = tiny_configs(corpus, tmp_path / "new", max_steps=4, eval_interval=2)
+    assert train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False, resume=True).step == 4
+    assert f"Note: --resume: {tmp_path / 'new'} holds no checkpoint to resume; starting a new run." in (
+        capsys.readouterr().err
+    )
+    assert (
+        train(RunConfig(model=m, tokenizer=k, train=replace(t, max_steps=6)), show_progress=False, resume=True).step
+        == 6
+    )
+    assert "holds no checkpoint" not in capsys.readouterr().err  # it had one
