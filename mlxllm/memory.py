@@ -24,6 +24,7 @@ from typing import Any
 
 from mlxllm import device, quant
 from mlxllm.config import ModelConfig
+from mlxllm.device import backend
 from mlxllm.errors import MlxllmError
 
 import mlx.core as mx
@@ -155,7 +156,8 @@ def check_fits(
             )
         suggestion.append("train.grad_checkpoint=true (a third more compute)")
         suggestion.append("a shorter train.seq_len")
-        suggestion.append("train.dtype=bfloat16")
+        if backend() != "cpu":  # MLX's CPU has no fast bfloat16 (cpu/precision.py)
+            suggestion.append("train.dtype=bfloat16")
     else:
         suggestion.append(
             "a smaller model (fewer layers or a smaller d_model): its weights and optimizer state alone do not fit"

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from mlxllm.config import RunConfig
+from mlxllm.device import backend
 from mlxllm.distributed import Group
 from mlxllm.errors import MlxllmError
 from mlxllm.memory import HEADROOM, describe, device_memory, format_bytes
@@ -98,7 +99,8 @@ def fit(run: RunConfig, estimate: Estimate, group: Group) -> RunConfig:
             f"This run does not fit in the {format_bytes(HEADROOM * (available or 0))} usable here ({where}) even "
             f"as micro-batches of {options[-1].train.batch_size} row(s) with gradient checkpointing: that needs "
             f"about {format_bytes(smallest['total'])} ({describe(smallest)}). Try a shorter train.seq_len, "
-            "train.dtype=bfloat16 or a smaller model (fewer layers or a smaller d_model)."
+            + ("" if backend() == "cpu" else "train.dtype=bfloat16 ")
+            + "or a smaller model (fewer layers or a smaller d_model)."
         )
     if index and group.primary:
         print(describe_choice(run, options[index], estimate, available or 0.0, where), file=sys.stderr, flush=True)

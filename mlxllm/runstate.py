@@ -21,6 +21,7 @@ from mlxllm import checkpoint as ckpt
 from mlxllm import data as data_mod
 from mlxllm import diskspace, kernels, lora, microbatch, pretrained, quant, rundir
 from mlxllm.config import RunConfig, TrainConfig, dump_toml
+from mlxllm.cpu.precision import compute_dtype
 from mlxllm.data import TokenData
 from mlxllm.device import backend, device_name
 from mlxllm.distributed import Group
@@ -369,6 +370,10 @@ def open_run(
     directory; the others take its model, optimizer and counters (Run.share)."""
     run_dir, source, lock, latest = Path(run.train.out_dir), None, None, None
     _check_split(run.train, g)
+    dtype, why = compute_dtype(run.train.dtype, backend())
+    if why and g.primary:
+        print(why, file=sys.stderr, flush=True)
+    run = replace(run, train=replace(run.train, dtype=dtype))
     try:
         if not resume:  # a new run: checked before its directory is made
             with g.together("checking the settings"):
