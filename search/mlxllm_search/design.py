@@ -26,9 +26,10 @@ from mlxllm_search.throughput import fit_throughput, model_key
 # Branch points as multiples of a trial's unit: finished lengths about 1.3-1.5x apart, up to 8x the first.
 LADDER = (1, 2, 3, 4, 6, 8)
 GOOD_LEVELS, MIN_LEVELS = 4, 2  # a trial is planned to 4 branch points (lengths 4x apart), at least 2
-# At S = T/10 every trial is far shorter than the run it plans: more sizes would make each shorter still,
-# and the extrapolation in tokens is the larger one, so one trial beyond the fit's minimum (a spare).
-MAX_TRIALS = MIN_TRIALS + 1
+# At S = T/10 every trial is far shorter than the run it plans, and the extrapolation in tokens is the
+# larger one: each size more makes every trial shorter still, and a spare trial's points from early in
+# training loosen the fit more than its size pins it. So the fit's minimum, each trial as long as it can be.
+MAX_TRIALS = MIN_TRIALS
 # Before this machine measured a trial: an assumed utilisation and per-step dispatch (both on the slow
 # side, as rungs.py assumes), a checkpoint write, and a training call's set-up and compilation.
 ASSUMED_MFU, STEP_OVERHEAD_S, CHECKPOINT_S, CALL_S = 0.2, 0.002, 0.05, 1.5
