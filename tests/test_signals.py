@@ -39,10 +39,12 @@ def _signalled(proc: subprocess.Popen, run_dir: Path, signals: int = 1, env_paus
     proc.send_signal(signal.SIGTERM)
     if signals > 1:
         root = ckpt.checkpoint_dir(run_dir)
-        wait_until(lambda: root.is_dir() and any(p.name.startswith(".tmp-") for p in root.iterdir()), "save", proc=proc)
+        # Inside the pause, which follows the weights' write: Python runs a handler once for signals that
+        # arrive together during a long C call, so each further signal comes on its own, 0.5 s apart.
+        wait_until(lambda: any((p / "model.safetensors").exists() for p in root.glob(".tmp-*")), "save", proc=proc)
         for _ in range(signals - 1):
+            time.sleep(0.5)
             proc.send_signal(signal.SIGTERM)
-            time.sleep(0.2)
 
 
 def test_sigterm_saves_the_step_in_flight_and_resume_continues_bit_exactly(corpus: Path, tmp_path: Path):
