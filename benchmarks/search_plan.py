@@ -29,7 +29,9 @@ tau >= 0.7, calibration >= 80%.
 
 With --keep DIR the searches, runs and results.json stay in DIR, results.json written after each measurement;
 a rerun with --keep DIR skips what it records (same corpus, T, S and --quick; a search cut off starts again,
-as resumed it would get more than S), so the benchmark may be stopped and resumed. --report DIR prints the
+as resumed it would get more than S), so the benchmark may be stopped and resumed. A committed results.json
+copied into an empty DIR runs both searches again and retrains only the configs whose pick changed: the way to
+measure a change to one search against the same baselines. --report DIR prints the
 tables again from DIR/results.json, training nothing. The full benchmark takes about 2.5 h on a 2-core CPU (72
 speed measurements, two 60 s searches, 13 runs of 10 minutes); --target-seconds 1800 (S = 180 s) about 7 h.
 --quick, a smoke test of about 12 minutes, has a 9-architecture space of tiny models, T = 60 s and S = 20 s
@@ -261,7 +263,9 @@ def at_target(b: Bench, label: str, run: RunConfig, seeds: int) -> None:
     """`run` trained for T with each seed, unless the ledger has it."""
     for seed in range(seeds):
         key = f"{label}/{seed}"
-        if b.ledger.get("runs", key) is not None:
+        kept = b.ledger.get("runs", key)
+        # A kept run counts only for the config it trained: a search run again may pick another.
+        if kept is not None and kept["name"] == name(run.model, run.train.learning_rate):
             continue
         r = train_result(run, b.T, seed, b.size["final_eval_interval"], b.root / "runs" / slug(key))
         b.ledger.put(
@@ -288,7 +292,8 @@ def at_target(b: Bench, label: str, run: RunConfig, seeds: int) -> None:
 def searched(b: Bench, planner: str) -> Path:
     """The search with `planner` given S, once: its directory."""
     out = b.root / planner
-    if b.ledger.get("searches", planner) is None:
+    # A ledger copied without its search's folder (results.json alone is committed) runs that search again.
+    if b.ledger.get("searches", planner) is None or not (out / "best.toml").is_file():
         shutil.rmtree(out, ignore_errors=True)  # one cut off starts again: resumed, it would get more than S
         spec = parse_spec(planned_spec(b.corpus, b.size, b.T, planner))
         r = search(spec, out=out, seed=0, show=False, search_seconds=b.S)
