@@ -2,9 +2,10 @@
 
 MLX's Linux wheel links a reference BLAS (~6 GFLOP/s for a 1024^2 fp32 matmul). Its `cblas_*`
 symbols are resolved lazily, so a library exporting the same symbols, loaded with RTLD_GLOBAL
-before `mlx.core` is imported, takes their place (~30x faster). A system OpenBLAS is preferred;
-without one (no root, a cluster node, a container) Intel's oneMKL, which pip installs with mlxllm
-on Linux x86_64, is used. macOS uses Accelerate and Metal and is left alone.
+before `mlx.core` is imported, takes their place (~30x faster). The libraries searched are a system
+OpenBLAS, Intel's oneMKL (which pip installs with mlxllm on Linux x86_64) and BLIS; where more than one
+is found, the faster on this machine is loaded (blas_choice.py measures them once and caches the
+choice). macOS uses Accelerate and Metal and is left alone.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import functools
 import os
 import sys
 
-# Searched in order; MLXLLM_BLAS (a path, or "none") overrides the search.
+from mlxllm.cpu import blas_choice
+
+# Searched in order (the first is loaded where measurements cannot tell); MLXLLM_BLAS (a path, or "none")
+# overrides the search.
 CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -38,6 +42,7 @@ HINT = (
 )
 
 loaded: str | None = None  # path of the BLAS we loaded, if any
+why: str | None = None  # why that one: set by MLXLLM_BLAS, the only one found, or measured
 late = False  # True when mlx.core was imported before we could load one
 
 # Thread settings applied before the library is loaded (OpenBLAS reads them once, when it is loaded);
@@ -64,8 +69,9 @@ def _try(path: str) -> bool:
 
 
 def setup() -> None:
-    """Load the first optimized BLAS found; a no-op off Linux or when done already."""
-    global late
+    """Load an optimized BLAS: MLXLLM_BLAS's, else the only one found, else the fastest of those found
+    (blas_choice.choose); a no-op off Linux or when done already."""
+    global late, why
     if not sys.platform.startswith("linux") or loaded is not None:
         return
     if "mlx.core" in sys.modules:
@@ -77,11 +83,18 @@ def setup() -> None:
     for key, value in THREAD_ENV.items():
         os.environ.setdefault(key, value)
     if choice:
-        _try(choice)
+        why = "set by MLXLLM_BLAS" if _try(choice) else None
         return
-    found = ctypes.util.find_library("openblas")
-    for path in (*CANDIDATES, *([found] if found else [])):
+    by_loader = ctypes.util.find_library("openblas")
+    names = (*CANDIDATES, *([by_loader] if by_loader else []))
+    found = blas_choice.locate(names)
+    picked = blas_choice.choose(found) if len(found) > 1 else None
+    for path in (*([picked.path] if picked else []), *found, *names):
         if _try(path):
+            if picked and path == picked.path:
+                why = picked.describe()
+            else:
+                why = "the only one found" if found == [path] else "the first of those searched that loads"
             return
 
 
@@ -94,7 +107,12 @@ def warning(backend: str = "cpu") -> str | None:
 
 
 def describe() -> str:
-    """One line on which BLAS the CPU backend uses."""
+    """One line on which BLAS the CPU backend uses, and why that one."""
+    return f"{which()} ({why})" if loaded and why else which()
+
+
+def which() -> str:
+    """Which BLAS the CPU backend uses (a key of measurements made with it)."""
     if not sys.platform.startswith("linux"):
         return "Apple Accelerate (macOS)" if sys.platform == "darwin" else "MLX's bundled BLAS"
     if loaded:
