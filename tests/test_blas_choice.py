@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mlxllm.cpu import blas_choice
+from mlxllm.cpu import blas
 from mlxllm.cpu.blas_choice import cache_key, choose, measure, pick
 
 import pytest
@@ -105,7 +105,7 @@ def test_locate_keeps_one_path_per_library(tmp_path):
     real = tmp_path / "libopenblas.so.0"
     real.write_bytes(b"\0")
     (tmp_path / "alias.so").symlink_to(real)
-    found = blas_choice.locate([str(tmp_path / "missing.so"), str(real), str(tmp_path / "alias.so")])
+    found = blas.locate([str(tmp_path / "missing.so"), str(real), str(tmp_path / "alias.so")])
     assert found == [str(real)]
 
 

@@ -14,9 +14,13 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import platform
 import sys
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from mlxllm.cpu import blas_choice
+if TYPE_CHECKING:
+    from mlxllm.cpu.blas_choice import Choice
 
 # Searched in order (the first is loaded where measurements cannot tell); MLXLLM_BLAS (a path, or "none")
 # overrides the search.
@@ -87,8 +91,8 @@ def setup() -> None:
         return
     by_loader = ctypes.util.find_library("openblas")
     names = (*CANDIDATES, *([by_loader] if by_loader else []))
-    found = blas_choice.locate(names)
-    picked = blas_choice.choose(found) if len(found) > 1 else None
+    found = locate(names)
+    picked = _choose(found) if len(found) > 1 else None
     for path in (*([picked.path] if picked else []), *found, *names):
         if _try(path):
             if picked and path == picked.path:
@@ -96,6 +100,34 @@ def setup() -> None:
             else:
                 why = "the only one found" if found == [path] else "the first of those searched that loads"
             return
+
+
+def _search_dirs() -> list[str]:
+    """Where the loader finds a library named without a directory, as far as it can be known without it."""
+    arch = f"{platform.machine()}-linux-gnu"
+    dirs = [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]
+    return [*dirs, f"/usr/lib/{arch}", f"/lib/{arch}", "/usr/local/lib", "/usr/lib64", "/usr/lib", "/lib64", "/lib"]
+
+
+def locate(names: Iterable[str]) -> list[str]:
+    """The files among `names` (paths, or bare library names looked up in the loader's usual directories)
+    that exist, one per distinct library (by real path), in the order given."""
+    found, seen = [], set()
+    for name in names:
+        paths = [name] if os.sep in name else [os.path.join(d, name) for d in _search_dirs()]
+        path = next((p for p in paths if os.path.isfile(p)), None)
+        if path and os.path.realpath(path) not in seen:
+            seen.add(os.path.realpath(path))
+            found.append(path)
+    return found
+
+
+def _choose(found: list[str]) -> Choice:
+    """blas_choice.choose(found), imported only where it is needed: with one library found, this module
+    needs nothing of mlxllm (tests/test_platform.py runs its search alone)."""
+    from mlxllm.cpu import blas_choice
+
+    return blas_choice.choose(found)
 
 
 def warning(backend: str = "cpu") -> str | None:

@@ -16,7 +16,7 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,26 +43,6 @@ Measure = Callable[[str], "float | None"]  # a library's path -> its GFLOP/s, or
 
 def cache_path() -> Path:
     return cache_dir() / "blas.json"
-
-
-def _search_dirs() -> list[str]:
-    """Where the loader finds a library named without a directory, as far as it can be known without it."""
-    arch = f"{platform.machine()}-linux-gnu"
-    dirs = [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]
-    return [*dirs, f"/usr/lib/{arch}", f"/lib/{arch}", "/usr/local/lib", "/usr/lib64", "/usr/lib", "/lib64", "/lib"]
-
-
-def locate(names: Iterable[str]) -> list[str]:
-    """The files among `names` (paths, or bare library names looked up in the loader's usual directories)
-    that exist, one per distinct library (by real path), in the order given."""
-    found, seen = [], set()
-    for name in names:
-        paths = [name] if os.sep in name else [os.path.join(d, name) for d in _search_dirs()]
-        path = next((p for p in paths if os.path.isfile(p)), None)
-        if path and os.path.realpath(path) not in seen:
-            seen.add(os.path.realpath(path))
-            found.append(path)
-    return found
 
 
 def cpu_model() -> str:
