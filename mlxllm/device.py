@@ -1,5 +1,5 @@
 """This machine: which device MLX runs on, its name and facts, its cores, its peak matmul FLOP/s
-(for model FLOPs utilisation), and mlxllm's cache directory."""
+(for model FLOPs utilisation), and mlxllm's cache directory (read in host.py, which needs no MLX)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import platform
 import re
 import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 from mlxllm.cpu import blas
 from mlxllm.distributed import current
+from mlxllm.host import cache_dir
+from mlxllm.host import cpuinfo as _cpuinfo
 
 import mlx.core as mx
 
@@ -50,11 +51,6 @@ CUDA_TFLOPS = {
     "RTX 4090": (82.6, 82.6, 165.2),
     "A10": (31.2, 62.5, 125.0),
 }
-
-
-def cache_dir() -> Path:
-    """Where mlxllm keeps token files and measurements (MLXLLM_CACHE_DIR, else ~/.cache/mlxllm)."""
-    return Path(os.environ.get("MLXLLM_CACHE_DIR") or Path.home() / ".cache" / "mlxllm")
 
 
 def machine_cores() -> int:
@@ -95,17 +91,6 @@ def device_name() -> str:
     if kind == "cpu":
         return f"cpu:{platform.machine()}:{platform.processor() or _cpu_model()}"
     return f"{kind}:{info().get('device_name', 'gpu')}"
-
-
-def _cpuinfo(field: str) -> str | None:
-    """The first value of a /proc/cpuinfo field (Linux), else None."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.split(":", 1)[0].strip() == field:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 @functools.cache
@@ -198,7 +183,7 @@ def peak_flops(dtype: str = "float32") -> tuple[float, str]:
         if spec is not None:
             return spec
     path = cache_dir() / "peak_flops.json"
-    key = f"{device_name()}|{blas.describe()}|{dtype}"
+    key = f"{device_name()}|{blas.which()}|{dtype}"
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):

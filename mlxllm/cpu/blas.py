@@ -2,9 +2,10 @@
 
 MLX's Linux wheel links a reference BLAS (~6 GFLOP/s for a 1024^2 fp32 matmul). Its `cblas_*`
 symbols are resolved lazily, so a library exporting the same symbols, loaded with RTLD_GLOBAL
-before `mlx.core` is imported, takes their place (~30x faster). A system OpenBLAS is preferred;
-without one (no root, a cluster node, a container) Intel's oneMKL, which pip installs with mlxllm
-on Linux x86_64, is used. macOS uses Accelerate and Metal and is left alone.
+before `mlx.core` is imported, takes their place (~30x faster). The libraries searched are a system
+OpenBLAS, Intel's oneMKL (which pip installs with mlxllm on Linux x86_64) and BLIS; where more than one
+is found, the faster on this machine is loaded (blas_choice.py measures them once and caches the
+choice). macOS uses Accelerate and Metal and is left alone.
 """
 
 from __future__ import annotations
@@ -13,9 +14,16 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import platform
 import sys
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-# Searched in order; MLXLLM_BLAS (a path, or "none") overrides the search.
+if TYPE_CHECKING:
+    from mlxllm.cpu.blas_choice import Choice
+
+# Searched in order (the first is loaded where measurements cannot tell); MLXLLM_BLAS (a path, or "none")
+# overrides the search.
 CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -38,6 +46,7 @@ HINT = (
 )
 
 loaded: str | None = None  # path of the BLAS we loaded, if any
+why: str | None = None  # why that one: set by MLXLLM_BLAS, the only one found, or measured
 late = False  # True when mlx.core was imported before we could load one
 
 # Thread settings applied before the library is loaded (OpenBLAS reads them once, when it is loaded);
@@ -64,8 +73,9 @@ def _try(path: str) -> bool:
 
 
 def setup() -> None:
-    """Load the first optimized BLAS found; a no-op off Linux or when done already."""
-    global late
+    """Load an optimized BLAS: MLXLLM_BLAS's, else the only one found, else the fastest of those found
+    (blas_choice.choose); a no-op off Linux or when done already."""
+    global late, why
     if not sys.platform.startswith("linux") or loaded is not None:
         return
     if "mlx.core" in sys.modules:
@@ -77,12 +87,47 @@ def setup() -> None:
     for key, value in THREAD_ENV.items():
         os.environ.setdefault(key, value)
     if choice:
-        _try(choice)
+        why = "set by MLXLLM_BLAS" if _try(choice) else None
         return
-    found = ctypes.util.find_library("openblas")
-    for path in (*CANDIDATES, *([found] if found else [])):
+    by_loader = ctypes.util.find_library("openblas")
+    names = (*CANDIDATES, *([by_loader] if by_loader else []))
+    found = locate(names)
+    picked = _choose(found) if len(found) > 1 else None
+    for path in (*([picked.path] if picked else []), *found, *names):
         if _try(path):
+            if picked and path == picked.path:
+                why = picked.describe()
+            else:
+                why = "the only one found" if found == [path] else "the first of those searched that loads"
             return
+
+
+def _search_dirs() -> list[str]:
+    """Where the loader finds a library named without a directory, as far as it can be known without it."""
+    arch = f"{platform.machine()}-linux-gnu"
+    dirs = [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]
+    return [*dirs, f"/usr/lib/{arch}", f"/lib/{arch}", "/usr/local/lib", "/usr/lib64", "/usr/lib", "/lib64", "/lib"]
+
+
+def locate(names: Iterable[str]) -> list[str]:
+    """The files among `names` (paths, or bare library names looked up in the loader's usual directories)
+    that exist, one per distinct library (by real path), in the order given."""
+    found, seen = [], set()
+    for name in names:
+        paths = [name] if os.sep in name else [os.path.join(d, name) for d in _search_dirs()]
+        path = next((p for p in paths if os.path.isfile(p)), None)
+        if path and os.path.realpath(path) not in seen:
+            seen.add(os.path.realpath(path))
+            found.append(path)
+    return found
+
+
+def _choose(found: list[str]) -> Choice:
+    """blas_choice.choose(found), imported only where it is needed: with one library found, this module
+    needs nothing of mlxllm (tests/test_platform.py runs its search alone)."""
+    from mlxllm.cpu import blas_choice
+
+    return blas_choice.choose(found)
 
 
 def warning(backend: str = "cpu") -> str | None:
@@ -94,7 +139,12 @@ def warning(backend: str = "cpu") -> str | None:
 
 
 def describe() -> str:
-    """One line on which BLAS the CPU backend uses."""
+    """One line on which BLAS the CPU backend uses, and why that one."""
+    return f"{which()} ({why})" if loaded and why else which()
+
+
+def which() -> str:
+    """Which BLAS the CPU backend uses (a key of measurements made with it)."""
     if not sys.platform.startswith("linux"):
         return "Apple Accelerate (macOS)" if sys.platform == "darwin" else "MLX's bundled BLAS"
     if loaded:
