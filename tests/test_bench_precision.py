@@ -8,6 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+from mlxllm.bench.precision_rows import MARK, mfu_text
 from mlxllm.bench.train import TINY_CONFIG, main, run_benchmark
 from mlxllm.bench.workers import TORCH_REFERENCE, model_config
 from mlxllm.cli import app
@@ -67,7 +68,9 @@ def test_bfloat16_rows_stand_beside_float32_ones_in_one_run(
         assert computed == "float32" and mine["dtype_label"] == "bfloat16 (computed in float32)"
         assert " ".join(why.split()) in printed
     # The bfloat16 autocast row's MFU is against the float32 peak, and the table says so.
-    assert "bfloat16 autocast" in printed and "no bfloat16 peak of this CPU is known" in printed
+    assert mfu_text(torch16).endswith(MARK) and not mfu_text(rows[("torch-eager", "float32")]).endswith(MARK)
+    assert mfu_text(mine).endswith(MARK) == (computed == "bfloat16")
+    assert "no bfloat16 peak of this CPU is known" in printed
     assert "float32 only (no bfloat16 row): mlx-plain" in printed and saved["notes"]
 
 
