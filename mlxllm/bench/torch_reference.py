@@ -38,6 +38,9 @@ def rope_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # In x's dtype: under autocast q and k come out of their projections in bfloat16, as v does, and
+    # attention takes all three in one dtype (the float32 tables would promote q and k alone).
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -102,12 +105,14 @@ class Llama(nn.Module):
 
 
 MODES = ("eager", "compile", "compile-step")
+DTYPES = ("float32", "bfloat16")  # bfloat16: torch.autocast on the forward, all state float32
 
 
 class Trainer(NamedTuple):
     step: Callable[[torch.Tensor], torch.Tensor]  # one training step on a (B, T + 1) batch; returns the loss
     model: Llama
     optimizer: str  # which AdamW implementation: "fused" or "foreach"
+    adamw: torch.optim.AdamW  # the optimizer itself: its state is float32 under autocast too
 
 
 def make_adamw(params: list[nn.Parameter], cfg: dict, *, fused: bool) -> tuple[torch.optim.AdamW, str]:
@@ -122,13 +127,20 @@ def make_adamw(params: list[nn.Parameter], cfg: dict, *, fused: bool) -> tuple[t
     return torch.optim.AdamW(params, foreach=True, **kwargs), "foreach"
 
 
-def make_trainer(cfg: dict, *, mode: str = "eager", seed: int = 0, backend: str = "inductor") -> Trainer:
+def make_trainer(
+    cfg: dict, *, mode: str = "eager", seed: int = 0, backend: str = "inductor", dtype: str = "float32"
+) -> Trainer:
     """The training step, run as `mode` says: "eager"; "compile", torch.compile over the forward and loss
     (backward, clipping and AdamW eager); "compile-step", torch.compile over the whole step. `backend`
     is torch.compile's (the benchmark's is Inductor; "aot_eager" traces the same graphs without code
-    generation). cfg has vocab_size, n_layers, d_model, n_heads, hidden_dim, seq_len."""
+    generation). `dtype` "bfloat16" runs the model's forward under torch.autocast(device_type="cpu",
+    dtype=torch.bfloat16): mixed precision, as a PyTorch user trains in bfloat16 on a CPU, with the
+    weights, gradients, AdamW state and the loss in float32. cfg has vocab_size, n_layers, d_model,
+    n_heads, hidden_dim, seq_len."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES} (got {mode!r})")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES} (got {dtype!r})")
     torch.manual_seed(seed)
     model = Llama(cfg["vocab_size"], cfg["n_layers"], cfg["d_model"], cfg["n_heads"], cfg["hidden_dim"], cfg["seq_len"])
     params = list(model.parameters())
@@ -137,12 +149,20 @@ def make_trainer(cfg: dict, *, mode: str = "eager", seed: int = 0, backend: str 
     opt, kind = make_adamw(params, cfg, fused=mode != "compile-step")
     clip = cfg.get("grad_clip", 1.0)
 
+    half = getattr(torch, dtype) if dtype != "float32" else None
+
+    def forward(tokens: torch.Tensor) -> torch.Tensor:
+        if half is None:  # no autocast region at all: float32 traces the graphs it always did
+            return model(tokens)
+        with torch.autocast(device_type="cpu", dtype=half):
+            return model(tokens)
+
     def loss_of(batch: torch.Tensor) -> torch.Tensor:
-        logits = model(batch[:, :-1])
+        logits = forward(batch[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
 
     if mode == "compile-step":
-        return Trainer(_compiled_whole_step(loss_of, params, opt, clip, backend), model, kind)
+        return Trainer(_compiled_whole_step(loss_of, params, opt, clip, backend), model, kind, opt)
     fwd = torch.compile(loss_of, backend=backend) if mode == "compile" else loss_of
 
     def step(batch: torch.Tensor) -> torch.Tensor:
@@ -153,7 +173,7 @@ def make_trainer(cfg: dict, *, mode: str = "eager", seed: int = 0, backend: str 
         opt.step()
         return loss.detach()
 
-    return Trainer(step, model, kind)
+    return Trainer(step, model, kind, opt)
 
 
 def _compiled_whole_step(

@@ -9,9 +9,11 @@ all alike, the order rotated each round. The first round is a warm-up and is dis
 the median over the rest. MFU is model FLOPs (ModelConfig.flops_per_token, the figure training reports)
 times tokens/s over the fp32 matmul peak measured in this same run (mlxllm.device.measure_matmul_flops).
 PyTorch's AdamW is its fused CPU kernel where PyTorch has one (2.4+), except under torch.compile of
-the whole step, which traces the foreach AdamW (see torch_reference.make_trainer).
+the whole step, which traces the foreach AdamW (see torch_reference.make_trainer). --dtype bfloat16 adds
+mlxllm's bfloat16 row and PyTorch's bfloat16 autocast rows beside the float32 ones (precision_rows).
 
     mlxllm bench train
+    mlxllm bench train --dtype bfloat16
     mlxllm bench train --json out.json --steps 5 --windows 5
     mlxllm bench train --memory-check   # peak memory after step 100 and 1,000
 """
@@ -19,14 +21,14 @@ the whole step, which traces the foreach AdamW (see torch_reference.make_trainer
 from __future__ import annotations
 
 import json
-import math
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from mlxllm.bench.flops import executed_matmul_flops_per_token
+from mlxllm.bench.precision_rows import DTYPES, add_eager_ratios, precision_fields, untwinned_note, worker_specs
+from mlxllm.bench.train_table import print_table
 from mlxllm.bench.workers import COMPILED_MLX, TORCH_REFERENCE, Worker, model_config
 from mlxllm.errors import MlxllmError
 
@@ -91,41 +93,44 @@ def measure_rounds(workers: list[Worker], windows: int, steps: int, offset: int 
     rotated every round: the first window after a worker's idle wait (caches, page faults, the CPU
     clocking up, PyTorch's allocator growing) is thrown away, and no implementation always runs right
     after the same other one, or always first. Returns each worker's replies, the warm-up first."""
-    rounds: dict[str, list[dict[str, Any]]] = {w.impl: [] for w in workers}
+    rounds: dict[str, list[dict[str, Any]]] = {w.name: [] for w in workers}
     for r in range(1 + windows):
         for w in rotated(workers, offset + r):
             time.sleep(0.2)  # let the previous worker's BLAS/OpenMP threads go idle
-            rounds[w.impl].append(w.window(steps))
+            rounds[w.name].append(w.window(steps))
     return rounds
 
 
 def _bench_config(
-    cfg: dict[str, Any], impls: list[str], steps: int, warmup: int, windows: int, offset: int
+    cfg: dict[str, Any], specs: list[tuple[str, str]], steps: int, warmup: int, windows: int, offset: int
 ) -> tuple[list[Worker], dict[str, list[dict[str, Any]]]]:
     workers: list[Worker] = []
     try:
         # Started one at a time, so a compile does not compete with another; in a rotated order too.
-        for impl in rotated(list(impls), offset):
-            w = Worker(impl, cfg, warmup)
+        for impl, dtype in rotated(list(specs), offset):
+            w = Worker(impl, cfg, warmup, dtype)
             w.wait_ready()
             workers.append(w)
-        workers.sort(key=lambda w: list(impls).index(w.impl))
+        workers.sort(key=lambda w: specs.index((w.impl, w.dtype)))
         return workers, measure_rounds(workers, windows, steps, offset)
     finally:
         for w in workers:
             w.close()
 
 
-def _executed_flops(cfg: dict[str, Any], workers: list[Worker]) -> float:
-    """Executed matmul FLOPs per token with the attention mlxllm's workers ran (on their backend), applied
-    to every row. Without an MLX worker, with the attention 'auto' means on this device."""
-    facts = next((w.ready for w in workers if "attention" in w.ready), None)
+def _executed_flops(cfg: dict[str, Any], workers: list[Worker], dtype: str = "float32") -> float:
+    """Executed matmul FLOPs per token with the attention mlxllm's workers ran in `dtype` (else in any dtype;
+    on their backend, in what they computed in), applied to every row of that dtype. Without an MLX
+    worker, with the attention 'auto' means on this device."""
+    mine = sorted(workers, key=lambda w: w.dtype != dtype)
+    facts = next((w.ready for w in mine if "attention" in w.ready), None)
     if facts is None:
         from mlxllm.attention import resolve_attention
         from mlxllm.device import backend
 
         facts = {"attention": resolve_attention(cfg.get("attention", "auto")), "backend": backend()}
-    return executed_matmul_flops_per_token(cfg, facts["attention"], facts["backend"])
+    computed = facts.get("compute_dtype", "float32")
+    return executed_matmul_flops_per_token(cfg, facts["attention"], facts["backend"], computed)
 
 
 def _row(
@@ -139,6 +144,7 @@ def _row(
     return {
         "config": cfg["name"],
         "impl": w.impl,
+        **precision_fields(w.impl, w.dtype, w.ready),
         "note": note,
         "model": {k: v for k, v in cfg.items() if k not in ("name", "hidden_dim")},
         "tokens_per_s": tps,
@@ -175,9 +181,11 @@ def run_benchmark(
     impls: tuple[str, ...] | list[str] = IMPLS,
     show: bool = True,
     peak_flops: float | None = None,
+    dtype: str = "float32",
 ) -> list[dict[str, Any]]:
-    """Benchmark each config with each implementation; one result dict per (config, implementation).
-    Each worker runs one warm-up window (discarded) and `windows` measured ones; tokens/s is their median."""
+    """Benchmark each config with each implementation; one result dict per (config, implementation, dtype).
+    Each worker runs one warm-up window (discarded) and `windows` measured ones; tokens/s is their median.
+    `dtype` bfloat16 adds bfloat16 rows beside the float32 ones (precision_rows.worker_specs)."""
     if windows < 1 or steps < 1:
         raise MlxllmError(f"--windows and --steps must be at least 1 (got {windows} and {steps}).")
     configs = [dict(c) for c in (configs or DEFAULT_CONFIGS)]
@@ -187,15 +195,18 @@ def run_benchmark(
     if skip and any(i.startswith("torch") for i in impls):
         notes.append(f"PyTorch skipped: {skip}")
         impls = [i for i in impls if not i.startswith("torch")]
+    specs = worker_specs(impls, dtype)
+    notes += [n for n in [untwinned_note(impls, dtype)] if n]
     peaks = [measure_peak()]  # measured before, between and after the configs; the best is the peak
     results: list[dict[str, Any]] = []
     for i, cfg in enumerate(configs):
         cfg["hidden_dim"] = model_config(cfg).hidden_dim  # the PyTorch workers never import mlxllm
-        workers, rounds = _bench_config(cfg, impls, steps, warmup, windows, offset=i)
+        workers, rounds = _bench_config(cfg, specs, steps, warmup, windows, offset=i)
         peaks.append(measure_peak())
         peak = peak_flops or max(max(peaks), _theoretical_peak())
-        exec_flops = _executed_flops(cfg, workers)
-        results += [_row(cfg, w, rounds[w.impl], peak, peaks, exec_flops) for w in workers]
+        exec_flops = {d: _executed_flops(cfg, workers, d) for d in {w.dtype for w in workers}}
+        results += [_row(cfg, w, rounds[w.name], peak, peaks, exec_flops[w.dtype]) for w in workers]
+    add_eager_ratios(results)
     if show:
         print_table(results, notes)
     if json_path:
@@ -253,75 +264,6 @@ def memory_check(cfg: dict[str, Any], checkpoints: tuple[int, ...] = (100, 1000)
     return result
 
 
-def print_table(results: list[dict[str, Any]], notes: list[str] = ()) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    for cfg_name in dict.fromkeys(r["config"] for r in results):
-        rows = [r for r in results if r["config"] == cfg_name]
-        m = rows[0]["model"]
-        title = (
-            f"{cfg_name}: {m['n_layers']} layers x d_model {m['d_model']}, {m['n_heads']} heads, "
-            f"context {m['seq_len']}, batch {m['batch_size']}, vocab {m['vocab_size']}, fp32 AdamW"
-        )
-        t = Table(title=title)
-        for c in (
-            "implementation",
-            "tokens/s",
-            "vs torch eager",
-            "ms/step",
-            "MFU",
-            "MFU (executed)",
-            "peak MB",
-            "max RSS MB",
-            "traces",
-            "recompiles",
-            "first step s",
-            "CPU/wall",
-        ):
-            t.add_column(c, justify="left" if c == "implementation" else "right")
-        base = next((r["tokens_per_s"] for r in rows if r["impl"] == "torch-eager"), None)
-        for r in rows:
-            t.add_row(
-                r["impl"],
-                f"{r['tokens_per_s']:,.0f}",
-                f"{r['tokens_per_s'] / base:.2f}x" if base else "-",
-                f"{r['step_ms']:.0f}",
-                f"{r['mfu']:.1%}",
-                f"{r['exec_mfu']:.1%}",
-                "-" if math.isnan(r["peak_mem_mb"]) else f"{r['peak_mem_mb']:.0f}",
-                f"{r['max_rss_mb']:.0f}",
-                *(
-                    ("-", "-") if r["recompiles"] is None else (str(r["traces"]), str(r["recompiles"]))
-                ),  # compiled rows only
-                f"{r['first_step_s']:.1f}",
-                f"{r['cpu_per_wall']:.2f}",
-            )
-        console.print(t)
-        r0 = rows[0]
-        console.print(
-            f"  peak for MFU: {r0['peak_flops'] / 1e9:.0f} GFLOP/s (the larger of the fp32 1024^2 matmul measured in "
-            f"this run, {r0['peak_measured'] / 1e9:.0f}, and the CPU's theoretical peak); "
-            f"model FLOPs/token {r0['model_flops_per_token'] / 1e6:.2f}M (ModelConfig.flops_per_token, as training "
-            f"reports MFU), executed matmul FLOPs/token {r0['exec_flops_per_token'] / 1e6:.2f}M "
-            "(mlxllm's attention path, "
-            f"applied to every row); "
-            f"tokens/s is the median of {len(r0['tokens_per_s_windows'])} interleaved windows of "
-            f"{r0['windows'][0]['steps']} steps after a discarded warm-up window, the order rotated every round"
-        )
-        used = [f"{r['impl']} {r['optimizer']}" for r in rows if r["optimizer"]]
-        used += [f"{r['impl']} {r['attention']}" for r in rows if r["attention"]]
-        if used:
-            console.print("  PyTorch AdamW / MLX attention: " + ", ".join(used), highlight=False)
-    from mlxllm.cpu import blas
-    from mlxllm.device import describe_cpu
-
-    console.print(f"  CPU: {describe_cpu()}; BLAS: {blas.describe()}", highlight=False)
-    for n in notes:
-        console.print(f"[yellow]{n}[/yellow]")
-
-
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -352,6 +294,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--attention", choices=("auto", "fast", "halves", "reference"), default=None, help="override model.attention"
     )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="bfloat16: also mlxllm with train.dtype = bfloat16 and PyTorch with bfloat16 autocast, beside float32",
+    )
     p.add_argument("--json", dest="json_path", help="write the results here")
     p.add_argument(
         "--memory-check",
@@ -380,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         json_path=a.json_path,
         impls=tuple(a.impl) if a.impl else IMPLS,
         peak_flops=a.peak_gflops * 1e9 if a.peak_gflops else None,
+        dtype=a.dtype,
     )
 
 

@@ -99,14 +99,15 @@ def _plain_runner(model: Any, optimizer: Any, tc: Any, next_batch: Any, counting
     return run
 
 
-def _mlx_worker(impl: str, cfg: dict[str, Any]):
+def _mlx_worker(impl: str, cfg: dict[str, Any], dtype: str):
     import mlxllm  # noqa: F401 - first: it loads the optimized BLAS before mlx.core
 
     # isort: split
     from mlxllm import step as step_mod
     from mlxllm.attention import resolve_attention
     from mlxllm.config import TrainConfig
-    from mlxllm.device import device_name
+    from mlxllm.cpu.precision import compute_dtype
+    from mlxllm.device import backend, device_name
     from mlxllm.kernels import Shape
     from mlxllm.model import build_model
 
@@ -115,11 +116,13 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
 
     mc = model_config(cfg)
     compiled = impl in COMPILED_MLX
+    computed, why = compute_dtype(dtype, backend())  # train.dtype = dtype computes in this, as training does
     tc = TrainConfig(
         batch_size=cfg["batch_size"],
         seq_len=cfg["seq_len"],
         compile=compiled,
         cpu_streams=1 if impl == "mlxllm-1stream" else 0,
+        dtype=computed,
     )
     traces, calls, real_loss_fn = [0], [0], step_mod.loss_fn
     split = step_mod.cpu_split(tc, mc)  # a trace calls loss_fn once per stream the step is split over
@@ -154,11 +157,16 @@ def _mlx_worker(impl: str, cfg: dict[str, Any]):
         }
 
     shape = Shape(device_name(), tc.dtype, mc.head_dim, training=True)
-    facts = {"attention": resolve_attention(mc.attention, shape), "backend": shape.backend}
+    facts = {
+        "attention": resolve_attention(mc.attention, shape),
+        "backend": shape.backend,
+        "compute_dtype": computed,
+        "dtype_note": why,
+    }
     return run, next_batch, traces, memory, facts
 
 
-def _torch_worker(impl: str, cfg: dict[str, Any]):
+def _torch_worker(impl: str, cfg: dict[str, Any], dtype: str):
     import importlib.util
 
     import numpy as np
@@ -168,7 +176,7 @@ def _torch_worker(impl: str, cfg: dict[str, Any]):
     torch_reference = importlib.util.module_from_spec(spec)
     sys.modules["torch_reference"] = torch_reference  # Dynamo looks traced code's module up by name
     spec.loader.exec_module(torch_reference)
-    trainer = torch_reference.make_trainer(cfg, mode=TORCH_MODES[impl])  # cfg carries hidden_dim
+    trainer = torch_reference.make_trainer(cfg, mode=TORCH_MODES[impl], dtype=dtype)  # cfg carries hidden_dim
     step = trainer.step
     rng = np.random.default_rng(0)
     B, T = cfg["batch_size"], cfg["seq_len"]
@@ -195,16 +203,17 @@ def _torch_worker(impl: str, cfg: dict[str, Any]):
     def memory() -> dict[str, float]:
         return {"peak_mem_mb": float("nan"), "active_mem_mb": float("nan"), "max_rss_mb": _rss_mb()}
 
-    return run, next_batch, traces, memory, {"optimizer": trainer.optimizer}
+    return run, next_batch, traces, memory, {"optimizer": trainer.optimizer, "compute_dtype": dtype}
 
 
-def worker_main(impl: str, cfg: dict[str, Any], warmup: int) -> None:
-    """Build, warm up, then answer 'window N' / 'memory' / 'quit' lines on stdin with JSON on stdout."""
+def worker_main(impl: str, cfg: dict[str, Any], warmup: int, dtype: str = "float32") -> None:
+    """Build, warm up, then answer 'window N' / 'memory' / 'quit' lines on stdin with JSON on stdout.
+    `dtype`: mlxllm's train.dtype, or PyTorch's autocast dtype (float32: none)."""
     out = sys.stdout
     sys.stdout = sys.stderr  # library chatter must not corrupt the protocol
     t0 = time.perf_counter()
     build = _torch_worker if impl.startswith("torch") else _mlx_worker
-    run, next_batch, traces, memory, facts = build(impl, cfg)
+    run, next_batch, traces, memory, facts = build(impl, cfg, dtype)
     batch = next_batch()
     batch = run(1, batch)  # the first step compiles
     first, first_traces = time.perf_counter() - t0, traces[0]
@@ -263,9 +272,12 @@ def isolated_env(cache: Path) -> dict[str, str]:
 
 
 class Worker:
-    def __init__(self, impl: str, cfg: dict[str, Any], warmup: int):
-        self.impl = impl
-        self.cache = Path(tempfile.mkdtemp(prefix=f"mlxllm-bench-{impl}-"))
+    def __init__(self, impl: str, cfg: dict[str, Any], warmup: int, dtype: str = "float32"):
+        """A worker process of `impl` (one of train.IMPLS) on the benchmark config `cfg`, warmed up by
+        `warmup` steps, training in `dtype` (see worker_main)."""
+        self.impl, self.dtype = impl, dtype
+        self.name = impl if dtype == "float32" else f"{impl} {dtype}"  # unique among a config's workers
+        self.cache = Path(tempfile.mkdtemp(prefix=f"mlxllm-bench-{impl}-{dtype}-"))
         # This file by its path: importing it as mlxllm.bench.workers would import the package (see above).
         boot = (
             "import importlib.util as u, sys; s = u.spec_from_file_location('mlxllm_bench_worker', sys.argv[1]); "
@@ -280,6 +292,7 @@ class Worker:
             impl,
             json.dumps(cfg),
             str(warmup),
+            dtype,
         ]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=isolated_env(self.cache)
@@ -289,7 +302,7 @@ class Worker:
     def _reply(self) -> dict[str, Any]:
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"{self.impl} worker exited (code {self.proc.wait()}); see its output above")
+            raise RuntimeError(f"{self.name} worker exited (code {self.proc.wait()}); see its output above")
         return json.loads(line)
 
     def wait_ready(self) -> dict[str, Any]:
@@ -316,6 +329,6 @@ class Worker:
 
 
 def main(argv: list[str]) -> None:
-    """A worker process: `--worker IMPL CONFIG_JSON WARMUP`."""
-    impl, cfg, warmup = argv[1], json.loads(argv[2]), int(argv[3])
-    worker_main(impl, cfg, warmup)
+    """A worker process: `--worker IMPL CONFIG_JSON WARMUP DTYPE`."""
+    impl, cfg, warmup, dtype = argv[1], json.loads(argv[2]), int(argv[3]), argv[4]
+    worker_main(impl, cfg, warmup, dtype)
