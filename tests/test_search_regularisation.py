@@ -196,7 +196,7 @@ def test_the_fit_planner_holds_the_spaces_nearest_values_and_its_pick_has_them(t
     # limit, and the verdict says the plan held them and what tunes them; best.toml's pick has the held values.
     law = test_forecast
     plan = make_forecast(
-        law.study(2e5, trained=candidates), 2e5, candidates, law.measured_speed(candidates), law.LENGTH, 360, held=held
+        law.study(5e3, trained=candidates), 5e3, candidates, law.measured_speed(candidates), law.LENGTH, 360, held=held
     )
     assert plan.verdict is not None and plan.verdict.fires
     shown = render(plan)
