@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from mlxllm_search.records import record_of
-from mlxllm_search.space import SearchSpec, run_config
+from mlxllm_search.space import Sample, SearchSpec, run_config
 from mlxllm_search.target_search import target_best, target_header
 
 BEST_NAME = "best.toml"
@@ -27,7 +27,9 @@ def write_best(study: optuna.Study, spec: SearchSpec, search_dir: Path) -> Path 
     if t is None:
         return None
     record = record_of(t)
-    run = run_config(spec, from_dict(ModelConfig, record.model), record.learning_rate, search_dir / "best")
+    decay = spec.base.train.weight_decay if record.weight_decay is None else record.weight_decay  # older studies
+    sample = Sample(from_dict(ModelConfig, record.model), record.learning_rate, decay)
+    run = run_config(spec, sample, search_dir / "best")
     path = search_dir / BEST_NAME
     if spec.target is not None:  # the target's budget and schedule are the spec's base: run_config keeps them
         path.write_text(target_header(study, spec, t, path) + dump_toml(run))

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxllm.branch import branch
-from mlxllm.config import ModelConfig, RunConfig
+from mlxllm.config import RunConfig
 from mlxllm.data import TokenData
 from mlxllm.schedule import length_for_stable
 from mlxllm.trainer import TrainResult, train
@@ -34,7 +34,7 @@ from mlxllm_search.design import Cost, Speeds
 from mlxllm_search.law_points import Point
 from mlxllm_search.records import record_of, store
 from mlxllm_search.scaling import law_params
-from mlxllm_search.space import SearchSpec, run_config
+from mlxllm_search.space import Sample, SearchSpec, run_config
 from mlxllm_search.storage import owner
 
 SHARE_SLACK = 1.1  # a trial may run this much past its share before it stops going on
@@ -52,10 +52,10 @@ def train_run(run: RunConfig, data: TokenData, resume: bool, callback: Callable[
     )
 
 
-def main_run(spec: SearchSpec, model: ModelConfig, lr: float, steps: list[int], out_dir: Path) -> RunConfig:
+def main_run(spec: SearchSpec, sample: Sample, steps: list[int], out_dir: Path) -> RunConfig:
     """The trial's main run: WSD whose stable phase ends at the last branch step (its cooldown is the last
     point), evaluated and checkpointed every `steps[0]` steps, every checkpoint kept until branched."""
-    run = run_config(spec, model, lr, out_dir)
+    run = run_config(spec, sample, out_dir)
     unit, total = steps[0], length_for_stable(steps[-1], spec.base.train.cooldown_fraction)
     train_cfg = replace(
         run.train,
@@ -113,8 +113,9 @@ class PlanTrial:
     def __call__(self, trial: optuna.Trial) -> float:
         store(trial, worker=owner())  # before anything else: a sweep finds this trial if we die
         store(trial, lost=None)
-        model, lr = self.spec.space.suggest(trial, self.spec.base)
-        model = replace(model, vocab_size=self.data.tokenizer.vocab_size)
+        sample = self.spec.space.suggest(trial, self.spec.base)
+        sample = replace(sample, model=replace(sample.model, vocab_size=self.data.tokenizer.vocab_size))
+        model = sample.model
         record = record_of(trial)
         steps = sorted(record.branch_steps or [])
         if not steps or record.share_s is None:
@@ -123,7 +124,8 @@ class PlanTrial:
         store(
             trial,
             model={k: v for k, v in asdict(model).items() if k != "vocab_size"},
-            learning_rate=lr,
+            learning_rate=sample.learning_rate,
+            weight_decay=sample.weight_decay,
             params=model.num_params(),
             run_dir=str(trial_dir),
         )
@@ -131,7 +133,7 @@ class PlanTrial:
         measures = _Measures(self.spec.tokens_per_step, self.speeds().cost(model))
         start = time.perf_counter()
         try:
-            self._train(trial, main_run(self.spec, model, lr, steps, trial_dir / "main"), steps, deadline, measures)
+            self._train(trial, main_run(self.spec, sample, steps, trial_dir / "main"), steps, deadline, measures)
         except KeyboardInterrupt:
             store(trial, lost="interrupted")  # retried when the search resumes
             raise

@@ -49,6 +49,8 @@ def describe(t: FrozenTrial) -> dict[str, str]:
         "h/kv": f"{heads}/{m.get('n_kv_heads')}" if heads else "-",
         "mlp": _num(m.get("mlp_ratio"), ".2f"),
         "lr": _num(r.learning_rate, ".2e"),
+        "drop": _num(m.get("dropout"), ".3g"),
+        "wd": _num(r.weight_decay, ".3g"),
         "params": _num(r.params, ","),
         "loss": _num(loss, ".4f"),
         "ms/step": _num(r.step_ms, ".1f"),
@@ -73,14 +75,17 @@ def table(
         cols.insert(-1, "GB")
     if "gen_tokens_per_sec" in objectives:
         cols.insert(-1, "gen tok/s")
+    cells = [describe(t) for t in trials]
+    for c in ("wd", "drop"):  # only where the trials differ in them (a search of them): the table must fit
+        if len({row[c] for row in cells}) > 1:
+            cols.insert(cols.index("lr") + 1, c)
     out = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     for c in cols:
         out.add_column(c, justify="left" if c in ("state", "note") else "right", no_wrap=c != "note")
-    for t in trials:
-        cells = describe(t)
+    for t, row in zip(trials, cells):
         if marks and t.number in marks:
-            cells["note"] = marks[t.number]
-        out.add_row(*(cells[c] for c in cols))
+            row["note"] = marks[t.number]
+        out.add_row(*(row[c] for c in cols))
     return out
 
 
@@ -137,7 +142,8 @@ class LiveTrials:
                 c = describe(t)
                 print(
                     f"trial {c['#']:>3} {c['state']:<8} layers={c['L']} d_model={c['d']} heads/kv={c['h/kv']} "
-                    f"mlp={c['mlp']} lr={c['lr']} params={c['params']} val_loss={c['loss']} step_ms={c['ms/step']}"
+                    f"mlp={c['mlp']} lr={c['lr']} dropout={c['drop']} wd={c['wd']} params={c['params']} "
+                    f"val_loss={c['loss']} step_ms={c['ms/step']}"
                     + (f" predicted@target={c['pred@T']}±{c['±']} at={c['at']}" if c["pred@T"] != "-" else "")
                     + (f"  ({c['note']})" if c["note"] else ""),
                     flush=True,

@@ -94,7 +94,8 @@ def predict_model(
 class DataVerdict:
     """At T: what twice the text would buy the pick, against what the next bigger candidate would on the
     pick's own tokens (a longer run); `fires` when the corpus is repeated more than REPEAT_FREE_EPOCHS times
-    and the text buys more."""
+    and the text buys more. Regularisation matters most then, so when the space searches dropout or weight
+    decay and the plan held them (`held`), it says what would tune them."""
 
     epochs: float
     text_gain: float  # loss the pick loses with twice the unique text, same run
@@ -102,6 +103,7 @@ class DataVerdict:
     bigger_params: int
     agree: float  # share of the law's bootstrap draws in which the text buys more
     fires: bool
+    held: dict[str, float] | None = None  # the searched regularisers the plan held, at these values
 
     def describe(self) -> str:
         gains = (
@@ -109,11 +111,22 @@ class DataVerdict:
             f"{self.text_gain:.4f}, a model of {self.bigger_params / 1e6:.3g}M parameters on the same tokens by "
             f"{self.bigger_gain:.4f} (the text wins in {self.agree:.0%} of the fit's bootstrap)"
         )
-        return f"more text would help more than a bigger model: {gains}" if self.fires else f"not the limit: {gains}"
+        if not self.fires:
+            return f"not the limit: {gains}"
+        text = f"more text would help more than a bigger model: {gains}"
+        if self.held:
+            values = " and ".join(f"{k.replace('_', ' ')} at {v:g}" for k, v in self.held.items())
+            text += (
+                f"; the plan held {values} (its law is over size and tokens), and a search of the picked size with "
+                '[target] planner = "curves" (or with a [budget] instead of a [target]) is what tunes them'
+            )
+        return text
 
 
-def data_verdict(law: LawFit, pick: Prediction, candidates: Sequence[ModelConfig]) -> DataVerdict:
-    """The data verdict for the pick at T (see DataVerdict)."""
+def data_verdict(
+    law: LawFit, pick: Prediction, candidates: Sequence[ModelConfig], held: dict[str, float] | None = None
+) -> DataVerdict:
+    """The data verdict for the pick at T (see DataVerdict); `held`: the searched regularisers the plan held."""
     bigger = sorted(n for m in candidates if (n := law_params(m)) > pick.params * 1.01)
     n2 = bigger[0] if bigger else 2 * pick.params
     u, d = law.unique_tokens, pick.tokens
@@ -122,7 +135,7 @@ def data_verdict(law: LawFit, pick: Prediction, candidates: Sequence[ModelConfig
     text_gain = law.loss(pick.params, d) - law.loss(pick.params, d, 2 * u)
     bigger_gain = law.loss(pick.params, d) - law.loss(n2, d)
     fires = pick.epochs > REPEAT_FREE_EPOCHS and text_gain > bigger_gain
-    return DataVerdict(pick.epochs, text_gain, bigger_gain, n2, float((text > size).mean()), fires)
+    return DataVerdict(pick.epochs, text_gain, bigger_gain, n2, float((text > size).mean()), fires, held)
 
 
 @dataclass(frozen=True)
@@ -181,9 +194,11 @@ def make_forecast(
     length: RunLength,
     search_seconds: float,
     min_steps_after_warmup: int = MIN_STEPS_AFTER_WARMUP,
+    held: dict[str, float] | None = None,
 ) -> Forecast:
     """The plan from the search's finished-loss points (those inside or just after their warm-up are left
-    out) for the candidate architectures; `search_seconds`: what the search spent to measure them."""
+    out) for the candidate architectures; `search_seconds`: what the search spent to measure them; `held`: the
+    regularisers the space searches that the plan held, at these values (the data verdict names them)."""
     if not candidates:
         raise MlxllmError("A forecast needs at least one candidate architecture.")
     usable, refused = split_points(points, min_steps_after_warmup)
@@ -197,7 +212,7 @@ def make_forecast(
         for m in MULTIPLES
     }
     picks = tuple(min(at[m], key=lambda p: p.loss + PICK_SD * p.sd) for m in MULTIPLES)
-    verdict = data_verdict(law, picks[MULTIPLES.index(1.0)], candidates)
+    verdict = data_verdict(law, picks[MULTIPLES.index(1.0)], candidates, held)
     return Forecast(length, float(unique_tokens), speed, law, tuple(at[1.0]), picks, verdict, None)
 
 

@@ -77,13 +77,14 @@ class Objective:
         if self.on_trial_start:
             self.on_trial_start()
         spec, caps = self.spec, self.spec.settings.caps
-        model, lr = spec.space.suggest(trial, spec.base)
-        run = run_config(spec, model, lr, self.search_dir / "trials" / f"{trial.number:04d}")
-        n_params = replace(model, vocab_size=self.data.tokenizer.vocab_size).num_params()
+        sample = spec.space.suggest(trial, spec.base)
+        run = run_config(spec, sample, self.search_dir / "trials" / f"{trial.number:04d}")
+        n_params = replace(sample.model, vocab_size=self.data.tokenizer.vocab_size).num_params()
         store(
             trial,
-            model={k: v for k, v in asdict(model).items() if k != "vocab_size"},
-            learning_rate=lr,
+            model={k: v for k, v in asdict(sample.model).items() if k != "vocab_size"},
+            learning_rate=sample.learning_rate,
+            weight_decay=sample.weight_decay,
             params=n_params,
         )
 

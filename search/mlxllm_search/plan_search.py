@@ -34,9 +34,10 @@ from mlxllm_search.design import MIN_LEVELS, Choice, Ladder, Measured, Speeds, c
 from mlxllm_search.forecast import Forecast, make_forecast, render
 from mlxllm_search.law_points import MIN_TRIALS, Point, first_step
 from mlxllm_search.records import TrialRecord, record_of
+from mlxllm_search.regularisers import held
 from mlxllm_search.scaling import law_params
 from mlxllm_search.space import Choice as ChoiceDim
-from mlxllm_search.space import SearchSpec, Space, run_config
+from mlxllm_search.space import Sample, SearchSpec, Space, run_config
 from mlxllm_search.target_search import spent
 from mlxllm_search.throughput import RunLength, fit_throughput, model_key
 
@@ -46,21 +47,22 @@ FIT_RESERVE_S = 3.0  # of the search's seconds, kept for the fit, plan.json and 
 
 def architecture(spec: SearchSpec, model: ModelConfig, vocab_size: int) -> ModelConfig | None:
     """A run config's architecture as the space builds it (so that it is one of plan_candidates), or None if
-    the space does not hold it."""
-    if spec.space.params_of(replace(spec.base, model=model)) is None:
+    the space does not hold it (with the plan's learning rate, dropout and weight decay)."""
+    if spec.space.params_of(run_config(spec, plan_sample(spec, model), spec.base.train.out_dir)) is None:
         return None
     built = Space.build(
         spec.base.model, model.n_layers, model.head_dim, model.n_heads, model.n_heads // model.kv_heads, model.mlp_ratio
     )
-    return replace(built, vocab_size=vocab_size)
+    return replace(built, vocab_size=vocab_size, dropout=plan_sample(spec, built).model.dropout)
 
 
 def plan_candidates(spec: SearchSpec, vocab_size: int) -> list[ModelConfig]:
-    """Every architecture of the space's grid within the parameter cap, with the tokenizer's vocabulary."""
+    """Every architecture of the space's grid within the parameter cap, with the tokenizer's vocabulary (and
+    the plan's dropout)."""
     cap = spec.settings.caps.params
     out: dict[str, ModelConfig] = {}
     for m in spec.space.grid(spec.base.model):
-        m = replace(m, vocab_size=vocab_size)
+        m = replace(plan_sample(spec, m).model, vocab_size=vocab_size)
         if cap is None or m.num_params() <= cap:
             out.setdefault(model_key(m), m)
     return list(out.values())
@@ -77,10 +79,25 @@ def plan_learning_rate(spec: SearchSpec) -> float:
     return min(max(lr, dim.low), dim.high)
 
 
+def plan_sample(spec: SearchSpec, model: ModelConfig) -> Sample:
+    """What a plan trial of `model` trains with: the plan's learning rate, and dropout and weight decay held as it
+    (the law is over size and length, not regularisation): the base's, or the space's values nearest them."""
+    dropout = held(spec.space.dropout, spec.base.model.dropout)
+    decay = held(spec.space.weight_decay, spec.base.train.weight_decay)
+    return Sample(replace(model, dropout=dropout), plan_learning_rate(spec), decay)
+
+
+def held_regularisers(spec: SearchSpec) -> dict[str, float] | None:
+    """The regularisers the space searches and the plan holds, with the values it holds them at (None: none)."""
+    sample = plan_sample(spec, spec.base.model)
+    values = {"dropout": sample.model.dropout, "weight_decay": sample.weight_decay}
+    out = {k: v for k, v in values.items() if getattr(spec.space, k) is not None}
+    return out or None
+
+
 def trial_params(spec: SearchSpec, model: ModelConfig) -> dict[str, Any]:
     """The Optuna parameters of a plan trial of `model` (the space's suggest returns them)."""
-    train = replace(spec.base.train, learning_rate=plan_learning_rate(spec))
-    params = spec.space.params_of(replace(spec.base, model=model, train=train))
+    params = spec.space.params_of(run_config(spec, plan_sample(spec, model), spec.base.train.out_dir))
     assert params is not None, "plan candidates are built by the space"
     return params
 
@@ -223,6 +240,7 @@ def forecast(study: optuna.Study, spec: SearchSpec, data: TokenData, search_seco
         fit_throughput(rates, seq_len),
         length,
         search_seconds,
+        held=held_regularisers(spec),
     )
 
 
@@ -240,7 +258,7 @@ def write_plan(
     (search_dir / PLAN_NAME).write_text(json.dumps({**plan.to_dict(), "loose": loose}, indent=2))
     best = plan.pick(1.0)
     if best is None or loose:
-        run = run_config(spec, spec.base.model, spec.base.train.learning_rate, search_dir / "best")
+        run = run_config(spec, Sample.of(spec.base), search_dir / "best")
         why = plan.shortfall if best is None else loose
         header = (
             f"Search {study.study_name!r} planned no run: {why}\nThis is the base config, unchanged. "
@@ -249,7 +267,7 @@ def write_plan(
         table = "" if best is None else _comment("The plan it did not act on:\n" + render(plan), wrap=False)
         path.write_text(_comment(header) + table + "\n" + dump_toml(run))
         return path
-    run = run_config(spec, best.model, plan_learning_rate(spec), search_dir / "best")
+    run = run_config(spec, plan_sample(spec, best.model), search_dir / "best")
     run = replace(run, train=replace(run.train, schedule="wsd"))
     law = plan.law
     assert law is not None

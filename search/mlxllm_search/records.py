@@ -68,6 +68,7 @@ class TrialRecord(_UserAttrs):
     # What it trains.
     model: dict[str, Any] | None = None  # its ModelConfig's fields, vocab_size left out (the tokenizer's)
     learning_rate: float | None = None
+    weight_decay: float | None = None  # (its dropout is the model's)
     params: int | None = None  # parameter count, with the tokenizer's vocabulary
     run_dir: str | None = None  # its run directory (checkpoints)
     # What it measured.

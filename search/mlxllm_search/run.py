@@ -205,9 +205,9 @@ def _seed_params(spec: SearchSpec, seed_configs: Sequence[str | Path]) -> list[d
         p = spec.space.params_of(load_config(path))
         if p is None:
             raise MlxllmError(
-                f"The seed config {path} is not in the search space (its layers, head_dim, heads, KV heads, mlp_ratio "
-                "or learning rate is not among the space's values), so it cannot start the study. Widen [space] or "
-                "leave it out."
+                f"The seed config {path} is not in the search space (its layers, head_dim, heads, KV heads, "
+                "mlp_ratio, learning rate, dropout or weight decay is not among the space's values), so it cannot "
+                "start the study. Widen [space] or leave it out."
             )
         out.append(p)
     return out

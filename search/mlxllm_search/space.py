@@ -36,7 +36,7 @@ PRUNERS = ("hyperband", "median", "successive-halving", "none")
 SAMPLERS = ("tpe", "random")
 BUDGET_KINDS = ("steps", "tokens", "seconds")
 CAPS = ("params", "memory_gb", "step_ms")
-SPACE_KEYS = ("n_layers", "head_dim", "n_heads", "kv_group", "mlp_ratio", "learning_rate")
+SPACE_KEYS = ("n_layers", "head_dim", "n_heads", "kv_group", "mlp_ratio", "learning_rate", "dropout", "weight_decay")
 # Bytes per parameter that training holds at least: weights, gradients and AdamW's two moments in float32.
 TRAIN_BYTES_PER_PARAM = 16
 
@@ -95,6 +95,21 @@ Dimension = Choice | Range
 
 
 @dataclass(frozen=True)
+class Sample:
+    """What one trial changes in the base run config: the architecture (with its dropout), the learning rate
+    and the weight decay."""
+
+    model: ModelConfig
+    learning_rate: float
+    weight_decay: float
+
+    @staticmethod
+    def of(run: RunConfig) -> Sample:
+        """The sample a run config holds (a base config's, unchanged)."""
+        return Sample(run.model, run.train.learning_rate, run.train.weight_decay)
+
+
+@dataclass(frozen=True)
 class Space:
     n_layers: Dimension
     head_dim: Dimension
@@ -102,6 +117,8 @@ class Space:
     kv_group: tuple[int, ...] = (1,)  # query heads per KV head
     mlp_ratio: Dimension | None = None  # None: the base config's
     learning_rate: Dimension | None = None  # None: the base config's
+    dropout: Dimension | None = None  # the model's residual dropout; None: the base config's
+    weight_decay: Dimension | None = None  # AdamW's; None: the base config's
 
     @staticmethod
     def kv_name(n_heads: int) -> str:
@@ -111,8 +128,8 @@ class Space:
     def kv_groups(self, n_heads: int) -> list[int]:
         return [g for g in self.kv_group if n_heads % g == 0]
 
-    def suggest(self, trial: optuna.Trial, base: RunConfig) -> tuple[ModelConfig, float]:
-        """Sample one architecture (and learning rate); every sample builds."""
+    def suggest(self, trial: optuna.Trial, base: RunConfig) -> Sample:
+        """Sample one architecture (and learning rate, dropout, weight decay); every sample builds."""
         n_layers = self.n_layers.suggest(trial, "n_layers")
         head_dim = self.head_dim.suggest(trial, "head_dim")
         n_heads = self.n_heads.suggest(trial, "n_heads")
@@ -120,7 +137,10 @@ class Space:
         group = trial.suggest_categorical(self.kv_name(n_heads), groups) if len(groups) > 1 else groups[0]
         mlp_ratio = self.mlp_ratio.suggest(trial, "mlp_ratio") if self.mlp_ratio else base.model.mlp_ratio
         lr = self.learning_rate.suggest(trial, "learning_rate") if self.learning_rate else base.train.learning_rate
-        return self.build(base.model, n_layers, head_dim, n_heads, group, mlp_ratio), lr
+        dropout = self.dropout.suggest(trial, "dropout") if self.dropout else base.model.dropout
+        decay = self.weight_decay.suggest(trial, "weight_decay") if self.weight_decay else base.train.weight_decay
+        model = replace(self.build(base.model, n_layers, head_dim, n_heads, group, mlp_ratio), dropout=dropout)
+        return Sample(model, lr, decay)
 
     @staticmethod
     def build(
@@ -150,6 +170,8 @@ class Space:
         for name, dim, value in (
             ("mlp_ratio", self.mlp_ratio, m.mlp_ratio),
             ("learning_rate", self.learning_rate, run.train.learning_rate),
+            ("dropout", self.dropout, m.dropout),
+            ("weight_decay", self.weight_decay, run.train.weight_decay),
         ):
             if dim is not None:
                 if not dim.contains(value):
@@ -256,8 +278,12 @@ class SearchSpec:
 
     def space_hash(self) -> str:
         """What makes trials comparable: the space, the fixed config, budget and objectives."""
+        space = asdict(self.space)
+        for key in ("dropout", "weight_decay"):  # not searched: a study begun before they could be resumes
+            if space[key] is None:
+                del space[key]
         d = {
-            "space": asdict(self.space),
+            "space": space,
             "base": self.base.to_dict(),
             "budget": asdict(self.budget),
             "objectives": list(self.settings.objectives),
@@ -309,8 +335,9 @@ class SearchSpec:
         return fits
 
 
-def run_config(spec: SearchSpec, model: ModelConfig, learning_rate: float, out_dir: str | Path) -> RunConfig:
-    """The full run config of one trial, as `mlxllm train --config` reads it."""
-    return replace(
-        spec.base, model=model, train=replace(spec.base.train, learning_rate=learning_rate, out_dir=str(out_dir))
+def run_config(spec: SearchSpec, sample: Sample, out_dir: str | Path) -> RunConfig:
+    """The full run config of one trial (the base with `sample`), as `mlxllm train --config` reads it."""
+    train = replace(
+        spec.base.train, learning_rate=sample.learning_rate, weight_decay=sample.weight_decay, out_dir=str(out_dir)
     )
+    return replace(spec.base, model=sample.model, train=train)

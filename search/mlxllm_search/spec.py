@@ -11,6 +11,7 @@ from typing import Any
 from mlxllm.config import RunConfig, apply_overrides, load_config, read_toml
 from mlxllm.errors import MlxllmError
 
+from mlxllm_search.regularisers import REGULARISERS, regulariser
 from mlxllm_search.space import (
     BUDGET_KINDS,
     CAPS,
@@ -31,6 +32,7 @@ from mlxllm_search.target import PLANNERS, RUNG_SETTINGS, TARGET_KINDS, Target
 
 UNLIMITED_TRIALS = 10**6
 TARGET_KEYS = (*TARGET_KINDS, *RUNG_SETTINGS, "planner", "max_2sd")
+SIZE_KEYS = ("n_layers", "head_dim", "n_heads")  # the [space] dimensions that are whole numbers
 
 
 def _dimension(key: str, v: Any, integer: bool, where: str) -> Dimension:
@@ -106,12 +108,16 @@ def _absolute(data: str | None, path: Path | None) -> str | None:
 
 def _space(d: dict[str, Any], where: str) -> Space:
     s = _table(d, "space", SPACE_KEYS, where)
-    for key in ("n_layers", "head_dim", "n_heads"):
+    for key in SIZE_KEYS:
         if key not in s:
             raise MlxllmError(
                 f"[space] in {where} has no {key}: give its choices (e.g. {key} = [2, 4]) or a {{ min, max }} range."
             )
-    dims = {k: _dimension(k, s[k], k != "mlp_ratio" and k != "learning_rate", where) for k in s if k != "kv_group"}
+    dims = {
+        k: regulariser(k, s[k], where) if k in REGULARISERS else _dimension(k, s[k], k in SIZE_KEYS, where)
+        for k in s
+        if k != "kv_group"
+    }
     kv = s.get("kv_group", [1])
     kv = [kv] if isinstance(kv, int) else kv
     if not isinstance(kv, list) or not kv or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in kv):
