@@ -35,3 +35,10 @@ def compute_dtype(requested: str, backend: str) -> tuple[str, str | None]:
         f"train.dtype = {requested} on the CPU: {reason}, so this run computes in float32 (more activation "
         f"memory, the same results to rounding; {FORCE_ENV}=1 keeps MLX's own {requested})."
     )
+
+
+def held_dtype(dtype: str, backend: str) -> str:
+    """The dtype a run's activations are held and mostly computed in, which the memory estimate and the MFU's
+    peak follow: float32 for a bfloat16 run on MKL's bfloat16 GEMM (only its products round to bfloat16),
+    else the run's dtype."""
+    return "float32" if backend == "cpu" and dtype == "bfloat16" and bf16matmul.chosen() else dtype
