@@ -70,7 +70,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void convert(const 
   }
 }
 
-void copy(const uint16_t* src, int64_t rows, int64_t cols, int64_t s0, int64_t s1, uint16_t* dst) {
+void copy_bf16(const uint16_t* src, int64_t rows, int64_t cols, int64_t s0, int64_t s1, uint16_t* dst) {
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j) dst[i * cols + j] = src[i * s0 + j * s1];
 }
@@ -93,7 +93,7 @@ Operand prepare(const View& v, std::vector<uint16_t>& scratch) {
     return {scratch.data(), true, int(v.rows)};
   }
   if (v.bf16)
-    copy(static_cast<const uint16_t*>(v.data), v.rows, v.cols, v.s0, v.s1, scratch.data());
+    copy_bf16(static_cast<const uint16_t*>(v.data), v.rows, v.cols, v.s0, v.s1, scratch.data());
   else
     convert(static_cast<const float*>(v.data), v.rows, v.cols, row ? s0 : v.s0, row ? 1 : v.s1, scratch.data());
   return {scratch.data(), false, int(v.cols)};
@@ -117,7 +117,7 @@ View view_of(const mx::array& x) {
   return {x.data<void>(), x.shape(0), x.shape(1), x.strides()[0], x.strides()[1], x.dtype() == mx::bfloat16};
 }
 
-mx::array matmul(const mx::array& a, const mx::array& b, mx::StreamOrDevice s = {});
+mx::array bf16_matmul(const mx::array& a, const mx::array& b, mx::StreamOrDevice s = {});
 
 class Bf16Matmul : public mx::UnaryPrimitive {
  public:
@@ -142,8 +142,8 @@ class Bf16Matmul : public mx::UnaryPrimitive {
     const auto& g = cotangents[0];
     std::vector<mx::array> grads;
     for (int arg : argnums) {
-      auto d = arg == 0 ? matmul(g, mx::transpose(primals[1], stream()), stream())
-                        : matmul(mx::transpose(primals[0], stream()), g, stream());
+      auto d = arg == 0 ? bf16_matmul(g, mx::transpose(primals[1], stream()), stream())
+                        : bf16_matmul(mx::transpose(primals[0], stream()), g, stream());
       const auto& p = primals[arg];
       grads.push_back(p.dtype() == mx::float32 ? d : mx::astype(d, p.dtype(), stream()));
     }
@@ -154,7 +154,7 @@ class Bf16Matmul : public mx::UnaryPrimitive {
                              const std::vector<int>& argnums) override {
     std::optional<mx::array> sum;
     for (size_t i = 0; i < argnums.size(); ++i) {
-      auto t = argnums[i] == 0 ? matmul(tangents[i], primals[1], stream()) : matmul(primals[0], tangents[i], stream());
+      auto t = argnums[i] == 0 ? bf16_matmul(tangents[i], primals[1], stream()) : bf16_matmul(primals[0], tangents[i], stream());
       sum = sum ? mx::add(*sum, t, stream()) : t;
     }
     return {*sum};
@@ -177,7 +177,7 @@ bool gemm_dtype(mx::Dtype t) {
   return t == mx::float32 || t == mx::bfloat16;
 }
 
-mx::array matmul(const mx::array& a, const mx::array& b, mx::StreamOrDevice s) {
+mx::array bf16_matmul(const mx::array& a, const mx::array& b, mx::StreamOrDevice s) {
   if (gemm_fn == nullptr) throw std::runtime_error("set_gemm has not been given MKL's cblas_gemm_bf16bf16f32.");
   if (a.ndim() != 2 || b.ndim() != 2 || a.shape(1) != b.shape(0))
     throw std::invalid_argument("matmul takes an (M, K) and a (K, N) array.");
@@ -194,6 +194,6 @@ NB_MODULE(_bf16gemm, m) {
   m.doc() = "A @ B in float32 from MKL's bfloat16 GEMM, for MLX's CPU backend (mlxllm).";
   m.def("set_gemm", [](uintptr_t address) { gemm_fn = reinterpret_cast<GemmFn>(address); }, "address"_a,
         "The address of MKL's cblas_gemm_bf16bf16f32, which every product calls.");
-  m.def("matmul", &matmul, "a"_a, "b"_a, nb::kw_only(), "stream"_a = nb::none(),
+  m.def("matmul", &bf16_matmul, "a"_a, "b"_a, nb::kw_only(), "stream"_a = nb::none(),
         "a (M, K) @ b (K, N), float32 or bfloat16 in any layout, as float32 from bfloat16 products.");
 }
