@@ -63,10 +63,13 @@ def test_bfloat16_rows_stand_beside_float32_ones_in_one_run(
     # mlxllm's row computes in what training would: the rule's own answer, and its own line under the table.
     computed, why = compute_dtype("bfloat16", backend())
     mine = rows[("mlxllm", "bfloat16")]
-    assert mine["compute_dtype"] == computed and mine["dtype_note"] == why
-    if backend() == "cpu":
-        assert computed == "float32" and mine["dtype_label"] == "bfloat16 (computed in float32)"
-        assert " ".join(why.split()) in printed
+    # The note's reason is the same; a GEMM measurement in it may differ by a few GFLOP/s between processes.
+    assert mine["compute_dtype"] == computed and (mine["dtype_note"] or "")[:60] == (why or "")[:60]
+    if backend() == "cpu" and computed == "float32":
+        assert mine["dtype_label"] == "bfloat16 (computed in float32)"
+        assert " ".join(mine["dtype_note"].split()) in printed
+    elif backend() == "cpu":  # a CPU whose bfloat16 GEMM (AMX) is the faster path
+        assert mine["dtype_label"] == "bfloat16" and why is None
     # The bfloat16 autocast row's MFU is against the float32 peak, and the table says so.
     assert mfu_text(torch16).endswith(MARK) and not mfu_text(rows[("torch-eager", "float32")]).endswith(MARK)
     assert mfu_text(mine).endswith(MARK) == (computed == "bfloat16")
