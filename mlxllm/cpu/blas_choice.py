@@ -2,7 +2,7 @@
 GEMM, measured once per CPU and set of libraries and kept in <cache>/blas.json.
 
 Neither vendor's library wins everywhere: oneMKL trained about 10% faster than Debian's OpenBLAS on an
-Intel Xeon (Sapphire Rapids), while on an AMD EPYC OpenBLAS's sgemm ran at twice MKL's rate. Each
+Intel Xeon (Sapphire Rapids), while on an AMD EPYC OpenBLAS's single-threaded sgemm ran 1.5x MKL's. Each
 library is measured in a process of its own (sgemm_probe.py), so the ones not picked are never loaded
 into this one. Runs before mlx.core is imported: nothing here may import MLX.
 """
