@@ -6,14 +6,13 @@ for PyTorch where it has one, and torch.compile over the whole PyTorch step as a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import statistics
 from pathlib import Path
 
 from mlxllm.bench.train import IMPLS, TINY_CONFIG, rotated, run_benchmark
-from mlxllm.bench.workers import TORCH_MODES, TORCH_REFERENCE, model_config
+from mlxllm.bench.workers import TORCH_MODES, load_torch_reference, model_config
 from mlxllm.errors import MlxllmError
 
 import mlx.core as mx
@@ -84,10 +83,7 @@ def test_bench_refuses_zero_windows() -> None:
 
 def _torch_reference():
     pytest.importorskip("torch", reason="PyTorch (CPU) is not installed; .ci/run installs it")
-    spec = importlib.util.spec_from_file_location("torch_reference", TORCH_REFERENCE)
-    ref = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref)
-    return ref
+    return load_torch_reference()
 
 
 def test_pytorch_whole_step_compile_trains_as_eager_does() -> None:

@@ -4,13 +4,12 @@ dtype; PyTorch's bfloat16 is autocast over float32 weights, gradients and AdamW 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 from mlxllm.bench.precision_rows import MARK, mfu_text
 from mlxllm.bench.train import TINY_CONFIG, main, run_benchmark
-from mlxllm.bench.workers import TORCH_REFERENCE, model_config
+from mlxllm.bench.workers import load_torch_reference, model_config
 from mlxllm.cli import app
 from mlxllm.cpu.precision import FORCE_ENV, compute_dtype
 from mlxllm.device import backend
@@ -25,10 +24,7 @@ QUICK = ["--config", "tiny", "--steps", "1", "--warmup", "1", "--windows", "1"]
 
 def _torch_reference():
     pytest.importorskip("torch", reason="PyTorch (CPU) is not installed; .ci/run installs it")
-    spec = importlib.util.spec_from_file_location("torch_reference", TORCH_REFERENCE)
-    ref = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref)
-    return ref
+    return load_torch_reference()
 
 
 def test_bfloat16_rows_stand_beside_float32_ones_in_one_run(

@@ -326,15 +326,11 @@ def test_the_pytorch_reference_is_mlxllms_model():
     """The benchmark's PyTorch rows compare like with like: same parameter count and, with mlxllm's
     weights copied in, the same logits."""
     torch = pytest.importorskip("torch", reason="PyTorch (CPU) is not installed; .ci/run installs it")
-    import importlib.util
-
-    from mlxllm.bench.workers import TORCH_REFERENCE, model_config
+    from mlxllm.bench.workers import load_torch_reference, model_config
 
     from mlx.utils import tree_flatten
 
-    spec = importlib.util.spec_from_file_location("torch_reference", TORCH_REFERENCE)
-    ref = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref)
+    ref = load_torch_reference()
     cfg = {"vocab_size": 65, "n_layers": 2, "d_model": 64, "n_heads": 4, "seq_len": 32, "batch_size": 2}
     mc = model_config(cfg)
     tmodel = ref.make_trainer({**cfg, "hidden_dim": mc.hidden_dim}).model

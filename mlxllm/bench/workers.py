@@ -166,16 +166,23 @@ def _mlx_worker(impl: str, cfg: dict[str, Any], dtype: str):
     return run, next_batch, traces, memory, facts
 
 
-def _torch_worker(impl: str, cfg: dict[str, Any], dtype: str):
+def load_torch_reference() -> Any:
+    """The PyTorch reference model's module (torch_reference.py, loaded by path: it imports torch, which
+    mlxllm itself never does)."""
     import importlib.util
-
-    import numpy as np
-    import torch
 
     spec = importlib.util.spec_from_file_location("torch_reference", TORCH_REFERENCE)
     torch_reference = importlib.util.module_from_spec(spec)
     sys.modules["torch_reference"] = torch_reference  # Dynamo looks traced code's module up by name
     spec.loader.exec_module(torch_reference)
+    return torch_reference
+
+
+def _torch_worker(impl: str, cfg: dict[str, Any], dtype: str):
+    import numpy as np
+    import torch
+
+    torch_reference = load_torch_reference()
     trainer = torch_reference.make_trainer(cfg, mode=TORCH_MODES[impl], dtype=dtype)  # cfg carries hidden_dim
     step = trainer.step
     rng = np.random.default_rng(0)
