@@ -187,6 +187,13 @@ def test_tiny_plan_search_end_to_end(tmp_path: Path, text: Path) -> None:
         assert t.value == min(points, key=lambda p: -p["step"])["loss"]  # its value: the longest finished run
         assert t.user_attrs["tokens_per_sec"] > 0
     assert forecast.law.points == sum(len(t.user_attrs["law_points"]) for t in done)
+    # The corpus is small for 30 s: the repetition trial, when the search had time for it, ran on a part of it
+    # (its points say which) and the law fitted R* from it.
+    parts = [t for t in done if t.user_attrs.get("unique_tokens")]
+    for t in parts:
+        assert all(p["unique_tokens"] == t.user_attrs["unique_tokens"] for p in t.user_attrs["law_points"])
+        assert t.user_attrs["unique_tokens"] < forecast.unique_tokens and "the repetition trial" in result.output
+    assert forecast.law.r_star_fitted == bool(parts)
     assert not [p for p in (out / "trials").rglob("*") if p.is_file()]  # branches and main runs are removed
 
     # A pick more uncertain than max_2sd is not acted on: a paragraph with what S would do, the base config.

@@ -33,6 +33,7 @@ from mlxllm_search.deadlines import Deadlines
 from mlxllm_search.design import Cost, Speeds
 from mlxllm_search.law_points import Point
 from mlxllm_search.records import record_of, store
+from mlxllm_search.repetition import part_of
 from mlxllm_search.scaling import law_params
 from mlxllm_search.space import Sample, SearchSpec, run_config
 from mlxllm_search.storage import owner
@@ -131,9 +132,13 @@ class PlanTrial:
         )
         deadline = min(time.time() + record.share_s * SHARE_SLACK, time.time() + self.deadlines.left())
         measures = _Measures(self.spec.tokens_per_step, self.speeds().cost(model))
+        data = self.data
+        if record.unique_tokens is not None:  # the repetition trial: its runs repeat a part of the corpus
+            data = part_of(data, record.unique_tokens, self.spec.base.train.seq_len or model.max_seq_len)
         start = time.perf_counter()
         try:
-            self._train(trial, main_run(self.spec, sample, steps, trial_dir / "main"), steps, deadline, measures)
+            run = main_run(self.spec, sample, steps, trial_dir / "main")
+            self._train(trial, run, steps, deadline, measures, data)
         except KeyboardInterrupt:
             store(trial, lost="interrupted")  # retried when the search resumes
             raise
@@ -155,16 +160,22 @@ class PlanTrial:
         store(trial, val_loss=points[-1].loss, steps=points[-1].step)
         return points[-1].loss
 
-    def _point(self, trial: optuna.Trial, run: RunConfig, result: TrainResult) -> Point:
-        """The finished run `result` of `run` (the main run or a branch) as a point of the law."""
+    def _point(self, trial: optuna.Trial, run: RunConfig, result: TrainResult, data: TokenData) -> Point:
+        """The finished run `result` of `run` (the main run or a branch, trained on `data`) as a point of
+        the law."""
         if result.val_loss is None or not math.isfinite(result.val_loss):
             raise optuna.TrialPruned(f"trial {trial.number}'s run of {result.step} steps ended without a finite loss")
         n = law_params(replace(run.model, vocab_size=self.data.tokenizer.vocab_size))
         tokens = float(result.step * self.spec.tokens_per_step)
-        return Point(trial.number, n, tokens, result.val_loss, result.step, run.train.warmup_steps)
+        unique = None if data is self.data else float(len(data.train))
+        return Point(
+            trial.number, n, tokens, result.val_loss, result.step, run.train.warmup_steps, unique_tokens=unique
+        )
 
-    def _train(self, trial: optuna.Trial, run: RunConfig, steps: list[int], deadline: float, m: _Measures) -> None:
-        """The main run, then its branches, longest first, while the trial's time lasts."""
+    def _train(
+        self, trial: optuna.Trial, run: RunConfig, steps: list[int], deadline: float, m: _Measures, data: TokenData
+    ) -> None:
+        """The main run, then its branches, longest first, while the trial's time lasts (trained on `data`)."""
         f = run.train.cooldown_fraction
 
         def on_eval(metrics: dict[str, Any]) -> bool:
@@ -182,12 +193,12 @@ class PlanTrial:
             return time.time() + ahead > deadline
 
         began = time.perf_counter()
-        result = train_run(run, self.data, resume=False, callback=on_eval)
+        result = train_run(run, data, resume=False, callback=on_eval)
         cost = m.cost()
         evals = math.ceil(result.step / steps[0])
         m.overheads.append(max(0.0, time.perf_counter() - began - result.step * cost.step_s - evals * cost.eval_s))
         if result.step >= run.train.max_steps:
-            m.points.append(self._point(trial, run, result))
+            m.points.append(self._point(trial, run, result, data))
             todo = steps[:-1]
         else:  # stopped early at a checkpoint: branch from it too
             todo = sorted({s for s in steps if s <= result.step} | {result.step})
@@ -199,8 +210,8 @@ class PlanTrial:
             k = b.train.max_steps  # evaluated once, at its end
             b = replace(b, train=replace(b.train, eval_interval=k, log_interval=max(1, (k - s) // 2)))
             began = time.perf_counter()
-            result = train_run(b, self.data, resume=True)
+            result = train_run(b, data, resume=True)
             cost = m.cost()
             m.overheads.append(max(0.0, time.perf_counter() - began - (k - s) * cost.step_s - cost.eval_s))
-            m.points.append(self._point(trial, b, result))
+            m.points.append(self._point(trial, b, result, data))
             shutil.rmtree(main_dir.parent / f"branch-{s:06d}", ignore_errors=True)

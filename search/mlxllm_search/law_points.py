@@ -27,6 +27,7 @@ class Point:
     step: int  # the finished run's length in optimizer steps
     warmup_steps: int  # that run's warm-up
     noise_sd: float | None = None  # the sd of the evaluation itself (its sampled batches), if known
+    unique_tokens: float | None = None  # the training text it repeated, when a part of the corpus (None: all)
 
     def __post_init__(self) -> None:
         bad = [f"{k} = {getattr(self, k)!r}" for k in ("n_params", "tokens", "step") if not getattr(self, k) > 0]
@@ -34,6 +35,8 @@ class Point:
             bad.append(f"loss = {self.loss!r}")
         if self.warmup_steps < 0 or (self.noise_sd is not None and not self.noise_sd >= 0):
             bad.append(f"warmup_steps = {self.warmup_steps}, noise_sd = {self.noise_sd}")
+        if self.unique_tokens is not None and not self.unique_tokens > 0:
+            bad.append(f"unique_tokens = {self.unique_tokens!r}")
         if bad:
             raise MlxllmError(f"A scaling-law point of trial {self.trial} is invalid ({', '.join(bad)}).")
 

@@ -30,11 +30,12 @@ from rich.console import Console
 
 from mlxllm_search.branches import PlanTrial
 from mlxllm_search.deadlines import Deadlines
-from mlxllm_search.design import MIN_LEVELS, Choice, Ladder, Measured, Speeds, choose, first_unit
+from mlxllm_search.design import MAX_TRIALS, MIN_LEVELS, Choice, Ladder, Measured, Speeds, choose, first_unit
 from mlxllm_search.forecast import Forecast, make_forecast, render
 from mlxllm_search.law_points import MIN_TRIALS, Point, first_step
 from mlxllm_search.records import TrialRecord, record_of
 from mlxllm_search.regularisers import held
+from mlxllm_search.repetition import repetition_choice, target_epochs
 from mlxllm_search.scaling import law_params
 from mlxllm_search.space import Choice as ChoiceDim
 from mlxllm_search.space import Sample, SearchSpec, Space, run_config
@@ -162,8 +163,41 @@ def _trial_line(t: FrozenTrial) -> str:
     return (
         f"trial {t.number} {t.state.name.lower()}: {_shape(m) if m else '-'}, "
         f"{len(pts)} finished runs ({losses or 'none'}), {r.tokens_per_sec or 0:,.0f} tokens/s, "
-        f"{r.seconds or 0:.1f} s" + (f" ({r.cut})" if r.cut else "")
+        + (f"on {r.unique_tokens:,} tokens of the corpus, " if r.unique_tokens else "")
+        + f"{r.seconds or 0:.1f} s"
+        + (f" ({r.cut})" if r.cut else "")
     )
+
+
+def _next_trials(
+    spec: SearchSpec,
+    candidates: list[ModelConfig],
+    first: list[ModelConfig],
+    sized: list[ModelConfig],
+    tried: list[ModelConfig],
+    rates: Speeds,
+    left: float,
+    epochs: float | None,
+    unique_tokens: int,
+) -> tuple[list[Choice], int | None]:
+    """(the trials still to run, the first one next; the tokens of its part of the corpus when it is the
+    repetition trial, else None). With `epochs` (the plan wants a repetition trial), the sizes are designed in
+    the time left less a share for it, or in all of it when that leaves none affordable; once they ran, the
+    repetition trial gets what is left."""
+    train = spec.base.train
+    unit = first_unit(train.warmup_steps, train.cooldown_fraction)
+
+    def design(seconds: float) -> list[Choice]:
+        return choose(
+            candidates, first, sized, rates, seconds, unit, train.cooldown_fraction, train.warmup_steps, tried
+        )
+
+    to_run = max(1, MAX_TRIALS - len(tried))
+    choices = (design(left * to_run / (to_run + 1)) if epochs else []) or design(left)
+    if choices or epochs is None or len(sized) < MIN_TRIALS:
+        return choices, None
+    rep = repetition_choice(sized, rates, left, unit, train.cooldown_fraction, epochs, unique_tokens)
+    return ([rep[0]], rep[1]) if rep else ([], None)
 
 
 def run_trials(
@@ -175,39 +209,41 @@ def run_trials(
     first: list[ModelConfig],
     console: Console | None,
 ) -> None:
-    """Design, enqueue and train plan trials one by one until the design has none left in the search's time."""
+    """Design, enqueue and train plan trials one by one until the design has none left in the search's time:
+    the sizes, then, when the plan is data-limited, the repetition trial (repetition.py) with the share kept
+    for it."""
     vocab, train = data.tokenizer.vocab_size, spec.base.train
     candidates = plan_candidates(spec, vocab)
     unit = first_unit(train.warmup_steps, train.cooldown_fraction)
     peak = peak_flops(train.dtype)[0]
     objective = PlanTrial(spec, search_dir, data, deadlines, lambda: speeds(spec, measured(study, vocab), peak))
+    assert spec.target is not None
+    length = RunLength(spec.target.kind, float(spec.target.amount), spec.tokens_per_step)
     while deadlines.left() > 0:
-        tried = [_model(record_of(t), vocab) for t in plan_trials(study) if record_of(t).model]
+        trials = [record_of(t) for t in plan_trials(study)]
+        tried = [_model(r, vocab) for r in trials if r.model and r.unique_tokens is None]
         done = measured(study, vocab)
-        choices = choose(
-            candidates,
-            first,
-            [m for m, _ in done],
-            speeds(spec, done, peak),
-            deadlines.left(),
-            unit,
-            train.cooldown_fraction,
-            train.warmup_steps,
-            exclude=tried,
-        )
+        sized = [m for m, r in done if r.unique_tokens is None]
+        rates, left = speeds(spec, done, peak), deadlines.left()
+        epochs = None
+        if not any(r.unique_tokens is not None for r in trials):
+            epochs = target_epochs(candidates, rates, length, float(len(data.train)))
+        choices, part = _next_trials(spec, candidates, first, sized, tried, rates, left, epochs, len(data.train))
         if not choices:
             return
         if console is not None and first and not tried and model_key(choices[0].model) != model_key(first[0]):
-            console.print(
-                _unaffordable(first[0], speeds(spec, done, peak), deadlines.left(), unit, train.cooldown_fraction)
-            )
+            console.print(_unaffordable(first[0], rates, left, unit, train.cooldown_fraction))
         if console is not None:
-            console.print(
-                f"Plan: {len(choices)} more trial(s) in {deadlines.left():.0f} s; next: {_describe(choices[0])}.",
-                highlight=False,
-            )
+            what = f"next: {_describe(choices[0])}"
+            if part is not None:
+                what = (
+                    f"the repetition trial, on {part:,} tokens of the corpus' {len(data.train):,} (its longest run "
+                    f"{choices[0].ladder.lengths[-1] * spec.tokens_per_step / part:.3g} passes over them, as the run "
+                    f"at T would make about {epochs:.3g} over the corpus): {_describe(choices[0])}"
+                )
+            console.print(f"Plan: {len(choices)} more trial(s) in {left:.0f} s; {what}.", highlight=False)
         c = choices[0]
-        attrs = TrialRecord(share_s=c.share_s, branch_steps=list(c.ladder.steps)).to_attrs()
+        attrs = TrialRecord(share_s=c.share_s, branch_steps=list(c.ladder.steps), unique_tokens=part).to_attrs()
         study.enqueue_trial(trial_params(spec, c.model), user_attrs=attrs)
         study.optimize(objective, n_trials=1, catch=(MlxllmError,), gc_after_trial=True)
         if console is not None:

@@ -94,6 +94,7 @@ class TrialRecord(_UserAttrs):
     # A plan trial's (the fit planner's, branches.PlanTrial): its share and design, what it measured.
     share_s: float | None = None  # the search seconds it was given
     branch_steps: list[int] | None = None  # the stable-phase steps it was designed to branch a cooldown from
+    unique_tokens: int | None = None  # the repetition trial's: the tokens of the part of the corpus it trains on
     law_points: tuple[LawPoint, ...] | None = None  # its finished WSD losses, for the fit across trials
     tokens_per_sec: float | None = None  # its steady training speed (compilation and evaluations left out)
     eval_s: float | None = None  # one evaluation with its checkpoint

@@ -7,9 +7,12 @@ Why each part is there:
   left out, models of one size but different depths fall on one curve; counted, a wide shallow model with a
   2,048-piece BPE vocabulary would look larger than a deep narrow one that is as good. With byte tokens the
   table is small and the choice matters little. An untied output projection is counted: it is real compute.
-- D_eff (Muennighoff et al. 2023): tokens repeated beyond the corpus' U unique ones are worth less and less,
-  D_eff = U + U R* (1 - exp(-R / R*)) with R = D / U - 1 repetitions and R* = 15.4 (their fit); R* is
-  assumed, not fitted: a search's few points cannot pin it.
+- D_eff (Muennighoff et al. 2023): tokens repeated beyond the U unique ones a run trains on are worth less
+  and less, D_eff = U + U R* (1 - exp(-R / R*)) with R = D / U - 1 repetitions. Runs on the whole corpus of
+  a short search repeat it a few times at most, which cannot pin R*: then it is their fit, 15.4, assumed.
+  When some points are of runs on a part of the corpus (the planner's repetition trial: U small, R large),
+  R* is fitted on a log grid by the same profile likelihood, with a weak log-normal prior at 15.4; small
+  corpora and small models repeat far more than the models they fitted, and R* decides the plan there.
 - The exponents are found on a log grid and (E, A, B) >= 0 by non-negative least squares for each (exact:
   every subset of the three is solved in closed form, vectorised over the grid), so no local minimum and
   no scipy. Weak log-normal priors pull the exponents toward typical values when few points leave them
@@ -27,7 +30,8 @@ Why each part is there:
   bootstrap nor sigma sees, widens the sd instead of hiding. The spread of a bootstrap is its MAD: with few
   trials some resamples hold one or two sizes only, and their wild laws would swamp a plain variance.
 - Not modelled: a loss that rises again after many passes over the text (overfitting); the law saturates.
-  Predictions with more passes than REPEAT_FREE_EPOCHS and twice the most measured say so (`extrapolation`).
+  So what the law credits to passes beyond the most measured (and beyond REPEAT_FREE_EPOCHS) is counted
+  as uncertain as its own size, in the sd; such predictions also say so (`extrapolation`).
 """
 
 from __future__ import annotations
@@ -70,6 +74,8 @@ __all__ = [
 ]
 
 R_STAR = 15.4  # Muennighoff et al.'s fitted half-life of repeated data, in repetitions
+R_STAR_GRID = np.geomspace(0.5, 100.0, 24)  # where R* is fitted, when the points can pin it
+R_STAR_PRIOR_LOG_SD = 1.0  # weak: a factor 2.7 from 15.4 is one sd
 PRIOR_ALPHA, PRIOR_BETA = 0.35, 0.35  # typical exponents of fits with an irreducible term (Chinchilla: .34, .28)
 PRIOR_LOG_SD = 0.6  # weak: a factor 1.8 either way is one sd
 EXPONENT_RANGE, GRID = (0.05, 1.5), 40
@@ -86,8 +92,8 @@ def law_params(model: ModelConfig) -> int:
     return model.num_params(embeddings=False)
 
 
-def effective_tokens(tokens: Any, unique_tokens: float, r_star: float = R_STAR) -> Any:
-    """D_eff of `tokens` (a float or an array) trained on a corpus of `unique_tokens`."""
+def effective_tokens(tokens: Any, unique_tokens: Any, r_star: float = R_STAR) -> Any:
+    """D_eff of `tokens` (a float or an array) trained on a text of `unique_tokens` (a float, or one each)."""
     d = np.asarray(tokens, dtype=float)
     repeats = np.maximum(d / unique_tokens - 1.0, 0.0)
     out = np.where(d <= unique_tokens, d, unique_tokens * (1.0 + r_star * -np.expm1(-repeats / r_star)))
@@ -98,10 +104,7 @@ def _fit_rows(
     w: np.ndarray, counts: np.ndarray, xn: np.ndarray, xd: np.ndarray, y: np.ndarray, alphas: Any, betas: Any
 ) -> np.ndarray:
     """The law's (E, A, alpha, B, beta) for each weight row of w (R, n), with the exponents' priors."""
-    pen = (np.log(alphas / PRIOR_ALPHA)[:, None] ** 2 + np.log(betas / PRIOR_BETA)[None, :] ** 2) / (
-        2 * PRIOR_LOG_SD**2
-    )
-    return fit_grid(w, counts, xn, xd, y, alphas, betas, pen)
+    return fit_grid(w, counts, xn, xd, y, alphas, betas, _exponents_prior(alphas[:, None], betas[None, :]))
 
 
 def _law(p: np.ndarray, xn: Any, xd: Any) -> Any:
@@ -156,7 +159,7 @@ class LawFit:
     n_ref: float  # N and D_eff are scaled by these (the points' geometric means) for a well-posed fit
     d_ref: float
     unique_tokens: float  # the corpus' U
-    r_star: float
+    r_star: float  # fitted when r_star_fitted, else assumed (R_STAR)
     sigma: float  # sd of one finished run around the law (seed, shape at equal N, evaluation)
     scale: float  # >= 1: the sd's factor from the held-out check
     draws: tuple[tuple[float, ...], ...]  # bootstrap (E, A, alpha, B, beta), resampling whole trials
@@ -164,9 +167,10 @@ class LawFit:
     # trials' shorter runs only (when those pin the law), before scaling
     n_range: tuple[float, float]  # smallest and largest N measured
     tokens_max: float  # the longest run measured
-    epochs_max: float  # its passes over the corpus
+    epochs_max: float  # the most passes over its text that a run measured
     points: int
     trials: int
+    r_star_fitted: bool = False  # R* fitted to runs on a part of the corpus (else assumed)
 
     def _x(self, n_params: float, tokens: float, unique_tokens: float | None) -> tuple[float, float]:
         u = self.unique_tokens if unique_tokens is None else unique_tokens
@@ -188,10 +192,22 @@ class LawFit:
 
     def predict(self, n_params: float, tokens: float, unique_tokens: float | None = None) -> tuple[float, float]:
         """(mean, sd) of the finished loss of one run of N parameters trained on `tokens`: the bootstrap's
-        spread around the fit, with the scatter of a run, times the held-out check's factor."""
+        spread around the fit, with the scatter of a run, times the held-out check's factor; and the
+        unmeasured repetition's credit (`repetition_credit`)."""
         mean = self.loss(n_params, tokens, unique_tokens)
         spread = _spread(self.draws_at(n_params, tokens, unique_tokens), mean)
-        return mean, self.scale * math.sqrt(spread + self.sigma**2)
+        credit = self.repetition_credit(n_params, tokens, unique_tokens)
+        return mean, math.sqrt(self.scale**2 * (spread + self.sigma**2) + credit**2)
+
+    def repetition_credit(self, n_params: float, tokens: float, unique_tokens: float | None = None) -> float:
+        """The loss the law credits to the passes over the text beyond both the most measured and
+        REPEAT_FREE_EPOCHS: there the repetition term is the law's assumption, not a measurement, and a run
+        may even get worse (overfitting), so this much is uncertain."""
+        u = self.unique_tokens if unique_tokens is None else unique_tokens
+        cap = max(REPEAT_FREE_EPOCHS, self.epochs_max) * u
+        if tokens <= cap:
+            return 0.0
+        return max(0.0, self.loss(n_params, cap, unique_tokens) - self.loss(n_params, tokens, unique_tokens))
 
     def extrapolation(self, n_params: float, tokens: float, unique_tokens: float | None = None) -> str | None:
         """Why a prediction at (N, D) reaches beyond what was measured (None: it does not): N outside the
@@ -211,7 +227,8 @@ class LawFit:
     def describe(self) -> str:
         return (
             f"L = {self.e:.3f} + {self.a:.3f} (N/{self.n_ref / 1e6:.3g}M)^-{self.alpha:.2f} + {self.b:.3f} "
-            f"(D_eff/{self.d_ref / 1e6:.3g}M)^-{self.beta:.2f}; run scatter {self.sigma:.4f}, sd x{self.scale:.2f} "
+            f"(D_eff/{self.d_ref / 1e6:.3g}M)^-{self.beta:.2f}, R* {self.r_star:.3g} "
+            f"({'fitted' if self.r_star_fitted else 'assumed'}); run scatter {self.sigma:.4f}, sd x{self.scale:.2f} "
             f"from {len(self.held_out_z)} held-out predictions; {self.points} points of {self.trials} trials"
         )
 
@@ -227,13 +244,14 @@ class LawFit:
 def fit_law(
     points: Sequence[Point],
     unique_tokens: float,
-    r_star: float = R_STAR,
+    r_star: float | None = None,
     min_steps_after_warmup: int = MIN_STEPS_AFTER_WARMUP,
     seed: int = 0,
 ) -> LawFit:
-    """Fit the law to finished-loss points of a corpus of `unique_tokens` (see the module docstring).
-    Raises InadmissiblePoints for points inside or just after their warm-up, NotEnoughPoints when the rest
-    cannot pin the law."""
+    """Fit the law to finished-loss points of a corpus of `unique_tokens` (see the module docstring); a point
+    with its own unique_tokens trained on that part of it. `r_star` None: fitted when some points trained on a
+    part, else R_STAR. Raises InadmissiblePoints for points inside or just after their warm-up,
+    NotEnoughPoints when the rest cannot pin the law."""
     refused = [r for p in points if (r := refusal(p, min_steps_after_warmup))]
     if refused:
         raise InadmissiblePoints(
@@ -253,9 +271,14 @@ def fit_law(
     y = np.array([p.loss for p in points])
     noise = [p.noise_sd for p in points if p.noise_sd is not None]
     floor = max(float(np.median(noise)) if noise else 0.0, 1e-4)
-    deff = effective_tokens(d, unique_tokens, r_star)
-    n_ref, d_ref = float(np.exp(np.log(n).mean())), float(np.exp(np.log(deff).mean()))
-    xn, xd = n / n_ref, deff / d_ref
+    u = np.array([p.unique_tokens or unique_tokens for p in points], dtype=float)
+    n_ref = float(np.exp(np.log(n).mean()))
+    xn = n / n_ref
+    fitted = r_star is None and bool((u < unique_tokens * 0.999).any())
+    r_star = _fit_r_star(xn, d, u, y) if fitted else R_STAR if r_star is None else r_star
+    deff = effective_tokens(d, u, r_star)
+    d_ref = float(np.exp(np.log(deff).mean()))
+    xd = deff / d_ref
     central, h = _robust_fit(xn, xd, y, floor)
     sigma = _scatter(y - _law(central, xn, xd), h, floor)
     draws, z = _bootstrap(trial, _forward(points), (xn, xd, y), h, floor, np.random.default_rng(seed))
@@ -271,10 +294,36 @@ def fit_law(
         held_out_z=tuple(map(float, z)),
         n_range=(float(n.min()), float(n.max())),
         tokens_max=float(d.max()),
-        epochs_max=float(d.max() / unique_tokens),
+        epochs_max=float((d / u).max()),
         points=len(points),
         trials=len(ids),
+        r_star_fitted=fitted,
     )
+
+
+def _exponents_prior(alpha: Any, beta: Any) -> Any:
+    """The exponents' weak log-normal priors, in -log density."""
+    return (np.log(alpha / PRIOR_ALPHA) ** 2 + np.log(beta / PRIOR_BETA) ** 2) / (2 * PRIOR_LOG_SD**2)
+
+
+def _fit_r_star(xn: np.ndarray, d: np.ndarray, u: np.ndarray, y: np.ndarray) -> float:
+    """The R* of R_STAR_GRID that best explains the points (tokens d of texts of u unique tokens): at each,
+    the law fitted by plain least squares with the exponents profiled; the one of least n/2 log(RSS/n) with
+    the exponents' priors and R*'s own. Huber weights are left out here: the runs on a part of the corpus
+    are the only evidence on R*, and a robust fit would discount exactly them when they disagree."""
+    grid = np.geomspace(*EXPONENT_RANGE, GRID)
+    ones, count = np.ones((1, len(y))), np.array([float(len(y))])
+    best, best_rs = math.inf, R_STAR
+    for rs in R_STAR_GRID:
+        deff = effective_tokens(d, u, float(rs))
+        xd = deff / float(np.exp(np.log(deff).mean()))
+        p = _fit_rows(ones, count, xn, xd, y, grid, grid)[0]
+        rss = max(float(((y - _law(p, xn, xd)) ** 2).sum()), 1e-12)
+        obj = 0.5 * len(y) * math.log(rss / len(y)) + _exponents_prior(p[2], p[4])
+        obj += math.log(rs / R_STAR) ** 2 / (2 * R_STAR_PRIOR_LOG_SD**2)
+        if obj < best:
+            best, best_rs = obj, float(rs)
+    return best_rs
 
 
 def _forward(points: Sequence[Point]) -> np.ndarray | None:
