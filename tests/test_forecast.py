@@ -126,3 +126,22 @@ def test_json_record_predicts_any_architecture_the_same():
     direct = predict_model(p.law, p.speed, p.length, stranger)
     assert predict_loss(record, stranger) == (direct.loss, direct.sd)
     assert predict_loss(record, stranger, multiple=4.0)[0] < direct.loss
+
+
+def test_the_pick_replaces_the_base_only_when_clearly_better():
+    """[target] switch_sd: the pick must beat the base by that many sd of the difference. A tiny base is far
+    worse than the pick at an hour (the gain many times its sd): replaced. The pick as its own base, or a base
+    the law cannot tell from it: kept, with the paragraph. switch_sd 0: the pick as it is."""
+    from mlxllm_search.plan_gates import no_better
+
+    p = plan(unique=1e12)
+    best = p.pick(1.0)
+    tiny = CANDIDATES[0]
+    b = p.predict(tiny)
+    gain, sd = p.law.difference((b.params, b.tokens), (best.params, best.tokens))
+    assert gain > 2 * sd > 0 and no_better(p, tiny, 2.0) is None
+    assert no_better(p, best.model, 2.0) is None  # the pick is the base: nothing to replace
+    kept = no_better(p, tiny, gain / sd * 1.01)
+    assert kept and "cannot tell its pick from the base" in kept and "switch_sd" in kept
+    neighbour = min((m for m in CANDIDATES if m != best.model), key=lambda m: abs(p.predict(m).loss - best.loss))
+    assert no_better(p, neighbour, 2.0) is not None and no_better(p, neighbour, 0.0) is None

@@ -26,7 +26,8 @@ import test_search_target  # noqa: E402
 from mlxllm_search.design import LADDER, Cost, Ladder, Speeds, choose, first_unit, longest_ladder  # noqa: E402
 from mlxllm_search.forecast import Forecast, predict_loss  # noqa: E402
 from mlxllm_search.law_points import DISTINCT, MIN_TRIALS, first_step  # noqa: E402
-from mlxllm_search.plan_search import PLAN_NAME, architecture, plan_candidates, too_loose, write_plan  # noqa: E402
+from mlxllm_search.plan_gates import too_loose  # noqa: E402
+from mlxllm_search.plan_search import PLAN_NAME, architecture, plan_candidates, write_plan  # noqa: E402
 from mlxllm_search.scaling import law_params  # noqa: E402
 from mlxllm_search.spec import load_spec, make_target  # noqa: E402
 from mlxllm_search.storage import open_storage  # noqa: E402
@@ -150,8 +151,8 @@ def test_the_design_spreads_sizes_over_log_n_base_first_within_the_budget(tmp_pa
 
 
 def test_tiny_plan_search_end_to_end(tmp_path: Path, text: Path) -> None:
-    # max_2sd: act on the pick of a fit this small, however loose (the fallback to the base is checked after).
-    spec = write_spec(tmp_path, text, "[target]\nseconds = 30\nmax_2sd = 100\n")
+    # max_2sd, switch_sd: act on the pick of a fit this small, however loose (the fallbacks are checked after).
+    spec = write_spec(tmp_path, text, "[target]\nseconds = 30\nmax_2sd = 100\nswitch_sd = 0\n")
     out, budget = tmp_path / "s", 16.0
     start = time.perf_counter()
     result = cli("search", "run", str(spec), "--out", str(out), "--search-seconds", str(budget))
@@ -229,8 +230,12 @@ def test_a_search_budget_too_small_for_a_fit_says_so_in_a_paragraph(tmp_path: Pa
     assert math.isclose(run.train.max_seconds, 60)
 
 
-def test_max_2sd_must_be_a_positive_number() -> None:
+def test_max_2sd_and_switch_sd_are_checked() -> None:
     assert make_target("seconds", 300).max_2sd == 0.5 and make_target("seconds", 300, max_2sd=0.2).max_2sd == 0.2
     for bad in (0, -1, "wide", True):
         with pytest.raises(MlxllmError, match=r"max_2sd .* positive number"):
             make_target("seconds", 300, max_2sd=bad)
+    assert make_target("seconds", 300).switch_sd == 2.0 and make_target("seconds", 300, switch_sd=0).switch_sd == 0
+    for bad in (-1, "sure", True, float("inf")):
+        with pytest.raises(MlxllmError, match=r"switch_sd .* number >= 0"):
+            make_target("seconds", 300, switch_sd=bad)

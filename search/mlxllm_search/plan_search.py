@@ -15,7 +15,7 @@ import json
 import math
 import textwrap
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from mlxllm_search.deadlines import Deadlines
 from mlxllm_search.design import MAX_TRIALS, MIN_LEVELS, Choice, Ladder, Measured, Speeds, choose, first_unit
 from mlxllm_search.forecast import Forecast, make_forecast, render
 from mlxllm_search.law_points import MIN_TRIALS, Point, first_step
+from mlxllm_search.plan_gates import no_better, shape, too_loose
 from mlxllm_search.records import TrialRecord, record_of
 from mlxllm_search.regularisers import held
 from mlxllm_search.repetition import repetition_choice, target_epochs
@@ -132,7 +133,7 @@ def _describe(c: Choice) -> str:
     m = c.model
     lengths = ", ".join(map(str, c.ladder.lengths))
     return (
-        f"{_shape(m)} ({law_params(m) / 1e6:.3g}M law parameters): finished runs of {lengths} steps, "
+        f"{shape(m)} ({law_params(m) / 1e6:.3g}M law parameters): finished runs of {lengths} steps, "
         f"about {c.cost_s:.0f} s of its {c.share_s:.0f} s share"
     )
 
@@ -142,17 +143,11 @@ def _unaffordable(m: ModelConfig, rates: Speeds, seconds: float, unit: int, frac
     ladder = Ladder(unit, MIN_LEVELS, fraction)
     need = rates.cost(m).seconds(ladder)
     return (
-        f"The base architecture ({_shape(m)}, {m.num_params() / 1e6:.3g}M parameters) is not trained: its shortest "
+        f"The base architecture ({shape(m)}, {m.num_params() / 1e6:.3g}M parameters) is not trained: its shortest "
         f"usable trial (finished runs of {' and '.join(map(str, ladder.lengths))} steps) would take about "
         f"{need:.0f} s at the speed estimated, more than a trial's share ({seconds / MIN_TRIALS:.0f} s of "
         f"{seconds:.0f} s left for at least {MIN_TRIALS} trials). Its loss at the target is predicted by the fit."
     )
-
-
-def _shape(m: ModelConfig | dict[str, Any]) -> str:
-    d = m if isinstance(m, dict) else asdict(m)
-    heads = f"{d.get('n_heads')}/{d.get('n_kv_heads') or d.get('n_heads')} heads"
-    return f"{d.get('n_layers')} x {d.get('d_model')}, {heads}, mlp {d.get('mlp_ratio'):.3g}"
 
 
 def _trial_line(t: FrozenTrial) -> str:
@@ -161,7 +156,7 @@ def _trial_line(t: FrozenTrial) -> str:
     pts = r.law_points or ()
     losses = ", ".join(f"{p.step}: {p.loss:.4f}" for p in pts)
     return (
-        f"trial {t.number} {t.state.name.lower()}: {_shape(m) if m else '-'}, "
+        f"trial {t.number} {t.state.name.lower()}: {shape(m) if m else '-'}, "
         f"{len(pts)} finished runs ({losses or 'none'}), {r.tokens_per_sec or 0:,.0f} tokens/s, "
         + (f"on {r.unique_tokens:,} tokens of the corpus, " if r.unique_tokens else "")
         + f"{r.seconds or 0:.1f} s"
@@ -318,29 +313,6 @@ def write_plan(
     return path
 
 
-# A fit reaches about this many times beyond its longest measured run before its sd stops it (a rough
-# rule for the budget a too-loose fit would need: its longest runs grow with the search's seconds).
-REACH = 10.0
-
-
-def too_loose(plan: Forecast, max_2sd: float, spent_s: float) -> str | None:
-    """The paragraph in place of a number when the pick for T is more uncertain than `max_2sd`: what the
-    trials measured, how far the pick is from it, and about what search budget would measure closer."""
-    best, law = plan.pick(1.0), plan.law
-    if best is None or law is None or 2 * best.sd <= max_2sd:
-        return None
-    lo, hi = law.n_range
-    need = spent_s * max(1.0, best.tokens / law.tokens_max / REACH)
-    return (
-        f"The fit is too loose to act on: the pick's predicted loss at T is {best.loss:.2f} +- {2 * best.sd:.2f} "
-        f"(2 sd; [target] max_2sd = {max_2sd:g}). Its {law.trials} trials measured {lo / 1e6:.3g}M to "
-        f"{hi / 1e6:.3g}M parameters without embeddings and runs of at most {law.tokens_max:,.0f} tokens, while "
-        f"the pick trains on {best.tokens:,.0f} at T ({best.tokens / law.tokens_max:.0f}x that). A search of "
-        f"roughly {need:,.0f} s (--search-seconds, against {spent_s:.0f} s here) would measure runs within "
-        f"{REACH:g}x of the target's; a shorter warm-up (train.warmup_steps) lets shorter runs count."
-    )
-
-
 def plan_search(
     study: optuna.Study,
     spec: SearchSpec,
@@ -376,7 +348,7 @@ def plan_search(
     run_trials(study, spec, search_dir, data, deadlines, first, console)
     plan = forecast(study, spec, data, time.time() - started)
     assert spec.target is not None
-    loose = too_loose(plan, spec.target.max_2sd, time.time() - started)
+    loose = too_loose(plan, spec.target.max_2sd, time.time() - started) or no_better(plan, base, spec.target.switch_sd)
     write_plan(study, spec, search_dir, plan, best_path, loose)
     if console is not None:
         console.print(render(plan), highlight=False)

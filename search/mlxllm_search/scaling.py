@@ -199,6 +199,16 @@ class LawFit:
         credit = self.repetition_credit(n_params, tokens, unique_tokens)
         return mean, math.sqrt(self.scale**2 * (spread + self.sigma**2) + credit**2)
 
+    def difference(self, a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+        """(mean, sd) of run a's finished loss less run b's, each (N, tokens) on the corpus: the bootstrap's
+        spread of the difference (what moves both predictions together cancels), the scatter of each run
+        around the law (independent: shape at equal N is not in it), times the held-out check's factor; and
+        the difference of their repetition credits (one R* for both)."""
+        mean = self.loss(*a) - self.loss(*b)
+        spread = _spread(self.draws_at(*a) - self.draws_at(*b), mean)
+        credit = self.repetition_credit(*a) - self.repetition_credit(*b)
+        return mean, math.sqrt(self.scale**2 * (spread + 2 * self.sigma**2) + credit**2)
+
     def repetition_credit(self, n_params: float, tokens: float, unique_tokens: float | None = None) -> float:
         """The loss the law credits to the passes over the text beyond both the most measured and
         REPEAT_FREE_EPOCHS: there the repetition term is the law's assumption, not a measurement, and a run

@@ -4,6 +4,7 @@ says what to change."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from mlxllm_search.space import (
 from mlxllm_search.target import PLANNERS, RUNG_SETTINGS, TARGET_KINDS, Target
 
 UNLIMITED_TRIALS = 10**6
-TARGET_KEYS = (*TARGET_KINDS, *RUNG_SETTINGS, "planner", "max_2sd")
+TARGET_KEYS = (*TARGET_KINDS, *RUNG_SETTINGS, "planner", "max_2sd", "switch_sd")
 SIZE_KEYS = ("n_layers", "head_dim", "n_heads")  # the [space] dimensions that are whole numbers
 
 
@@ -209,15 +210,22 @@ def make_target(
     where: str = "the command line",
     planner: Any = "auto",
     max_2sd: Any = 0.5,
+    switch_sd: Any = 2.0,
     **rungs: Any,
 ) -> Target:
     """A checked Target: `amount` of `kind` (seconds, steps or tokens), the planner, the widest 2 sd the fit
-    planner acts on, and optional rung settings."""
+    planner acts on, by how many sd its pick must beat the base, and optional rung settings."""
     check_planner(planner, f"[target] planner in {where}" if where != "the command line" else "--planner")
     if not _positive(max_2sd):
         raise MlxllmError(
             f"[target] max_2sd in {where} is the widest 2 sd (in nats) of a predicted loss the fit planner acts on: "
             f"a positive number such as 0.5 (got {max_2sd!r})."
+        )
+    if isinstance(switch_sd, bool) or not isinstance(switch_sd, (int, float)) or not 0 <= switch_sd < math.inf:
+        raise MlxllmError(
+            f"[target] switch_sd in {where} is how many sd of the difference the fit planner's pick must beat the "
+            f"base architecture by before it replaces it: a number >= 0 such as 2, 0 to take the pick as it is "
+            f"(got {switch_sd!r})."
         )
     if kind not in TARGET_KINDS:
         raise MlxllmError(f"The target in {where} must be given in one of {', '.join(TARGET_KINDS)} (got {kind!r}).")
@@ -247,6 +255,7 @@ def make_target(
         planner,
         any(rungs.get(k) is not None for k in RUNG_SETTINGS),
         float(max_2sd),
+        float(switch_sd),
     )
 
 

@@ -48,6 +48,9 @@ class Target:
     # The fit planner acts on its pick only when the pick's 2 sd at the target is at most this (nats): a
     # wider one cannot be told from its neighbours, and best.toml stays the base, with what S would do.
     max_2sd: float = 0.5
+    # ... and replaces the base architecture with it only when the pick is predicted better by this many sd of
+    # the difference: the user's default stands until a search shows something better (0: the pick as it is).
+    switch_sd: float = 2.0
 
     def planner_for(self, search_seconds: float | None) -> str:
         """The planner this search uses: the one named, or for "auto" the fit when the search may spend less

@@ -1,0 +1,67 @@
+"""When the fit planner does not act on its plan, and the paragraph it prints instead: the pick's prediction
+is too loose to trust (its 2 sd at T wider than [target] max_2sd), or the fit cannot tell the pick from the
+base architecture (its predicted gain within [target] switch_sd sd of the difference). Either way best.toml is the
+base config, the user's default, with the reason on top: a search replaces it only with something it
+shows to be better.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from mlxllm.config import ModelConfig
+
+from mlxllm_search.forecast import Forecast
+from mlxllm_search.throughput import model_key
+
+
+def shape(m: ModelConfig | dict[str, Any]) -> str:
+    """An architecture in a few words (a ModelConfig, or its fields as a trial stores them)."""
+    d = m if isinstance(m, dict) else asdict(m)
+    heads = f"{d.get('n_heads')}/{d.get('n_kv_heads') or d.get('n_heads')} heads"
+    return f"{d.get('n_layers')} x {d.get('d_model')}, {heads}, mlp {d.get('mlp_ratio'):.3g}"
+
+
+# A fit reaches about this many times beyond its longest measured run before its sd stops it (a rough
+# rule for the budget a too-loose fit would need: its longest runs grow with the search's seconds).
+REACH = 10.0
+
+
+def too_loose(plan: Forecast, max_2sd: float, spent_s: float) -> str | None:
+    """The paragraph in place of a number when the pick for T is more uncertain than `max_2sd`: what the
+    trials measured, how far the pick is from it, and about what search budget would measure closer."""
+    best, law = plan.pick(1.0), plan.law
+    if best is None or law is None or 2 * best.sd <= max_2sd:
+        return None
+    lo, hi = law.n_range
+    need = spent_s * max(1.0, best.tokens / law.tokens_max / REACH)
+    return (
+        f"The fit is too loose to act on: the pick's predicted loss at T is {best.loss:.2f} +- {2 * best.sd:.2f} "
+        f"(2 sd; [target] max_2sd = {max_2sd:g}). Its {law.trials} trials measured {lo / 1e6:.3g}M to "
+        f"{hi / 1e6:.3g}M parameters without embeddings and runs of at most {law.tokens_max:,.0f} tokens, while "
+        f"the pick trains on {best.tokens:,.0f} at T ({best.tokens / law.tokens_max:.0f}x that). A search of "
+        f"roughly {need:,.0f} s (--search-seconds, against {spent_s:.0f} s here) would measure runs within "
+        f"{REACH:g}x of the target's; a shorter warm-up (train.warmup_steps) lets shorter runs count."
+    )
+
+
+def no_better(plan: Forecast, base: ModelConfig | None, switch_sd: float) -> str | None:
+    """The paragraph in place of the pick when the fit cannot tell it from the base architecture (`base`, as a
+    candidate; None: the space does not hold it): its predicted gain over the base at T is not above
+    `switch_sd` ([target] switch_sd) sd of the difference (0: the pick as it is). The user's default stands
+    until a search shows something better."""
+    best, law = plan.pick(1.0), plan.law
+    if not switch_sd or best is None or law is None or base is None or model_key(best.model) == model_key(base):
+        return None
+    b = plan.predict(base)
+    gain, sd = law.difference((b.params, b.tokens), (best.params, best.tokens))
+    if gain > switch_sd * sd:
+        return None
+    return (
+        f"The fit cannot tell its pick from the base architecture: {shape(best.model)} is predicted "
+        f"{gain:+.4f} lower in loss at T than the base's {b.loss:.4f} ({shape(base)}), where "
+        f"[target] switch_sd = {switch_sd:g} asks for more than {switch_sd * sd:.4f} ({switch_sd:g} sd of the "
+        f"difference: the fit's uncertainty and each run's scatter around the law, {law.sigma:.3f} here). Longer "
+        "trials (--search-seconds) measure closer to the target and narrow it; switch_sd = 0 takes the pick as it is."
+    )
