@@ -1,8 +1,10 @@
 """The fit planner of a target-aware search: trials designed across the space's sizes (design.py), each a WSD
-run and its cooldown branches (branches.py), then the scaling law fitted across them and the plan for the
-target it makes (forecast.py): plan.json, best.toml (the pick for T, trained with the schedule the points
-were measured with), and the plan printed; or, when the points cannot pin the law, the paragraph that says
-what search budget would, and best.toml the base config.
+run and its cooldown branches (branches.py), and when the run is data-limited the repetition trial on a part
+of the corpus (repetition.py); then the scaling law fitted across them and the plan for the target it makes
+(forecast.py): plan.json, best.toml (the pick for T, trained with the schedule the points were measured
+with), and the plan printed; or, when the points cannot pin the law, the pick is too loose to trust or no
+better than the base as far as the fit can tell (plan_gates.py), the paragraph that says so, and best.toml
+the base config.
 
 Trials run one at a time in this process, each enqueued in the study (so it lives there, in a journal or a
 shared PostgreSQL storage, like any other trial) just before it trains: the design of the next trial uses
@@ -285,7 +287,8 @@ def write_plan(
     study: optuna.Study, spec: SearchSpec, search_dir: Path, plan: Forecast, path: Path, loose: str | None = None
 ) -> Path:
     """plan.json, and best.toml at `path`: the pick for the target with the WSD schedule its prediction is
-    of; or the base config, the reason as its header, when there is no fit or it is too `loose` to act on."""
+    of; or the base config, the reason as its header, when there is no fit or `loose` says why not to act on
+    it (plan_gates)."""
     (search_dir / PLAN_NAME).write_text(json.dumps({**plan.to_dict(), "loose": loose}, indent=2))
     best = plan.pick(1.0)
     if best is None or loose:
