@@ -1,0 +1,173 @@
+"""Matrix products in bfloat16 on the CPU, through MKL's GEMM (the built extension of cpu/bf16build.py).
+
+MLX's own CPU bfloat16 matmul is a plain loop, a few GFLOP/s. MKL's cblas_gemm_bf16bf16f32 multiplies
+bfloat16 matrices into float32 on the matrix units where the CPU has them (AMX on Intel Xeon: several times
+its float32 GEMM) and with AVX512_BF16 elsewhere. A bfloat16 run on the CPU then trains as autocast does:
+weights, activations, gradients and AdamW state stay float32, and only the inputs of the layers' matrix
+products are rounded to bfloat16 (inside the extension), their products summed in float32.
+
+`choose` decides once per process whether that path is worth it here: the extension built and loaded, MKL
+found, a tiny product right, and its GEMM measured faster than float32 at a training shape (once per
+machine, cached like the attention choice). `mlxllm.ops` opens `products` around a bfloat16 step and
+asks `active` in its matmul.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+
+from mlxllm.cpu import bf16build, blas
+from mlxllm.device import cache_dir, device_name
+
+import mlx.core as mx
+
+# The measured shape: a training step's token rows times a d_model of 256 into a 1024-wide MLP layer.
+SHAPE = (2048, 256, 1024)
+# bfloat16 rounds every input, so it must be clearly faster to be chosen, not level within the noise.
+MARGIN = 1.15
+_MKL = ("libmkl_rt.so.3", "libmkl_rt.so.2")
+_chosen = False  # choose() said yes
+_on = 0  # products() blocks open
+
+
+def _mkl_paths() -> list[str]:
+    """Where MKL may be: the BLAS already loaded when it is MKL, else the `mkl` wheel's, else the loader's."""
+    paths = [blas.loaded] if blas.loaded and "mkl" in os.path.basename(blas.loaded) else []
+    paths += [os.path.join(sys.prefix, "lib", name) for name in _MKL]
+    return paths + [*_MKL, "libmkl_rt.so"]
+
+
+@functools.cache
+def gemm_address() -> int | None:
+    """The address of MKL's cblas_gemm_bf16bf16f32, None without an MKL that has it. An MKL loaded here only
+    for it is loaded privately (RTLD_LOCAL), so the BLAS that MLX uses stays the one blas.py chose."""
+    # One thread per call, as blas.py sets MKL when it is the BLAS: a step runs one call per CPU stream.
+    os.environ.setdefault("MKL_THREADING_LAYER", "SEQUENTIAL")
+    for path in _mkl_paths():
+        try:
+            lib = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
+            return ctypes.cast(lib.cblas_gemm_bf16bf16f32, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _seconds(fn, reps: int = 5) -> float:
+    mx.eval(fn())
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        mx.eval(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(module, shape: tuple[int, int, int] = SHAPE) -> dict[str, float]:
+    """GFLOP/s of the extension's x @ w.T (float32 in, as the model calls it) and of MLX's float32 one, both
+    on one thread (a training step runs one BLAS call per stream)."""
+    m, k, n = shape
+    x, w = mx.random.normal((m, k)), mx.random.normal((n, k))
+    mx.eval(x, w)
+    before = blas.threads()
+    blas.set_threads(1)
+    try:
+        with mx.stream(mx.cpu):
+            bf16 = _seconds(lambda: module.matmul(x, w.T))
+            fp32 = _seconds(lambda: x @ w.T)
+    finally:
+        if before:
+            blas.set_threads(before)
+    flops = 2 * m * k * n
+    return {"bfloat16_gflops": flops / bf16 / 1e9, "float32_gflops": flops / fp32 / 1e9}
+
+
+def _cached_measure(module) -> dict[str, float]:
+    """measure(), once per machine, BLAS, MLX and extension (the key), kept in cache_dir()/bf16gemm.json."""
+    path = cache_dir() / "bf16gemm.json"
+    key = f"{device_name()}|{blas.describe()}|{bf16build.key()}"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key not in cached:
+        cached[key] = measure(module)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cached, indent=1))
+    return cached[key]
+
+
+def _works(module) -> str | None:
+    """Why the extension gives wrong products here (or raises), else None."""
+    a, b = mx.random.normal((5, 7), key=mx.random.key(0)), mx.random.normal((7, 3), key=mx.random.key(1))
+    try:
+        with mx.stream(mx.cpu):
+            got = module.matmul(a, b)
+            err = mx.abs(got - a @ b).max().item()
+    except Exception as e:  # a failure of a compiled module is any exception
+        return f"the built bfloat16 GEMM extension fails ({type(e).__name__}: {e})"
+    return None if err < 0.1 else f"the built bfloat16 GEMM extension computes wrong products (error {err:.3g})"
+
+
+@functools.cache
+def choose() -> tuple[bool, str]:
+    """(whether bfloat16 matrix products through MKL are the faster path here, the one-line reason)."""
+    module, reason = bf16build.load()
+    if module is None:
+        return False, reason
+    address = gemm_address()
+    if address is None:
+        return False, "no MKL with cblas_gemm_bf16bf16f32 was found (pip install mkl)"
+    module.set_gemm(address)
+    reason = _works(module)
+    if reason:
+        return False, reason
+    speed = _cached_measure(module)
+    bf16, fp32 = speed["bfloat16_gflops"], speed["float32_gflops"]
+    m, k, n = SHAPE
+    figures = f"{bf16:.0f} against {fp32:.0f} GFLOP/s in float32 at {m}x{k}x{n}, one thread"
+    if bf16 < MARGIN * fp32:
+        return False, f"MKL's bfloat16 GEMM is not faster than float32 on this CPU ({figures})"
+    global _chosen
+    _chosen = True
+    return True, f"MKL's bfloat16 GEMM ({figures})"
+
+
+def chosen() -> bool:
+    """Whether choose() has said yes in this process (it is never called from here: only a run that asks for
+    bfloat16 on the CPU builds and measures)."""
+    return _chosen
+
+
+@contextlib.contextmanager
+def products() -> Iterator[None]:
+    """Within it, the model's matrix products (mlxllm.ops.matmul) run through the extension; choose() must
+    have said yes. The switch is read while the model is traced, so a compiled step keeps what it traced."""
+    global _on
+    if not _chosen:
+        raise RuntimeError("the bfloat16 GEMM path has not been chosen (bf16matmul.choose)")
+    _on += 1
+    try:
+        yield
+    finally:
+        _on -= 1
+
+
+def active() -> bool:
+    """Whether the matrix products on the CPU run through MKL's bfloat16 GEMM now."""
+    return _on > 0
+
+
+def matmul(x: mx.array, w: mx.array) -> mx.array:
+    """x (..., K) @ w (K, N) in float32 from bfloat16 products (w may be a transposed view: it is read where
+    it lies)."""
+    module, _ = bf16build.load()
+    lead = x.shape[:-1]
+    out = module.matmul(x.reshape(-1, x.shape[-1]), w)
+    return out.reshape(*lead, w.shape[-1])
