@@ -1,5 +1,5 @@
 """The model's math, one function per op: MLX's own op, or on the CPU backend the equal one from
-`mlxllm.cpu` that runs faster there (a bfloat16 step's matrix products: MKL's bfloat16 GEMM). The one
+`mlxllm.cpu` that runs faster there (a bfloat16 step's matrix products: oneDNN's bfloat16 matmul). The one
 place that chooses."""
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ def _bf16_products(dtype: mx.Dtype) -> bool:
 
 def param_dtype(dtype: mx.Dtype) -> mx.Dtype:
     """What a step computing in `dtype` casts the model's weights to: `dtype`, or float32 on the CPU where
-    a bfloat16 step's matrix products round their inputs inside MKL's GEMM (autocast: see `autocast`)."""
+    a bfloat16 step's matrix products round their inputs inside oneDNN's matmul (autocast: see `autocast`)."""
     return mx.float32 if _bf16_products(dtype) else dtype
 
 
 @contextlib.contextmanager
 def autocast(dtype: mx.Dtype) -> Iterator[None]:
     """Around the forward and backward of a step computing in `dtype`: on the CPU, for bfloat16 where
-    cpu.bf16matmul chose MKL's GEMM (precision.compute_dtype asks it), the model's matrix products run in
+    cpu.bf16matmul chose oneDNN's matmul (precision.compute_dtype asks it), the model's matrix products run in
     bfloat16 into float32 and everything else in float32; elsewhere nothing changes."""
     if not _bf16_products(dtype):
         yield

@@ -1,4 +1,4 @@
-"""The CPU's bfloat16 path: MKL's bfloat16 GEMM behind an MLX primitive (cpu/bf16gemm, built just in time),
+"""The CPU's bfloat16 path: oneDNN's bfloat16 matmul behind an MLX primitive (cpu/bf16gemm, built just in time),
 its products and gradients, and the choice that never lets a bfloat16 run take MLX's own slow matmul."""
 
 from __future__ import annotations
@@ -27,14 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def ext():
-    """The built extension with MKL's GEMM set (built once per test session, into its private cache)."""
+    """The built extension (built once per test session, into its private cache; the test extra installs
+    oneDNN on Linux x86-64)."""
     if bf16build.unsupported():
         pytest.skip(bf16build.unsupported())
     module, reason = bf16build.load()
     assert module is not None, reason
-    address = bf16matmul.gemm_address()
-    assert address is not None, "the mkl wheel is installed with mlxllm on Linux x86-64"
-    module.set_gemm(address)
     return module
 
 
@@ -124,6 +122,30 @@ def test_without_the_extension_bfloat16_computes_in_float32_with_one_line(fresh_
     dtype, why = compute_dtype("bfloat16", "cpu")
     assert dtype == "float32" and "Linux x86-64 only" in why and "\n" not in why and FORCE_ENV in why
     assert not bf16matmul.chosen() and ops.param_dtype(mx.bfloat16) == mx.bfloat16
+
+
+def test_without_onednn_bfloat16_computes_in_float32_with_one_line(fresh_choice, monkeypatch, tmp_path):
+    """oneDNN's wheels not installed: no build is tried, and the run says so in one line."""
+    monkeypatch.setattr(bf16build, "_installed", lambda dist, name: None)
+    bf16build.onednn.cache_clear()
+    bf16build.load.cache_clear()
+    try:
+        dtype, why = compute_dtype("bfloat16", "cpu")
+    finally:
+        bf16build.onednn.cache_clear()
+        bf16build.load.cache_clear()
+    assert dtype == "float32" and "\n" not in why and FORCE_ENV in why
+    assert "oneDNN is not installed" in why or "Linux x86-64 only" in why
+    assert not (tmp_path / "bf16gemm").exists() or not any((tmp_path / "bf16gemm").iterdir())
+
+
+def test_the_primitives_are_made_once_per_shape_and_agree_across_shapes(ext):
+    """A step's shapes over and over (the primitive cache), big enough for oneDNN's blocked kernels."""
+    for m, k, n in [(512, 256, 1024), (512, 1024, 256), (512, 256, 1024), (3, 256, 1)]:
+        a, w = _normal((m, k), m + k), _normal((n, k), n)
+        got = ext.matmul(a, w.T)
+        want = _rounded(a) @ _rounded(w).T
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-3)
 
 
 def test_a_gemm_measured_slower_keeps_float32_with_one_line(ext, fresh_choice, monkeypatch, tmp_path):

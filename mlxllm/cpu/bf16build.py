@@ -3,14 +3,17 @@
 pip installs the C++ source as package data and compiles nothing, so an install cannot fail on it. The first
 run that asks for bfloat16 on the CPU builds it with cmake, once, into the per-user cache (device.cache_dir),
 in a folder keyed by the source, MLX's version and the Python version, and every later run imports the built
-module from there. Whatever is missing (Linux x86_64, cmake, a C++ compiler, nanobind, Python's headers)
-makes `load` say why in one line, and the run keeps the float32 path.
+module from there. It compiles against oneDNN as pip installs it (the `onednn` wheel's libdnnl.so.3 and the
+`onednn-devel` wheel's headers: `pip install 'mlxllm[cpu-bf16]'`), found through their installed files, and
+links it with a search path to where it lies. Whatever is missing (Linux x86_64, oneDNN, cmake, a C++
+compiler, nanobind, Python's headers) makes `load` say why in one line, and the run keeps the float32 path.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -30,8 +33,8 @@ _LOG = "build.log"
 
 
 def unsupported() -> str | None:
-    """Why this machine cannot have the extension at all (MKL's bfloat16 GEMM is an x86-64 Linux library
-    here; macOS has Accelerate and Metal), else None."""
+    """Why this machine cannot have the extension at all (oneDNN's wheels are x86-64 Linux ones here; macOS
+    has Accelerate and Metal), else None."""
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
         return (
             f"the bfloat16 GEMM extension is built on Linux x86-64 only (this is {sys.platform} {platform.machine()})"
@@ -45,15 +48,52 @@ def _mlx_cmake_dir() -> Path:
     return Path(mx.__file__).parent / "share" / "cmake" / "MLX"
 
 
+def _installed(dist: str, name: str) -> Path | None:
+    """The file of the installed distribution `dist` whose path ends with `name`, else None."""
+    try:
+        files = importlib.metadata.distribution(dist).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    found = [f for f in files if str(f).replace("\\", "/").endswith(name)]
+    return Path(found[0].locate()).resolve() if found else None
+
+
+@functools.cache
+def onednn() -> tuple[Path, Path] | str:
+    """(oneDNN's include directory, its libdnnl.so.3) as the onednn and onednn-devel wheels installed them, or
+    why not (one line)."""
+    library = _installed("onednn", "libdnnl.so.3")
+    header = _installed("onednn-devel", "oneapi/dnnl/dnnl.hpp")
+    if library is None or header is None:
+        missing = " and ".join(d for d, f in (("onednn", library), ("onednn-devel", header)) if f is None)
+        return f"oneDNN is not installed ({missing}: pip install 'mlxllm[cpu-bf16]')"
+    return header.parent.parent.parent, library
+
+
+def _opencl_cpu() -> None:
+    """Point the OpenCL loader at the CPU runtime that came with oneDNN. The onednn wheel is built on SYCL,
+    whose CPU device is the intel-opencl-rt wheel's libintelocl.so; the .icd file that wheel ships names a
+    path of its build machine, so without this oneDNN finds no CPU device ("could not create an engine").
+    Read when oneDNN makes its engine, so setting it before the first product is in time."""
+    runtime = _installed("intel-opencl-rt", "libintelocl.so")
+    known = [p for p in os.environ.get("OCL_ICD_FILENAMES", "").split(os.pathsep) if p]
+    if runtime is not None and str(runtime) not in known:
+        os.environ["OCL_ICD_FILENAMES"] = os.pathsep.join([*known, str(runtime)])
+
+
 def key() -> str:
-    """What a built module depends on: the source, MLX's version (its headers and ABI), Python's version."""
+    """What a built module depends on: the source, MLX's version (its headers and ABI), oneDNN's version and
+    place, Python's version."""
     import mlx.core as mx
 
     digest = hashlib.sha256()
     for path in sorted(SOURCE.iterdir()):
         if path.suffix in (".cpp", ".txt"):
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    digest.update(f"{mx.__version__}|{sys.version_info[0]}.{sys.version_info[1]}|{platform.machine()}".encode())
+    found = onednn()
+    dnnl = f"{importlib.metadata.version('onednn')}|{found[1]}" if isinstance(found, tuple) else "none"
+    py = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    digest.update(f"{mx.__version__}|{dnnl}|{py}|{platform.machine()}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -69,6 +109,9 @@ def _built(where: Path) -> Path | None:
 
 def _tools() -> tuple[list[str], str | None]:
     """(the cmake arguments that pick the tools, the reason one is missing)."""
+    found = onednn()
+    if isinstance(found, str):
+        return [], found
     cmake = shutil.which("cmake")
     if cmake is None:
         return [], "cmake is not on PATH"
@@ -81,6 +124,7 @@ def _tools() -> tuple[list[str], str | None]:
         return [], "nanobind is not installed (pip install nanobind)"
     args = [cmake, f"-DCMAKE_CXX_COMPILER={shutil.which(compiler)}", f"-Dnanobind_DIR={nanobind.cmake_dir()}"]
     args += [f"-DMLX_DIR={_mlx_cmake_dir()}", f"-DPython_EXECUTABLE={sys.executable}"]
+    args += [f"-DDNNL_INCLUDE_DIR={found[0]}", f"-DDNNL_LIBRARY={found[1]}"]
     if shutil.which("ninja"):
         args += ["-G", "Ninja"]
     return args, None
@@ -147,6 +191,7 @@ def load() -> tuple[ModuleType | None, str | None]:
         reason = build(where)
         if reason:
             return None, f"the bfloat16 GEMM extension could not be built: {reason}"
+    _opencl_cpu()
     try:
         return _import(_built(where)), None
     except Exception as e:  # an import error of a compiled module is any exception

@@ -1,13 +1,14 @@
-"""Matrix products in bfloat16 on the CPU, through MKL's GEMM (the built extension of cpu/bf16build.py).
+"""Matrix products in bfloat16 on the CPU, through oneDNN's matmul (the built extension of cpu/bf16build.py).
 
-MLX's own CPU bfloat16 matmul is a plain loop, a few GFLOP/s. MKL's cblas_gemm_bf16bf16f32 multiplies
-bfloat16 matrices into float32 on the matrix units where the CPU has them (AMX on Intel Xeon: several times
-its float32 GEMM) and with AVX512_BF16 elsewhere. A bfloat16 run on the CPU then trains as autocast does:
+MLX's own CPU bfloat16 matmul is a plain loop, a few GFLOP/s. oneDNN multiplies bfloat16 matrices into
+float32 on the matrix units where the CPU has them (AMX on Intel Xeon) and with AVX512_BF16 elsewhere (AMD
+Zen 4 and later): several times the float32 BLAS on either (MKL's own bfloat16 GEMM has no AVX512_BF16
+kernel for AMD and is slower than float32 there). A bfloat16 run on the CPU then trains as autocast does:
 weights, activations, gradients and AdamW state stay float32, and only the inputs of the layers' matrix
 products are rounded to bfloat16 (inside the extension), their products summed in float32.
 
-`choose` decides once per process whether that path is worth it here: the extension built and loaded, MKL
-found, a tiny product right, and its GEMM measured faster than float32 at a training shape (once per
+`choose` decides once per process whether that path is worth it here: the extension built and loaded (with
+oneDNN), a tiny product right, and its GEMM measured faster than float32 at a training shape (once per
 machine, cached like the attention choice). `mlxllm.ops` opens `products` around a bfloat16 step and
 asks `active` in its matmul.
 """
@@ -15,11 +16,8 @@ asks `active` in its matmul.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import json
-import os
-import sys
 import time
 from collections.abc import Iterator
 
@@ -32,31 +30,8 @@ import mlx.core as mx
 SHAPE = (2048, 256, 1024)
 # bfloat16 rounds every input, so it must be clearly faster to be chosen, not level within the noise.
 MARGIN = 1.15
-_MKL = ("libmkl_rt.so.3", "libmkl_rt.so.2")
 _chosen = False  # choose() said yes
 _on = 0  # products() blocks open
-
-
-def _mkl_paths() -> list[str]:
-    """Where MKL may be: the BLAS already loaded when it is MKL, else the `mkl` wheel's, else the loader's."""
-    paths = [blas.loaded] if blas.loaded and "mkl" in os.path.basename(blas.loaded) else []
-    paths += [os.path.join(sys.prefix, "lib", name) for name in _MKL]
-    return paths + [*_MKL, "libmkl_rt.so"]
-
-
-@functools.cache
-def gemm_address() -> int | None:
-    """The address of MKL's cblas_gemm_bf16bf16f32, None without an MKL that has it. An MKL loaded here only
-    for it is loaded privately (RTLD_LOCAL), so the BLAS that MLX uses stays the one blas.py chose."""
-    # One thread per call, as blas.py sets MKL when it is the BLAS: a step runs one call per CPU stream.
-    os.environ.setdefault("MKL_THREADING_LAYER", "SEQUENTIAL")
-    for path in _mkl_paths():
-        try:
-            lib = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
-            return ctypes.cast(lib.cblas_gemm_bf16bf16f32, ctypes.c_void_p).value
-        except (OSError, AttributeError):
-            continue
-    return None
 
 
 def _seconds(fn, reps: int = 5) -> float:
@@ -70,20 +45,14 @@ def _seconds(fn, reps: int = 5) -> float:
 
 
 def measure(module, shape: tuple[int, int, int] = SHAPE) -> dict[str, float]:
-    """GFLOP/s of the extension's x @ w.T (float32 in, as the model calls it) and of MLX's float32 one, both
-    on one thread (a training step runs one BLAS call per stream)."""
+    """GFLOP/s of the extension's x @ w.T (float32 in, rounded inside, as the model calls it) and of MLX's
+    float32 one, each at the width it has here: the BLAS at its own thread count, oneDNN on its own pool."""
     m, k, n = shape
     x, w = mx.random.normal((m, k)), mx.random.normal((n, k))
     mx.eval(x, w)
-    before = blas.threads()
-    blas.set_threads(1)
-    try:
-        with mx.stream(mx.cpu):
-            bf16 = _seconds(lambda: module.matmul(x, w.T))
-            fp32 = _seconds(lambda: x @ w.T)
-    finally:
-        if before:
-            blas.set_threads(before)
+    with mx.stream(mx.cpu):
+        bf16 = _seconds(lambda: module.matmul(x, w.T))
+        fp32 = _seconds(lambda: x @ w.T)
     flops = 2 * m * k * n
     return {"bfloat16_gflops": flops / bf16 / 1e9, "float32_gflops": flops / fp32 / 1e9}
 
@@ -117,26 +86,22 @@ def _works(module) -> str | None:
 
 @functools.cache
 def choose() -> tuple[bool, str]:
-    """(whether bfloat16 matrix products through MKL are the faster path here, the one-line reason)."""
+    """(whether bfloat16 matrix products through oneDNN are the faster path here, the one-line reason)."""
     module, reason = bf16build.load()
     if module is None:
         return False, reason
-    address = gemm_address()
-    if address is None:
-        return False, "no MKL with cblas_gemm_bf16bf16f32 was found (pip install mkl)"
-    module.set_gemm(address)
     reason = _works(module)
     if reason:
         return False, reason
     speed = _cached_measure(module)
     bf16, fp32 = speed["bfloat16_gflops"], speed["float32_gflops"]
     m, k, n = SHAPE
-    figures = f"{bf16:.0f} against {fp32:.0f} GFLOP/s in float32 at {m}x{k}x{n}, one thread"
+    figures = f"{bf16:.0f} against {fp32:.0f} GFLOP/s in float32 at {m}x{k}x{n}"
     if bf16 < MARGIN * fp32:
-        return False, f"MKL's bfloat16 GEMM is not faster than float32 on this CPU ({figures})"
+        return False, f"oneDNN's bfloat16 matmul is not faster than float32 on this CPU ({figures})"
     global _chosen
     _chosen = True
-    return True, f"MKL's bfloat16 GEMM ({figures})"
+    return True, f"oneDNN's bfloat16 matmul {module.version()} ({figures})"
 
 
 def chosen() -> bool:
@@ -160,7 +125,7 @@ def products() -> Iterator[None]:
 
 
 def active() -> bool:
-    """Whether the matrix products on the CPU run through MKL's bfloat16 GEMM now."""
+    """Whether the matrix products on the CPU run through oneDNN's bfloat16 matmul now."""
     return _on > 0
 
 

@@ -1,21 +1,30 @@
-// One MLX primitive, C = A @ B in float32 from bfloat16 products: MKL's cblas_gemm_bf16bf16f32, which runs
-// on the AMX tiles of an Intel Xeon that has them and on AVX512_BF16 elsewhere. mlxllm builds this file
-// when a run first asks for bfloat16 on the CPU (mlxllm/cpu/bf16build.py) and routes the model's matrix
-// products through it (mlxllm/cpu/bf16matmul.py); nothing else uses it.
+// One MLX primitive, C = A @ B in float32 from bfloat16 products: oneDNN's matmul primitive (bfloat16 source
+// and weights, float32 destination), which runs on the AMX tiles of an Intel Xeon that has them and with
+// AVX512_BF16 elsewhere (AMD Zen 4 and later among them). mlxllm builds this file when a run first asks for
+// bfloat16 on the CPU (mlxllm/cpu/bf16build.py, against the `onednn` wheel's libdnnl) and routes the model's
+// matrix products through it (mlxllm/cpu/bf16matmul.py); nothing else uses it.
 //
 // A and B are 2-D, float32 or bfloat16, in any layout: a row-major or column-major operand in bfloat16 is
 // read where it lies (a transposed view costs nothing), anything else is rounded (to nearest even) into a
 // dense bfloat16 copy first. The output is always float32, so gradients stay float32 (as autocast's).
-// MKL is not linked: Python finds the function in the MKL it loads and hands its address to set_gemm.
+// oneDNN's primitives are made once per shape and layout and kept: a training step calls this hundreds of
+// times with a handful of shapes.
 
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
+#include <string>
+#include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
+#include <oneapi/dnnl/dnnl.hpp>
 
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
@@ -27,12 +36,6 @@ namespace mx = mlx::core;
 
 namespace {
 
-// CBLAS's enum values, and MKL's cblas_gemm_bf16bf16f32 with its LP64 interface (MKL_INT = int).
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-using GemmFn = void (*)(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
-                        float*, int);
-GemmFn gemm_fn = nullptr;
-
 // A 2-D operand as captured for the task: its data (offset included) and its strides in elements.
 struct View {
   const void* data;
@@ -40,11 +43,15 @@ struct View {
   bool bf16;
 };
 
-// An operand as MKL reads it: row-major storage of the matrix or (trans) of its transpose.
-struct Operand {
-  const uint16_t* data;
-  bool trans;
-  int ld;
+// How an operand reaches oneDNN's matmul: read in place (bfloat16 in a BLAS layout); rounded into a dense
+// bfloat16 buffer of the same orientation by a oneDNN reorder (float32 in a BLAS layout, leading dimension
+// src_ld: vectorized and on oneDNN's threads); or else copied element by element into a dense row-major one.
+// `trans`: what the matmul reads holds the matrix column-major; ld: its leading dimension. (oneDNN's bfloat16
+// fpmath mode on float32 inputs is no substitute: it allows bfloat16, and on an AVX512_BF16 CPU it picks
+// float32 kernels, so the products would not be the bfloat16 ones a run asked for.)
+struct Layout {
+  bool in_place, round, trans;
+  int64_t ld, src_ld;
 };
 
 inline uint16_t to_bf16(float f) {
@@ -75,42 +82,117 @@ void copy_bf16(const uint16_t* src, int64_t rows, int64_t cols, int64_t s0, int6
     for (int64_t j = 0; j < cols; ++j) dst[i * cols + j] = src[i * s0 + j * s1];
 }
 
-bool fits(int64_t n) {
-  return n >= 1 && n <= INT32_MAX;
-}
-
-// The operand MKL reads for v, in place when it is bfloat16 in a BLAS layout, else from `scratch`.
-Operand prepare(const View& v, std::vector<uint16_t>& scratch) {
-  // A stride along an axis of length 1 is never followed, whatever it is.
+// Row-major (s1 == 1) or column-major (s0 == 1) with a leading dimension that covers the other axis; a stride
+// along an axis of length 1 is never followed, whatever it is.
+bool row_major(const View& v, int64_t& ld) {
   int64_t s0 = v.rows == 1 ? v.cols : v.s0, s1 = v.cols == 1 ? 1 : v.s1;
-  bool row = s1 == 1 && s0 >= v.cols && fits(s0);
-  int64_t t0 = v.rows == 1 ? 1 : v.s0, t1 = v.cols == 1 ? v.rows : v.s1;
-  bool col = !row && t0 == 1 && t1 >= v.rows && fits(t1);
-  if (v.bf16 && (row || col)) return {static_cast<const uint16_t*>(v.data), col, int(row ? s0 : t1)};
-  scratch.resize(size_t(v.rows * v.cols));
-  if (!v.bf16 && col) {  // read it in its own order, into a dense copy of its transpose
-    convert(static_cast<const float*>(v.data), v.cols, v.rows, t1, 1, scratch.data());
-    return {scratch.data(), true, int(v.rows)};
-  }
-  if (v.bf16)
-    copy_bf16(static_cast<const uint16_t*>(v.data), v.rows, v.cols, v.s0, v.s1, scratch.data());
-  else
-    convert(static_cast<const float*>(v.data), v.rows, v.cols, row ? s0 : v.s0, row ? 1 : v.s1, scratch.data());
-  return {scratch.data(), false, int(v.cols)};
+  ld = s0;
+  return s1 == 1 && s0 >= v.cols;
 }
 
-void run(View a, View b, float* c) {
-  int64_t m = a.rows, k = a.cols, n = b.cols;
-  if (m == 0 || n == 0) return;
-  if (k == 0) {
-    std::memset(c, 0, size_t(m * n) * sizeof(float));
-    return;
+bool col_major(const View& v, int64_t& ld) {
+  int64_t t0 = v.rows == 1 ? 1 : v.s0, t1 = v.cols == 1 ? v.rows : v.s1;
+  ld = t1;
+  return t0 == 1 && t1 >= v.rows;
+}
+
+Layout plan(const View& v) {
+  int64_t ld;
+  if (row_major(v, ld)) return {v.bf16, !v.bf16, false, v.bf16 ? ld : v.cols, ld};
+  if (col_major(v, ld)) return {v.bf16, !v.bf16, true, v.bf16 ? ld : v.rows, ld};
+  return {false, false, false, v.cols, 0};  // any other strides: a dense row-major copy
+}
+
+// The element-by-element copy of an operand in no BLAS layout into `dst`, dense row-major bfloat16.
+void copy(const View& v, uint16_t* dst) {
+  if (v.bf16)
+    copy_bf16(static_cast<const uint16_t*>(v.data), v.rows, v.cols, v.s0, v.s1, dst);
+  else
+    convert(static_cast<const float*>(v.data), v.rows, v.cols, v.s0, v.s1, dst);
+}
+
+dnnl::engine& engine() {
+  static dnnl::engine e(dnnl::engine::kind::cpu, 0);
+  return e;
+}
+
+dnnl::memory::desc desc(int64_t rows, int64_t cols, const Layout& l, dnnl::memory::data_type t) {
+  dnnl::memory::dims strides = l.trans ? dnnl::memory::dims{1, l.ld} : dnnl::memory::dims{l.ld, 1};
+  return dnnl::memory::desc({rows, cols}, t, strides);
+}
+
+// A float32 operand's rounding into bfloat16: the reorder and its descriptors.
+struct Round {
+  dnnl::reorder prim;
+  dnnl::memory::desc src, dst;
+};
+
+// A matmul primitive for one shape and pair of layouts, with its descriptors and scratchpad size, and the
+// reorders that round its float32 operands.
+struct Gemm {
+  dnnl::matmul prim;
+  dnnl::memory::desc a, b, c, scratch;
+  std::optional<Round> round_a, round_b;
+};
+
+std::optional<Round> round_for(int64_t rows, int64_t cols, const Layout& l, const dnnl::memory::desc& dst) {
+  if (!l.round) return std::nullopt;
+  auto src = desc(rows, cols, {false, false, l.trans, l.src_ld, 0}, dnnl::memory::data_type::f32);
+  return Round{dnnl::reorder(dnnl::reorder::primitive_desc(engine(), src, engine(), dst)), src, dst};
+}
+
+using Key = std::tuple<int64_t, int64_t, int64_t, bool, int64_t, bool, int64_t>;
+
+// Made once per key and kept (oneDNN's primitives may run from several threads at once; the scratchpad is
+// the caller's, so they share nothing while they run).
+const Gemm& gemm_for(int64_t m, int64_t k, int64_t n, const Layout& la, const Layout& lb) {
+  static std::mutex lock;
+  static std::map<Key, Gemm> made;
+  Key key{m, k, n, la.trans, la.ld, lb.trans, lb.ld};
+  std::lock_guard<std::mutex> hold(lock);
+  auto found = made.find(key);
+  if (found != made.end()) return found->second;
+  using dt = dnnl::memory::data_type;
+  auto a = desc(m, k, la, dt::bf16), b = desc(k, n, lb, dt::bf16), c = desc(m, n, {false, false, false, n, 0}, dt::f32);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::matmul::primitive_desc pd(engine(), a, b, c, attr);
+  Gemm gemm{dnnl::matmul(pd), a, b, c, pd.scratchpad_desc(), round_for(m, k, la, a), round_for(k, n, lb, b)};
+  return made.emplace(key, std::move(gemm)).first->second;
+}
+
+// The data the matmul reads for v: v's own, or `scratch` made from it (by `round` or by `copy`).
+void* operand(const View& v, const Layout& l, const std::optional<Round>& round, std::vector<uint16_t>& scratch,
+              dnnl::stream& stream) {
+  if (l.in_place) return const_cast<void*>(v.data);
+  scratch.resize(size_t(v.rows * v.cols));
+  if (round) {
+    dnnl::memory src(round->src, engine(), const_cast<void*>(v.data));
+    dnnl::memory dst(round->dst, engine(), scratch.data());
+    round->prim.execute(stream, src, dst);
+  } else {
+    copy(v, scratch.data());
   }
+  return scratch.data();
+}
+
+void run(const Gemm& g, View a, Layout la, View b, Layout lb, float* c) {
   // Per stream thread, reused: a training step calls this hundreds of times.
   thread_local std::vector<uint16_t> scratch_a, scratch_b;
-  Operand pa = prepare(a, scratch_a), pb = prepare(b, scratch_b);
-  gemm_fn(kRowMajor, pa.trans ? kTrans : kNoTrans, pb.trans ? kTrans : kNoTrans, int(m), int(n), int(k), 1.0f,
-          pa.data, pa.ld, pb.data, pb.ld, 0.0f, c, int(n));
+  thread_local std::vector<char> pad;
+  thread_local std::optional<dnnl::stream> stream;
+  if (!stream) stream.emplace(engine());
+  void* pa = operand(a, la, g.round_a, scratch_a, *stream);
+  void* pb = operand(b, lb, g.round_b, scratch_b, *stream);
+  pad.resize(g.scratch.get_size() + 1);
+  std::unordered_map<int, dnnl::memory> args{
+      {DNNL_ARG_SRC, dnnl::memory(g.a, engine(), pa)},
+      {DNNL_ARG_WEIGHTS, dnnl::memory(g.b, engine(), pb)},
+      {DNNL_ARG_DST, dnnl::memory(g.c, engine(), c)},
+      {DNNL_ARG_SCRATCHPAD, dnnl::memory(g.scratch, engine(), pad.data())},
+  };
+  g.prim.execute(*stream, args);
+  stream->wait();
 }
 
 View view_of(const mx::array& x) {
@@ -129,8 +211,18 @@ class Bf16Matmul : public mx::UnaryPrimitive {
     encoder.set_input_array(inputs[0]);
     encoder.set_input_array(inputs[1]);
     encoder.set_output_array(out);
+    View a = view_of(inputs[0]), b = view_of(inputs[1]);
+    float* c = out.data<float>();
+    if (a.rows == 0 || b.cols == 0) return;
+    if (a.cols == 0) {
+      encoder.dispatch([c, n = out.size()]() { std::memset(c, 0, n * sizeof(float)); });
+      return;
+    }
+    Layout la = plan(a), lb = plan(b);
+    // Made here, not in the task, so that an error of oneDNN's raises where the graph is evaluated.
+    const Gemm* g = &gemm_for(a.rows, a.cols, b.cols, la, lb);
     // MLX keeps the inputs' buffers alive until the task has run.
-    encoder.dispatch([a = view_of(inputs[0]), b = view_of(inputs[1]), c = out.data<float>()]() { run(a, b, c); });
+    encoder.dispatch([g, a, la, b, lb, c]() { run(*g, a, la, b, lb, c); });
   }
 
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
@@ -154,7 +246,8 @@ class Bf16Matmul : public mx::UnaryPrimitive {
                              const std::vector<int>& argnums) override {
     std::optional<mx::array> sum;
     for (size_t i = 0; i < argnums.size(); ++i) {
-      auto t = argnums[i] == 0 ? bf16_matmul(tangents[i], primals[1], stream()) : bf16_matmul(primals[0], tangents[i], stream());
+      auto t = argnums[i] == 0 ? bf16_matmul(tangents[i], primals[1], stream())
+                               : bf16_matmul(primals[0], tangents[i], stream());
       sum = sum ? mx::add(*sum, t, stream()) : t;
     }
     return {*sum};
@@ -178,7 +271,6 @@ bool gemm_dtype(mx::Dtype t) {
 }
 
 mx::array bf16_matmul(const mx::array& a, const mx::array& b, mx::StreamOrDevice s) {
-  if (gemm_fn == nullptr) throw std::runtime_error("set_gemm has not been given MKL's cblas_gemm_bf16bf16f32.");
   if (a.ndim() != 2 || b.ndim() != 2 || a.shape(1) != b.shape(0))
     throw std::invalid_argument("matmul takes an (M, K) and a (K, N) array.");
   if (!gemm_dtype(a.dtype()) || !gemm_dtype(b.dtype()))
@@ -188,12 +280,16 @@ mx::array bf16_matmul(const mx::array& a, const mx::array& b, mx::StreamOrDevice
   return mx::array(mx::Shape{a.shape(0), b.shape(1)}, mx::float32, std::make_shared<Bf16Matmul>(stream), {a, b});
 }
 
+std::string version() {
+  const dnnl_version_t* v = dnnl_version();
+  return std::to_string(v->major) + "." + std::to_string(v->minor) + "." + std::to_string(v->patch);
+}
+
 }  // namespace
 
 NB_MODULE(_bf16gemm, m) {
-  m.doc() = "A @ B in float32 from MKL's bfloat16 GEMM, for MLX's CPU backend (mlxllm).";
-  m.def("set_gemm", [](uintptr_t address) { gemm_fn = reinterpret_cast<GemmFn>(address); }, "address"_a,
-        "The address of MKL's cblas_gemm_bf16bf16f32, which every product calls.");
+  m.doc() = "A @ B in float32 from oneDNN's bfloat16 matmul, for MLX's CPU backend (mlxllm).";
   m.def("matmul", &bf16_matmul, "a"_a, "b"_a, nb::kw_only(), "stream"_a = nb::none(),
         "a (M, K) @ b (K, N), float32 or bfloat16 in any layout, as float32 from bfloat16 products.");
+  m.def("version", &version, "The version of the oneDNN library loaded.");
 }
