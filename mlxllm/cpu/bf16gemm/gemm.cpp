@@ -141,14 +141,19 @@ std::optional<Round> round_for(int64_t rows, int64_t cols, const Layout& l, cons
   return Round{dnnl::reorder(dnnl::reorder::primitive_desc(engine(), src, engine(), dst)), src, dst};
 }
 
-using Key = std::tuple<int64_t, int64_t, int64_t, bool, int64_t, bool, int64_t>;
+using Side = std::tuple<bool, bool, bool, int64_t, int64_t>;  // a Layout, whole: how the operand is prepared too
+using Key = std::tuple<int64_t, int64_t, int64_t, Side, Side>;
+
+Side side(const Layout& l) {
+  return {l.in_place, l.round, l.trans, l.ld, l.src_ld};
+}
 
 // Made once per key and kept (oneDNN's primitives may run from several threads at once; the scratchpad is
 // the caller's, so they share nothing while they run).
 const Gemm& gemm_for(int64_t m, int64_t k, int64_t n, const Layout& la, const Layout& lb) {
   static std::mutex lock;
   static std::map<Key, Gemm> made;
-  Key key{m, k, n, la.trans, la.ld, lb.trans, lb.ld};
+  Key key{m, k, n, side(la), side(lb)};
   std::lock_guard<std::mutex> hold(lock);
   auto found = made.find(key);
   if (found != made.end()) return found->second;
