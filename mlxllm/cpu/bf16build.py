@@ -70,11 +70,13 @@ def onednn() -> tuple[Path, Path] | str:
     return header.parent.parent.parent, library
 
 
-def _opencl_cpu() -> None:
-    """Point the OpenCL loader at the CPU runtime that came with oneDNN. The onednn wheel is built on SYCL,
-    whose CPU device is the intel-opencl-rt wheel's libintelocl.so; the .icd file that wheel ships names a
-    path of its build machine, so without this oneDNN finds no CPU device ("could not create an engine").
-    Read when oneDNN makes its engine, so setting it before the first product is in time."""
+def _runtime_env() -> None:
+    """The environment oneDNN reads when it first runs (set before the module loads it): its own messages off,
+    and the OpenCL loader pointed at the CPU runtime that came with it. The onednn wheel is built on SYCL, whose
+    CPU device is the intel-opencl-rt wheel's libintelocl.so; the .icd file that wheel ships names a path of
+    its build machine, so without this oneDNN finds no CPU device ("could not create an engine")."""
+    # oneDNN prints its own errors on stdout unless told not to; the reason reaches the user as one line anyway.
+    os.environ.setdefault("ONEDNN_VERBOSE", "none")
     runtime = _installed("intel-opencl-rt", "libintelocl.so")
     known = [p for p in os.environ.get("OCL_ICD_FILENAMES", "").split(os.pathsep) if p]
     if runtime is not None and str(runtime) not in known:
@@ -191,7 +193,7 @@ def load() -> tuple[ModuleType | None, str | None]:
         reason = build(where)
         if reason:
             return None, f"the bfloat16 GEMM extension could not be built: {reason}"
-    _opencl_cpu()
+    _runtime_env()
     try:
         return _import(_built(where)), None
     except Exception as e:  # an import error of a compiled module is any exception
