@@ -211,3 +211,52 @@ def test_without_cmake_or_a_compiler_a_bfloat16_run_keeps_float32_with_one_line(
     assert dtype == "float32" and ("cmake is not on PATH" in why or "Linux x86-64 only" in why)
     assert "Traceback" not in done.stderr and done.stderr.strip() == ""
     assert not (tmp_path / "cache" / "bf16gemm").exists() or not any((tmp_path / "cache" / "bf16gemm").iterdir())
+
+
+def _threads_script(body: str) -> str:
+    return (
+        "import mlxllm, os\nimport mlx.core as mx\nfrom mlxllm.cpu import bf16build\n"
+        "ext, why = bf16build.load()\nassert ext is not None, why\n"
+        "a, b = mx.random.normal((256, 256)), mx.random.normal((256, 256))\n" + body
+    )
+
+
+def test_onednn_runs_on_every_core_unless_openmp_is_told(ext, tmp_path):
+    """OMP_NUM_THREADS unset: a product runs on every core this process may use; set, on that many."""
+    script = _threads_script("mx.eval(ext.matmul(a, b))\nprint(ext.threads(), len(os.sched_getaffinity(0)))\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    for omp, want in ((None, None), ("1", 1)):
+        run_env = env if omp is None else {**env, "OMP_NUM_THREADS": omp}
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=run_env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        ran, cores = map(int, done.stdout.split())
+        assert ran == (cores if want is None else want)
+
+
+def test_each_stream_thread_follows_the_split_thread_count(ext):
+    """Split tells oneDNN its share of the cores as it tells the BLAS: every stream thread's product runs on
+    that many OpenMP threads, and on OpenMP's own count again once it closes."""
+    from mlxllm.cpu.streams import Split, data_streams
+
+    module, _ = bf16build.load()  # the module set_threads tells (an earlier test may have loaded another copy)
+    own_before = bf16matmul.threads()
+    a, b = _normal((256, 128), 1), _normal((128, 64), 2)
+    want = _rounded(a) @ _rounded(b)
+    streams = data_streams(2)
+    monkey_chosen = bf16matmul._chosen
+    bf16matmul._chosen = True  # set_threads reaches the loaded module only once the path is chosen
+    try:
+        with Split(2, cores=2):
+            assert bf16matmul.threads() == 1
+            for s in streams:
+                got = module.matmul(a, b, stream=s)
+                mx.eval(got)
+                assert module.threads() == 1
+                np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-3)
+        assert bf16matmul.threads() == own_before
+        mx.eval(module.matmul(a, b, stream=streams[0]))
+        assert module.threads() == len(os.sched_getaffinity(0)) or os.environ.get("OMP_NUM_THREADS")
+    finally:
+        bf16matmul._chosen = monkey_chosen
+        bf16matmul.set_threads(own_before)

@@ -3,10 +3,11 @@
 pip installs the C++ source as package data and compiles nothing, so an install cannot fail on it. The first
 run that asks for bfloat16 on the CPU builds it with cmake, once, into the per-user cache (device.cache_dir),
 in a folder keyed by the source, MLX's version and the Python version, and every later run imports the built
-module from there. It compiles against oneDNN as pip installs it (the `onednn` wheel's libdnnl.so.3 and the
-`onednn-devel` wheel's headers: `pip install 'mlxllm[cpu-bf16]'`), found through their installed files, and
-links it with a search path to where it lies. Whatever is missing (Linux x86_64, oneDNN, cmake, a C++
-compiler, nanobind, Python's headers) makes `load` say why in one line, and the run keeps the float32 path.
+module from there. It compiles against oneDNN as pip installs it (the CPU-only, GNU OpenMP build: the
+`onednn-cpu-gomp` wheel's libdnnl.so.3 and the `onednn-devel-cpu-gomp` wheel's headers, `pip install
+'mlxllm[cpu-bf16]'`), found through their installed files, and links it with a search path to where it lies.
+Whatever is missing (Linux x86_64, oneDNN, cmake, a C++ compiler, nanobind, Python's headers) makes `load` say
+why in one line, and the run keeps the float32 path.
 """
 
 from __future__ import annotations
@@ -58,29 +59,25 @@ def _installed(dist: str, name: str) -> Path | None:
     return Path(found[0].locate()).resolve() if found else None
 
 
+# The distributions of oneDNN's library and of its headers, which must be the same version.
+LIBRARY_DIST = "onednn-cpu-gomp"
+HEADERS_DIST = "onednn-devel-cpu-gomp"
+
+
 @functools.cache
 def onednn() -> tuple[Path, Path] | str:
-    """(oneDNN's include directory, its libdnnl.so.3) as the onednn and onednn-devel wheels installed them, or
-    why not (one line)."""
-    library = _installed("onednn", "libdnnl.so.3")
-    header = _installed("onednn-devel", "oneapi/dnnl/dnnl.hpp")
+    """(oneDNN's include directory, its libdnnl.so.3) as the onednn-cpu-gomp and onednn-devel-cpu-gomp wheels
+    installed them, or why not (one line)."""
+    library = _installed(LIBRARY_DIST, "libdnnl.so.3")
+    header = _installed(HEADERS_DIST, "oneapi/dnnl/dnnl.hpp")
     if library is None or header is None:
-        missing = " and ".join(d for d, f in (("onednn", library), ("onednn-devel", header)) if f is None)
+        missing = " and ".join(d for d, f in ((LIBRARY_DIST, library), (HEADERS_DIST, header)) if f is None)
         return f"oneDNN is not installed ({missing}: pip install 'mlxllm[cpu-bf16]')"
+    versions = {importlib.metadata.version(d) for d in (LIBRARY_DIST, HEADERS_DIST)}
+    if len(versions) > 1:
+        found = " and ".join(sorted(versions))
+        return f"oneDNN's library and headers differ in version ({found}: pip install 'mlxllm[cpu-bf16]')"
     return header.parent.parent.parent, library
-
-
-def _runtime_env() -> None:
-    """The environment oneDNN reads when it first runs (set before the module loads it): its own messages off,
-    and the OpenCL loader pointed at the CPU runtime that came with it. The onednn wheel is built on SYCL, whose
-    CPU device is the intel-opencl-rt wheel's libintelocl.so; the .icd file that wheel ships names a path of
-    its build machine, so without this oneDNN finds no CPU device ("could not create an engine")."""
-    # oneDNN prints its own errors on stdout unless told not to; the reason reaches the user as one line anyway.
-    os.environ.setdefault("ONEDNN_VERBOSE", "none")
-    runtime = _installed("intel-opencl-rt", "libintelocl.so")
-    known = [p for p in os.environ.get("OCL_ICD_FILENAMES", "").split(os.pathsep) if p]
-    if runtime is not None and str(runtime) not in known:
-        os.environ["OCL_ICD_FILENAMES"] = os.pathsep.join([*known, str(runtime)])
 
 
 def key() -> str:
@@ -93,7 +90,7 @@ def key() -> str:
         if path.suffix in (".cpp", ".txt"):
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
     found = onednn()
-    dnnl = f"{importlib.metadata.version('onednn')}|{found[1]}" if isinstance(found, tuple) else "none"
+    dnnl = f"{importlib.metadata.version(LIBRARY_DIST)}|{found[1]}" if isinstance(found, tuple) else "none"
     py = f"{sys.version_info[0]}.{sys.version_info[1]}"
     digest.update(f"{mx.__version__}|{dnnl}|{py}|{platform.machine()}".encode())
     return digest.hexdigest()[:16]
@@ -193,7 +190,8 @@ def load() -> tuple[ModuleType | None, str | None]:
         reason = build(where)
         if reason:
             return None, f"the bfloat16 GEMM extension could not be built: {reason}"
-    _runtime_env()
+    # oneDNN prints its own errors on stdout unless told not to; the reason reaches the user as one line anyway.
+    os.environ.setdefault("ONEDNN_VERBOSE", "none")
     try:
         return _import(_built(where)), None
     except Exception as e:  # an import error of a compiled module is any exception

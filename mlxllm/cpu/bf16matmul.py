@@ -32,6 +32,7 @@ SHAPE = (2048, 256, 1024)
 MARGIN = 1.15
 _chosen = False  # choose() said yes
 _on = 0  # products() blocks open
+_threads = 0  # the OpenMP threads each product may use; 0: OpenMP's own count (OMP_NUM_THREADS, else every core)
 
 
 def _seconds(fn, reps: int = 5) -> float:
@@ -90,6 +91,7 @@ def choose() -> tuple[bool, str]:
     module, reason = bf16build.load()
     if module is None:
         return False, reason
+    module.set_threads(_threads)
     reason = _works(module)
     if reason:
         return False, reason
@@ -102,6 +104,23 @@ def choose() -> tuple[bool, str]:
     global _chosen
     _chosen = True
     return True, f"oneDNN's bfloat16 matmul {module.version()} ({figures})"
+
+
+def threads() -> int | None:
+    """The OpenMP threads each product is told to use (None: OpenMP's own count)."""
+    return _threads or None
+
+
+def set_threads(n: int | None) -> None:
+    """Let each product use n threads from now on (None: OpenMP's own count, OMP_NUM_THREADS or else every
+    core), as the BLAS is told per MLX stream (cpu/streams.Split): oneDNN runs on GNU OpenMP, where each
+    stream thread that calls it leads a team of its own, so untold, several streams' teams oversubscribe."""
+    global _threads
+    if n is not None and n < 1:
+        raise ValueError(f"set_threads takes a count >= 1 or None, not {n}")
+    _threads = n or 0
+    if _chosen:
+        bf16build.load()[0].set_threads(_threads)
 
 
 def chosen() -> bool:

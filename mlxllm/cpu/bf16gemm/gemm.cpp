@@ -1,8 +1,8 @@
 // One MLX primitive, C = A @ B in float32 from bfloat16 products: oneDNN's matmul primitive (bfloat16 source
 // and weights, float32 destination), which runs on the AMX tiles of an Intel Xeon that has them and with
 // AVX512_BF16 elsewhere (AMD Zen 4 and later among them). mlxllm builds this file when a run first asks for
-// bfloat16 on the CPU (mlxllm/cpu/bf16build.py, against the `onednn` wheel's libdnnl) and routes the model's
-// matrix products through it (mlxllm/cpu/bf16matmul.py); nothing else uses it.
+// bfloat16 on the CPU (mlxllm/cpu/bf16build.py, against the `onednn-cpu-gomp` wheel's libdnnl, on GNU OpenMP)
+// and routes the model's matrix products through it (mlxllm/cpu/bf16matmul.py); nothing else uses it.
 //
 // A and B are 2-D, float32 or bfloat16, in any layout: a row-major or column-major operand in bfloat16 is
 // read where it lies (a transposed view costs nothing), anything else is rounded (to nearest even) into a
@@ -10,6 +10,7 @@
 // oneDNN's primitives are made once per shape and layout and kept: a training step calls this hundreds of
 // times with a handful of shapes.
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -29,6 +30,13 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
+
+// The OpenMP runtime libdnnl (the GNU OpenMP build) runs on, found where libdnnl loaded it: weak, so that a
+// libdnnl on another threading runtime still loads (and set_threads then says it cannot).
+extern "C" {
+__attribute__((weak)) void omp_set_num_threads(int);
+__attribute__((weak)) int omp_get_max_threads();
+}
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -181,11 +189,30 @@ void* operand(const View& v, const Layout& l, const std::optional<Round>& round,
   return scratch.data();
 }
 
+// The OpenMP threads each product may use, 0 for OpenMP's own count (OMP_NUM_THREADS, else every core).
+// OpenMP's count belongs to the calling thread: each MLX stream thread that calls oneDNN leads a team of its
+// own, so with several streams each must be told its share, or their teams oversubscribe the cores.
+std::atomic<int> wanted_threads{0};
+std::atomic<int> last_threads{0};  // the count the latest product ran with
+
+void follow_threads() {
+  if (!omp_set_num_threads || !omp_get_max_threads) return;
+  thread_local int own = omp_get_max_threads(), told = own;
+  int want = wanted_threads.load(std::memory_order_relaxed);
+  if (want <= 0) want = own;
+  if (want != told) {
+    omp_set_num_threads(want);
+    told = want;
+  }
+  last_threads.store(omp_get_max_threads(), std::memory_order_relaxed);
+}
+
 void run(const Gemm& g, View a, Layout la, View b, Layout lb, float* c) {
   // Per stream thread, reused: a training step calls this hundreds of times.
   thread_local std::vector<uint16_t> scratch_a, scratch_b;
   thread_local std::vector<char> pad;
   thread_local std::optional<dnnl::stream> stream;
+  follow_threads();
   if (!stream) stream.emplace(engine());
   void* pa = operand(a, la, g.round_a, scratch_a, *stream);
   void* pb = operand(b, lb, g.round_b, scratch_b, *stream);
@@ -290,11 +317,26 @@ std::string version() {
   return std::to_string(v->major) + "." + std::to_string(v->minor) + "." + std::to_string(v->patch);
 }
 
+// n > 0: each product from now on uses n OpenMP threads (0: OpenMP's own count again); whether libdnnl's OpenMP runtime is there to be told.
+bool set_threads(int n) {
+  if (n < 0) throw std::invalid_argument("set_threads takes a count >= 0.");
+  wanted_threads.store(n, std::memory_order_relaxed);
+  return omp_set_num_threads != nullptr;
+}
+
+// The OpenMP threads the latest product ran with (on whichever stream thread), or 0 (none yet, no OpenMP).
+int threads() {
+  return last_threads.load(std::memory_order_relaxed);
+}
+
 }  // namespace
 
 NB_MODULE(_bf16gemm, m) {
   m.doc() = "A @ B in float32 from oneDNN's bfloat16 matmul, for MLX's CPU backend (mlxllm).";
   m.def("matmul", &bf16_matmul, "a"_a, "b"_a, nb::kw_only(), "stream"_a = nb::none(),
         "a (M, K) @ b (K, N), float32 or bfloat16 in any layout, as float32 from bfloat16 products.");
+  m.def("set_threads", &set_threads, "n"_a,
+        "Let each product from now on use n OpenMP threads (0: OpenMP's own count); False without OpenMP.");
+  m.def("threads", &threads, "The OpenMP threads the latest product ran with (0: none yet, or no OpenMP).");
   m.def("version", &version, "The version of the oneDNN library loaded.");
 }
