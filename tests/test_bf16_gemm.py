@@ -139,6 +139,23 @@ def test_without_onednn_bfloat16_computes_in_float32_with_one_line(fresh_choice,
     assert not (tmp_path / "bf16gemm").exists() or not any((tmp_path / "bf16gemm").iterdir())
 
 
+def test_info_tells_what_bfloat16_gets_from_the_cache_without_building(ext, fresh_choice, monkeypatch, tmp_path):
+    """`mlxllm info`'s line follows the cached measurement; with nothing built it builds nothing."""
+    monkeypatch.setattr(bf16build, "build", lambda where: pytest.fail("describe() must not build"))
+    assert "first run with train.dtype = bfloat16" in bf16matmul.describe()  # the empty cache has no module
+    monkeypatch.setattr(bf16build, "built", lambda: True)
+    assert "measures" in bf16matmul.describe()
+    _fake_speed(monkeypatch, bf16=80.0, fp32=90.0)
+    bf16matmul.choose()
+    slow = bf16matmul.describe()
+    assert slow.startswith("float32") and "80 against 90 GFLOP/s" in slow
+    bf16matmul.choose.cache_clear()
+    (tmp_path / "bf16gemm.json").unlink()
+    _fake_speed(monkeypatch, bf16=600.0, fp32=90.0)
+    bf16matmul.choose()
+    assert "through oneDNN" in bf16matmul.describe() and "600 against 90" in bf16matmul.describe()
+
+
 def test_the_primitives_are_made_once_per_shape_and_agree_across_shapes(ext):
     """A step's shapes over and over (the primitive cache), big enough for oneDNN's blocked kernels."""
     for m, k, n in [(512, 256, 1024), (512, 1024, 256), (512, 256, 1024), (3, 256, 1)]:

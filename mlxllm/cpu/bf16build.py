@@ -106,6 +106,11 @@ def _built(where: Path) -> Path | None:
     return found[0] if found else None
 
 
+def built() -> bool:
+    """Whether the module for this source, MLX and Python is built already (load() then only imports it)."""
+    return _built(build_dir()) is not None
+
+
 def _tools() -> tuple[list[str], str | None]:
     """(the cmake arguments that pick the tools, the reason one is missing)."""
     found = onednn()

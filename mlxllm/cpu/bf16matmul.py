@@ -58,10 +58,21 @@ def measure(module, shape: tuple[int, int, int] = SHAPE) -> dict[str, float]:
     return {"bfloat16_gflops": flops / bf16 / 1e9, "float32_gflops": flops / fp32 / 1e9}
 
 
+def _cache_key() -> str:
+    return f"{device_name()}|{blas.describe()}|{bf16build.key()}"
+
+
+def _verdict(speed: dict[str, float]) -> tuple[bool, str]:
+    """(whether the measured bfloat16 GEMM is clearly faster than float32, the figures in words)."""
+    bf16, fp32 = speed["bfloat16_gflops"], speed["float32_gflops"]
+    m, k, n = SHAPE
+    return bf16 >= MARGIN * fp32, f"{bf16:.0f} against {fp32:.0f} GFLOP/s in float32 at {m}x{k}x{n}"
+
+
 def _cached_measure(module) -> dict[str, float]:
     """measure(), once per machine, BLAS, MLX and extension (the key), kept in cache_dir()/bf16gemm.json."""
     path = cache_dir() / "bf16gemm.json"
-    key = f"{device_name()}|{blas.describe()}|{bf16build.key()}"
+    key = _cache_key()
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -95,15 +106,31 @@ def choose() -> tuple[bool, str]:
     reason = _works(module)
     if reason:
         return False, reason
-    speed = _cached_measure(module)
-    bf16, fp32 = speed["bfloat16_gflops"], speed["float32_gflops"]
-    m, k, n = SHAPE
-    figures = f"{bf16:.0f} against {fp32:.0f} GFLOP/s in float32 at {m}x{k}x{n}"
-    if bf16 < MARGIN * fp32:
+    fast, figures = _verdict(_cached_measure(module))
+    if not fast:
         return False, f"oneDNN's bfloat16 matmul is not faster than float32 on this CPU ({figures})"
     global _chosen
     _chosen = True
     return True, f"oneDNN's bfloat16 matmul {module.version()} ({figures})"
+
+
+def describe() -> str:
+    """What a run that asks for bfloat16 on this CPU would compute in, from what is installed, built and
+    cached, for `mlxllm info`: it neither builds nor measures."""
+    reason = bf16build.unsupported()
+    found = bf16build.onednn() if reason is None else reason
+    if isinstance(found, str):
+        return f"float32 ({found})"
+    if not bf16build.built():
+        return "decided at the first run with train.dtype = bfloat16 (it builds mlxllm's oneDNN extension, once)"
+    try:
+        speed = json.loads((cache_dir() / "bf16gemm.json").read_text())[_cache_key()]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "decided at the first run with train.dtype = bfloat16 (it measures mlxllm's oneDNN extension, once)"
+    fast, figures = _verdict(speed)
+    if not fast:
+        return f"float32 (oneDNN's bfloat16 matmul is not faster here: {figures})"
+    return f"matrix products through oneDNN's bfloat16 matmul, the rest in float32 ({figures})"
 
 
 def threads() -> int | None:
