@@ -45,7 +45,10 @@ def requirements(backend: str) -> list[str]:
         f"mlx[{LINUX_MLX[backend]}]{MLX_VERSION}; sys_platform == 'linux'",
     ]
     # cuBLAS does the matmuls of a CUDA build: no CPU BLAS to bring.
-    blas = ["mkl>=2024; sys_platform == 'linux' and platform_machine == 'x86_64'"] if backend == "cpu" else []
+    # nanobind (headers and CMake files, no compiling at install): the bfloat16 GEMM extension is built
+    # with it when a run first asks for bfloat16 on the CPU (mlxllm/cpu/bf16build.py).
+    x86_linux = "sys_platform == 'linux' and platform_machine == 'x86_64'"
+    blas = [f"mkl>=2024; {x86_linux}", f"nanobind>=2.4; {x86_linux}"] if backend == "cpu" else []
     return mlx + blas + COMMON
 
 

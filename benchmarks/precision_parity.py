@@ -10,14 +10,18 @@ whole validation split (every full batch of non-overlapping windows from its sta
 same windows for every run, so the evaluation's sampling is common to all runs and the gap between them is the
 training's. Each run evaluates in its own compute dtype, as the trainer does.
 
-Real bfloat16: on the CPU, mlxllm.cpu.precision.compute_dtype turns train.dtype = "bfloat16" into float32
-compute unless MLXLLM_CPU_BF16=1, which keeps MLX's own CPU bfloat16 path (slow, but the numerics of a Metal
-bfloat16 run). The bfloat16 runs set it for the length of their train() only (open_run reads it once, at the
-start) and put the environment back after. The table's "computed" column is what the trainer really ran in:
-train.dtype in the run directory's config.toml, written after compute_dtype. It is mixed precision, as the code
-has it: the model is built in float32 and the optimizer (AdamW) initialised on those weights
-(runstate._model); each step casts the float32 master weights to the compute dtype inside the loss
-(step.make_step's _cast), so the gradients come back float32, are clipped in float32 and update float32
+Real bfloat16: on the CPU, mlxllm.cpu.precision.compute_dtype keeps train.dtype = "bfloat16" where oneDNN's
+bfloat16 matmul is chosen (cpu/bf16matmul.py: built and measured faster than float32), and the bfloat16 runs
+take that path, the one a user's bfloat16 run takes (its products rounded to bfloat16 and summed in float32,
+the rest float32, as autocast does). Elsewhere compute_dtype turns it into float32 compute unless
+MLXLLM_CPU_BF16=1, which keeps MLX's own CPU bfloat16 path (slow, but the numerics of a Metal bfloat16 run):
+there the bfloat16 runs set it for the length of their train() only (open_run reads it once, at the start) and
+put the environment back after. The path the bfloat16 rows took is printed under the table. The table's
+"computed" column is what the trainer really ran in: train.dtype in the run directory's config.toml, written
+after compute_dtype. It is mixed precision, as the code has it: the model is built in float32 and the
+optimizer (AdamW) initialised on those weights (runstate._model); each step casts the float32 master weights
+to the compute dtype inside the loss (step.make_step's _cast; on oneDNN's path they stay float32 and only the
+matrix products round), so the gradients come back float32, are clipped in float32 and update float32
 weights and AdamW moments. The "weights / AdamW" column reads this from the run's checkpoint: the floating
 dtypes of model.safetensors and of optimizer.safetensors.
 
@@ -55,6 +59,7 @@ from typing import Any
 import mlxllm  # noqa: F401 - loads the optimized BLAS before mlx.core
 from mlxllm import checkpoint as ckpt
 from mlxllm.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
+from mlxllm.cpu import bf16matmul
 from mlxllm.cpu.precision import FORCE_ENV, SLOW
 from mlxllm.device import describe_cpu, device_name
 from mlxllm.errors import MlxllmError
@@ -99,6 +104,14 @@ def real_dtype(dtype: str) -> Iterator[None]:
             os.environ[FORCE_ENV] = before
 
 
+def bf16_path() -> str:
+    """The path a bfloat16 run takes on this CPU: oneDNN's bfloat16 matmul where compute_dtype keeps bfloat16
+    through it, else MLX's own bfloat16 (forced by real_dtype)."""
+    if mx.default_device() == mx.cpu and os.environ.get(FORCE_ENV, "") != "1" and bf16matmul.choose()[0]:
+        return "oneDNN"
+    return "MLX"
+
+
 def run_config(corpus: Path, size: dict, dtype: str, seed: int, out: Path) -> RunConfig:
     """The benchmark's one config (FULL or QUICK as `size`) in `dtype` with `seed`, its run directory `out`;
     evaluated once, after its last step."""
@@ -132,7 +145,8 @@ def train_one(run: RunConfig) -> dict[str, Any]:
     the trainer computed in, the seed, the final validation loss, steps, training tokens/s and the dtypes of the
     weights and AdamW state it saved."""
     asked = run.train.dtype
-    with real_dtype(asked):
+    path = bf16_path() if asked == "bfloat16" else None
+    with real_dtype(asked) if path != "oneDNN" else contextlib.nullcontext():
         r = train(run, overwrite=True, show_progress=False)
     settings = tomllib.loads((r.run_dir / "config.toml").read_text())
     logs = [x for x in map(json.loads, (r.run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in x]
@@ -148,6 +162,7 @@ def train_one(run: RunConfig) -> dict[str, Any]:
         "seconds": r.elapsed,
         "weights": _float_dtypes(last / "model.safetensors"),
         "adamw": _float_dtypes(last / "optimizer.safetensors"),
+        **({"path": path} if path else {}),
     }
 
 
@@ -202,6 +217,9 @@ def show(data: dict[str, Any], commands: bool = False) -> None:
     if not v["complete"]:
         print("(each dtype needs two seeds for a verdict)")
         return
+    paths = sorted({r.get("path", "MLX") for r in runs if r["dtype"] == "bfloat16"})
+    names = {"oneDNN": "oneDNN's bfloat16 matmul (mlxllm's extension)", "MLX": f"MLX's own bfloat16 ({FORCE_ENV}=1)"}
+    print(f"bfloat16 rows computed through {' and '.join(names[p] for p in paths)}")
     m = v["means"]
     print(f"means: float32 {m['float32']:.4f}, bfloat16 {m['bfloat16']:.4f}")
     print(f"seed noise (pooled sd of each dtype's {len(runs) // 2} seeds): {v['noise']:.4f}")

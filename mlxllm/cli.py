@@ -250,6 +250,10 @@ def info() -> None:
     print(f"CPU: {describe_cpu()}")
     print(f"BLAS: {blas.describe()}")
     print(f"peak fp32 matmul: {peak / 1e9:,.0f} GFLOP/s ({source})")
+    if backend() == "cpu":
+        from mlxllm.cpu import bf16matmul
+
+        print(f"train.dtype = bfloat16 on this CPU: {bf16matmul.describe()}")
     big = ModelConfig(vocab_size=65, n_layers=4, d_model=256, n_heads=4, max_seq_len=256)
     streams = stream_count(TrainConfig(), big)
     print(f"training streams (train.cpu_streams=0; a 4 x 256 model, context 256, batch 16): {streams}")

@@ -123,10 +123,10 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.impl = cfg.attention
         self.rope = rope  # not a Module: an attribute, not a child with parameters
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_proj = ops.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = ops.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = ops.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = ops.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
         B, L, _ = x.shape
@@ -159,9 +159,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=False)
+        self.gate_proj = ops.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
+        self.up_proj = ops.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
+        self.down_proj = ops.Linear(cfg.hidden_dim, cfg.d_model, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -262,12 +262,12 @@ class Transformer(nn.Module):
         self.config = cfg
         self.model = LlamaModel(cfg)
         if not cfg.tie_embeddings:
-            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            self.lm_head = ops.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         h = self.model(tokens, cache)
         if self.config.tie_embeddings:
-            return self.model.embed_tokens.as_linear(h)
+            return ops.embedding_head(self.model.embed_tokens, h)
         return self.lm_head(h)
 
     def make_cache(self) -> list[KVCache]:

@@ -1,9 +1,13 @@
-"""The model's elementwise math, one function per op: MLX's own op, or on the CPU backend the
-equal one from `mlxllm.cpu` that MLX's CPU compiler runs faster. The one place that chooses."""
+"""The model's math, one function per op: MLX's own op, or on the CPU backend the equal one from
+`mlxllm.cpu` that runs faster there (a bfloat16 step's matrix products: oneDNN's bfloat16 matmul). The one
+place that chooses."""
 
 from __future__ import annotations
 
-from mlxllm.cpu import fastexp, layers
+import contextlib
+from collections.abc import Iterator
+
+from mlxllm.cpu import bf16matmul, fastexp, layers
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -12,6 +16,56 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 def _cpu() -> bool:
     return mx.default_device() == mx.cpu
+
+
+def _bf16_products(dtype: mx.Dtype) -> bool:
+    return dtype == mx.bfloat16 and _cpu() and bf16matmul.chosen()
+
+
+def param_dtype(dtype: mx.Dtype) -> mx.Dtype:
+    """What a step computing in `dtype` casts the model's weights to: `dtype`, or float32 on the CPU where
+    a bfloat16 step's matrix products round their inputs inside oneDNN's matmul (autocast: see `autocast`)."""
+    return mx.float32 if _bf16_products(dtype) else dtype
+
+
+@contextlib.contextmanager
+def autocast(dtype: mx.Dtype) -> Iterator[None]:
+    """Around the forward and backward of a step computing in `dtype`: on the CPU, for bfloat16 where
+    cpu.bf16matmul chose oneDNN's matmul (precision.compute_dtype asks it), the model's matrix products run in
+    bfloat16 into float32 and everything else in float32; elsewhere nothing changes."""
+    if not _bf16_products(dtype):
+        yield
+        return
+    with bf16matmul.products():
+        yield
+
+
+def matmul(x: mx.array, w: mx.array) -> mx.array:
+    """x (..., K) @ w (K, N): the model's matrix products (its layers and LM head)."""
+    if bf16matmul.active() and _cpu():
+        return bf16matmul.matmul(x, w)
+    return x @ w
+
+
+def linear(x: mx.array, weight: mx.array) -> mx.array:
+    """x @ weight.T, weight (out, in) as nn.Linear holds it."""
+    return matmul(x, weight.T)
+
+
+def embedding_head(embedding: nn.Module, h: mx.array) -> mx.array:
+    """The tied LM head, embedding.as_linear(h): a plain embedding's product through `matmul` (a quantized
+    one multiplies its packed weights itself)."""
+    if isinstance(embedding, nn.QuantizedEmbedding):
+        return embedding.as_linear(h)
+    return linear(h, embedding.weight)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (the same parameters, names and quantization) with its product through `matmul`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = linear(x, self["weight"])
+        return y + self["bias"] if "bias" in self else y
 
 
 def silu(x: mx.array) -> mx.array:

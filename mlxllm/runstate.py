@@ -21,7 +21,7 @@ from mlxllm import checkpoint as ckpt
 from mlxllm import data as data_mod
 from mlxllm import diskspace, kernels, lora, microbatch, pretrained, quant, rundir
 from mlxllm.config import RunConfig, TrainConfig, dump_toml
-from mlxllm.cpu.precision import compute_dtype
+from mlxllm.cpu.precision import compute_dtype, held_dtype
 from mlxllm.data import TokenData
 from mlxllm.device import backend, device_name
 from mlxllm.distributed import Group
@@ -173,7 +173,7 @@ def memory(
         run.model,
         t.batch_size // group.size,
         seq_len,
-        t.dtype,
+        held_dtype(t.dtype, backend()),
         t.grad_accum,
         trainable,
         quantization,

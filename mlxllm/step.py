@@ -109,17 +109,19 @@ def make_step(
     over CPU streams); None: it runs as it is. The learning rate is the optimizer's, set by the caller.
     cfg.grad_checkpoint: each block's activations are recomputed in the backward (model.set_grad_checkpoint)."""
     compute, k = getattr(mx, cfg.dtype), cfg.grad_accum
+    cast = ops.param_dtype(compute)
     set_grad_checkpoint(model, cfg.grad_checkpoint)
 
     def loss(params: Any, batch: mx.array) -> mx.array:
-        model.update(_cast(params, compute))  # bf16 compute on fp32 master weights
+        model.update(_cast(params, cast))  # bf16 compute on fp32 master weights
         return _loss_in_mode(model, batch, training=True)
 
     value_and_grad = mx.value_and_grad(loss)
 
     def loss_and_grad(batch: mx.array) -> tuple[mx.array, Any]:
         params = model.trainable_parameters()
-        value, grads = value_and_grad(params, batch)
+        with ops.autocast(compute):  # the backward too: a checkpointed block recomputes its forward in it
+            value, grads = value_and_grad(params, batch)
         model.update(params)  # the master weights again, for the update
         return value, grads
 
@@ -170,15 +172,17 @@ def make_eval(model: Transformer, cfg: TrainConfig, split: Transform | None = No
     """The mean loss of one validation batch (dropout off), compiled, in the training dtype; `split` as
     make_step's."""
     compute = getattr(mx, cfg.dtype)
+    cast = ops.param_dtype(compute)
 
     def loss_at(batch: mx.array) -> mx.array:
-        if compute == mx.float32:
-            return _loss_in_mode(model, batch, training=False)
-        params = model.trainable_parameters()
-        model.update(_cast(params, compute))
-        loss = _loss_in_mode(model, batch, training=False)
-        model.update(params)
-        return loss
+        with ops.autocast(compute):
+            if cast == mx.float32:
+                return _loss_in_mode(model, batch, training=False)
+            params = model.trainable_parameters()
+            model.update(_cast(params, cast))
+            loss = _loss_in_mode(model, batch, training=False)
+            model.update(params)
+            return loss
 
     evaluate = split(loss_at) if split is not None else loss_at
     return mx.compile(evaluate, inputs=model.state) if cfg.compile else evaluate

@@ -16,6 +16,7 @@ from mlxllm import data as data_mod
 from mlxllm import distributed
 from mlxllm.config import RunConfig
 from mlxllm.cpu import blas
+from mlxllm.cpu.precision import held_dtype
 from mlxllm.cpu.streams import Split
 from mlxllm.data import TokenData
 from mlxllm.device import backend, peak_flops
@@ -236,7 +237,7 @@ def train(
     try:
         # Measured once per machine, with the BLAS's own thread count; the group's peak is its devices'.
         with g.in_turn("measuring the machine"):
-            peak = group_peak(peak_flops(r.cfg.dtype)[0], layout(g, backend()))
+            peak = group_peak(peak_flops(held_dtype(r.cfg.dtype, backend()))[0], layout(g, backend()))
         reporter = Reporter(
             r.run_dir if g.primary else None, r.total_steps, start_step=r.step, show=show_progress and g.primary
         )

@@ -6,6 +6,7 @@ import time
 
 import mlxllm  # noqa: F401  (the BLAS first)
 from mlxllm.config import RunConfig
+from mlxllm.cpu import bf16matmul
 from mlxllm.cpu.precision import FORCE_ENV, compute_dtype
 from mlxllm.memory import check_fits, estimate_memory
 from mlxllm.trainer import train
@@ -29,8 +30,18 @@ def test_the_reason_holds_mlx_cpu_bfloat16_matmul_is_much_slower_than_float32():
     assert _matmul_seconds(mx.bfloat16) > 4 * _matmul_seconds(mx.float32)
 
 
+def _no_bf16_gemm(monkeypatch):
+    """The float32 fallback, whatever this machine's bfloat16 GEMM measures (an AMX CPU would choose it)."""
+    monkeypatch.setattr(bf16matmul, "choose", lambda: (False, "the bfloat16 GEMM is left out in this test"))
+
+
 def test_compute_dtype_on_each_backend(monkeypatch):
     monkeypatch.delenv(FORCE_ENV, raising=False)
+    real, why = compute_dtype("bfloat16", "cpu")  # this machine's own choice: never MLX's slow bfloat16
+    assert (real, why is None) in (("float32", False), ("bfloat16", True)) and (
+        real == "bfloat16"
+    ) == bf16matmul.chosen()
+    _no_bf16_gemm(monkeypatch)
     dtype, why = compute_dtype("bfloat16", "cpu")
     assert dtype == "float32" and "bfloat16" in why and FORCE_ENV in why and "\n" not in why
     assert compute_dtype("float32", "cpu") == ("float32", None)
@@ -42,6 +53,7 @@ def test_compute_dtype_on_each_backend(monkeypatch):
 
 def test_a_bfloat16_run_on_the_cpu_trains_in_float32_and_says_so_once(corpus, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv(FORCE_ENV, raising=False)
+    _no_bf16_gemm(monkeypatch)
     m, t, k = tiny_configs(corpus, tmp_path / "run", dtype="bfloat16", max_steps=4, eval_interval=4)
     run = RunConfig(model=m, tokenizer=k, train=t)
     result = train(run, show_progress=False)

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from mlxllm.cpu import blas
+from mlxllm.cpu import bf16matmul, blas
 
 import mlx.core as mx
 from mlx.utils import tree_map
@@ -68,6 +68,7 @@ class Split:
         self.streams = data_streams(n)
         self.threads = max(1, cores // n) if n > 1 or shared else None  # None: the BLAS's own count
         self._before: int | None = None
+        self._before_bf16: int | None = None
 
     def __call__(self, fn: Callable[[mx.array], Any]) -> Callable[[mx.array], Any]:
         if len(self.streams) == 1:
@@ -76,13 +77,16 @@ class Split:
 
     def __enter__(self) -> Split:
         self._before = blas.threads()
+        self._before_bf16 = bf16matmul.threads()
         if self.threads is not None and mx.default_device().type == mx.DeviceType.cpu:
             blas.set_threads(self.threads)
+            bf16matmul.set_threads(self.threads)  # oneDNN's bfloat16 products, on OpenMP threads of their own
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._before is not None:
             blas.set_threads(self._before)
+        bf16matmul.set_threads(self._before_bf16)
 
 
 def split_over(streams: list[mx.Stream], fn: Callable, batch: mx.array) -> Any:
