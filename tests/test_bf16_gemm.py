@@ -142,6 +142,7 @@ def test_without_onednn_bfloat16_computes_in_float32_with_one_line(fresh_choice,
 def test_info_tells_what_bfloat16_gets_from_the_cache_without_building(ext, fresh_choice, monkeypatch, tmp_path):
     """`mlxllm info`'s line follows the cached measurement; with nothing built it builds nothing."""
     monkeypatch.setattr(bf16build, "build", lambda where: pytest.fail("describe() must not build"))
+    monkeypatch.setattr(bf16build, "load", lambda: (ext, None))  # choose() below: the module built already
     assert "first run with train.dtype = bfloat16" in bf16matmul.describe()  # the empty cache has no module
     monkeypatch.setattr(bf16build, "built", lambda: True)
     assert "measures" in bf16matmul.describe()
