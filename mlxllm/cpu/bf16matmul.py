@@ -69,14 +69,19 @@ def _verdict(speed: dict[str, float]) -> tuple[bool, str]:
     return bf16 >= MARGIN * fp32, f"{bf16:.0f} against {fp32:.0f} GFLOP/s in float32 at {m}x{k}x{n}"
 
 
+def _cache() -> dict[str, dict[str, float]]:
+    """The measurements kept in cache_dir()/bf16gemm.json (empty when there are none or it is unreadable)."""
+    try:
+        cached = json.loads((cache_dir() / "bf16gemm.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return cached if isinstance(cached, dict) else {}
+
+
 def _cached_measure(module) -> dict[str, float]:
     """measure(), once per machine, BLAS, MLX and extension (the key), kept in cache_dir()/bf16gemm.json."""
     path = cache_dir() / "bf16gemm.json"
-    key = _cache_key()
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
+    key, cached = _cache_key(), _cache()
     if key not in cached:
         cached[key] = measure(module)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,9 +128,8 @@ def describe() -> str:
         return f"float32 ({found})"
     if not bf16build.built():
         return "decided at the first run with train.dtype = bfloat16 (it builds mlxllm's oneDNN extension, once)"
-    try:
-        speed = json.loads((cache_dir() / "bf16gemm.json").read_text())[_cache_key()]
-    except (OSError, ValueError, KeyError, TypeError):
+    speed = _cache().get(_cache_key())
+    if speed is None:
         return "decided at the first run with train.dtype = bfloat16 (it measures mlxllm's oneDNN extension, once)"
     fast, figures = _verdict(speed)
     if not fast:
