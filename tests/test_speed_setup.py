@@ -66,7 +66,24 @@ def test_import_widens_mlx_graph_walk_unless_the_user_set_it():
 
 def test_import_sets_only_what_mlx_reads_before_its_first_use():
     code = "import os; before = set(os.environ); import mlxllm; print(' '.join(sorted(set(os.environ) - before)))"
-    assert set(_python(code).split()) <= {"OPENBLAS_THREAD_TIMEOUT", "MKL_THREADING_LAYER", "MLX_BFS_MAX_WIDTH"}
+    allowed = {"OPENBLAS_THREAD_TIMEOUT", "MKL_THREADING_LAYER", "MKL_CBWR", "MLX_BFS_MAX_WIDTH"}
+    assert set(_python(code).split()) <= allowed
+
+
+MKL = os.path.join(sys.prefix, "lib", "libmkl_rt.so.3")
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and os.path.exists(MKL)), reason="pip's MKL is Linux x86-64")
+def test_mkl_loads_sequential_and_reproducible_unless_the_environment_says_otherwise():
+    """MKL's conditional numerical reproducibility: else a product may differ in its last bit between the
+    process that trained and the one that resumes (the buffers' alignment picks the kernel)."""
+    code = "import os, mlxllm; print(os.environ['MKL_CBWR'], os.environ['MKL_THREADING_LAYER'])"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MKL_")}
+    run = lambda **env: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env}, timeout=120
+    ).stdout.split()
+    assert run(MLXLLM_BLAS=MKL) == ["AUTO", "SEQUENTIAL"]
+    assert run(MLXLLM_BLAS=MKL, MKL_CBWR="COMPATIBLE") == ["COMPATIBLE", "SEQUENTIAL"]
 
 
 _WIDE_GRAPH = (

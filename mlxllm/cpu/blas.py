@@ -55,14 +55,19 @@ late = False  # True when mlx.core was imported before we could load one
 # single-threaded elementwise work in between, so spinning workers would take a core from MLX's
 # stream threads whenever the machine has anything else to run; 2**4 cycles makes them sleep at once.
 THREAD_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
+# How MKL is loaded, unless the environment says otherwise. Sequential: the training step runs one BLAS call
+# per stream, a stream per core (see streams.py), and MKL's own thread pools would only compete with those.
+# Conditional numerical reproducibility (CNR), AUTO: without it MKL may pick a kernel by the buffers'
+# alignment, so the same product can differ in the last bit between two processes, and a resumed run would
+# not continue bit-exactly.
+MKL_ENV = {"MKL_THREADING_LAYER": "SEQUENTIAL", "MKL_CBWR": "AUTO"}
 
 
 def _try(path: str) -> bool:
     global loaded
     if "mkl_rt" in path:
-        # Single-threaded calls: the training step runs one BLAS call per stream, a stream per core
-        # (see streams.py); MKL's own thread pools would only compete with those.
-        os.environ.setdefault("MKL_THREADING_LAYER", "SEQUENTIAL")
+        for key, value in MKL_ENV.items():
+            os.environ.setdefault(key, value)
     try:
         lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         lib.cblas_sgemm  # noqa: B018 - must export the standard symbols

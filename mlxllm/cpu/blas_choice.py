@@ -28,6 +28,7 @@ TIMEOUT_S = 30.0  # per library; one that hangs or crashes is skipped
 PROBE_ENV = {
     "OPENBLAS_NUM_THREADS": "1",
     "MKL_THREADING_LAYER": "SEQUENTIAL",
+    "MKL_CBWR": "AUTO",  # as blas.MKL_ENV loads it
     "MKL_NUM_THREADS": "1",
     "BLIS_NUM_THREADS": "1",
     "OMP_NUM_THREADS": "1",
