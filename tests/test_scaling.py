@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 from mlxllm import MlxllmError
 
@@ -150,3 +151,42 @@ def test_json_round_trip_predicts_the_same():
     assert again == fit
     for n, d in ((0.3e6, 1e6), (2e6, 4e8)):
         assert again.predict(n, d) == fit.predict(n, d)
+
+
+def test_differences_are_calibrated_where_predictions_share_a_shift():
+    """Every trial starts on a plateau above the power law (a misfit they share), so the held-out predictions
+    of longer runs all miss the same way: that shift cancels in a difference, and the difference's sd is
+    widened by the misses' spread about it only. About 95% of measured differences between two new
+    architectures (3-10x longer runs, each with its own offset and noise) fall within 2 sd of it."""
+    rng = np.random.default_rng(1)
+    z, narrower = [], []
+    for s in range(60):
+        law = {
+            "e": rng.uniform(0.8, 1.5),
+            "a": 75 * rng.uniform(0.5, 2),
+            "alpha": rng.uniform(0.25, 0.6),
+            "b": 50 * rng.uniform(0.5, 2),
+            "beta": rng.uniform(0.2, 0.45),
+        }
+        sizes = tuple(np.geomspace(0.2e6, 5e6, int(rng.integers(4, 7))))
+        trial_sd, bump = rng.uniform(0.005, 0.03), rng.uniform(0.1, 0.4)
+
+        points = [
+            replace(p, loss=p.loss + bump * math.exp(-p.tokens / 3e6))
+            for p in synthetic(rng, law, sizes, noise=0.005, trial_sd=trial_sd)
+        ]
+        fit = fit_law(points, unique_tokens=1e15, seed=s)
+        n1, n2 = (math.exp(rng.uniform(math.log(0.2e6), math.log(5e6))) for _ in range(2))
+        f = rng.uniform(3, 10)
+        d1, d2 = f * longest_run(n1), f * longest_run(n2)
+        measured = [
+            true_loss(n, d, law) + bump * math.exp(-d / 3e6) + rng.normal(0, trial_sd) + rng.normal(0, 0.005)
+            for n, d in ((n1, d1), (n2, d2))
+        ]
+        mean, sd = fit.difference((n1, d1), (n2, d2))
+        z.append((measured[0] - measured[1] - mean) / sd)
+        narrower.append(fit.diff_scale / fit.scale)
+    inside = float(np.mean(np.abs(z) < 2))
+    assert 0.85 <= inside <= 0.995, (inside, np.round(z, 2))
+    assert 0.6 < math.sqrt(float(np.mean(np.square(z)))) < 1.4
+    assert np.mean(np.array(narrower) < 0.95) > 0.2  # where the misses share a shift, a difference is narrower

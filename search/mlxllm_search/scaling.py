@@ -23,6 +23,11 @@ Why each part is there:
   are fitted at once.
 - The scatter sigma of one finished run around the law (seed, shape at equal N, evaluation batches) is the
   fit's residual scale, never below the points' own evaluation noise.
+- A difference of two runs' losses (is the pick better than the base?) is widened by the held-out misses'
+  spread about their common shift (`diff_scale`), not by their size: a shift that every prediction shares
+  (each too high, say) cancels in a difference. The scatter of each run stays in it whole: on synthetic
+  studies whose points share a misfit (a plateau above the power law early in each run), a trial's own
+  offset alone made differences of runs of unequal length overconfident.
 - The checks of the fit's own extrapolation: each trial left out, its longest point predicted from the
   others (a new architecture); and every trial's longest point predicted from the runs of at most a quarter
   of its length (runs longer than any measured). Each held-out prediction has its own bootstrap, and the sd
@@ -171,6 +176,7 @@ class LawFit:
     points: int
     trials: int
     r_star_fitted: bool = False  # R* fitted to runs on a part of the corpus (else assumed)
+    diff_scale: float | None = None  # >= 1: the held-out misses' spread about their common shift; None: scale
 
     def _x(self, n_params: float, tokens: float, unique_tokens: float | None) -> tuple[float, float]:
         u = self.unique_tokens if unique_tokens is None else unique_tokens
@@ -202,12 +208,14 @@ class LawFit:
     def difference(self, a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
         """(mean, sd) of run a's finished loss less run b's, each (N, tokens) on the corpus: the bootstrap's
         spread of the difference (what moves both predictions together cancels), the scatter of each run
-        around the law (independent: shape at equal N is not in it), times the held-out check's factor; and
-        the difference of their repetition credits (one R* for both)."""
+        around the law (independent: shape at equal N is not in it), times the held-out misses' spread about
+        their common shift (`diff_scale`: the shift cancels); and the difference of their repetition credits
+        (one R* for both)."""
         mean = self.loss(*a) - self.loss(*b)
         spread = _spread(self.draws_at(*a) - self.draws_at(*b), mean)
         credit = self.repetition_credit(*a) - self.repetition_credit(*b)
-        return mean, math.sqrt(self.scale**2 * (spread + 2 * self.sigma**2) + credit**2)
+        scale = self.scale if self.diff_scale is None else self.diff_scale
+        return mean, math.sqrt(scale**2 * (spread + 2 * self.sigma**2) + credit**2)
 
     def repetition_credit(self, n_params: float, tokens: float, unique_tokens: float | None = None) -> float:
         """The loss the law credits to the passes over the text beyond both the most measured and
@@ -238,8 +246,9 @@ class LawFit:
         return (
             f"L = {self.e:.3f} + {self.a:.3f} (N/{self.n_ref / 1e6:.3g}M)^-{self.alpha:.2f} + {self.b:.3f} "
             f"(D_eff/{self.d_ref / 1e6:.3g}M)^-{self.beta:.2f}, R* {self.r_star:.3g} "
-            f"({'fitted' if self.r_star_fitted else 'assumed'}); run scatter {self.sigma:.4f}, sd x{self.scale:.2f} "
-            f"from {len(self.held_out_z)} held-out predictions; {self.points} points of {self.trials} trials"
+            f"({'fitted' if self.r_star_fitted else 'assumed'}); run scatter {self.sigma:.4f}, sd x{self.scale:.2f} (a "
+            f"difference's x{self.diff_scale if self.diff_scale is not None else self.scale:.2f}) from "
+            f"{len(self.held_out_z)} held-out predictions; {self.points} points of {self.trials} trials"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -308,7 +317,15 @@ def fit_law(
         points=len(points),
         trials=len(ids),
         r_star_fitted=fitted,
+        diff_scale=_diff_scale(z),
     )
+
+
+def _diff_scale(z: np.ndarray) -> float:
+    """A difference's factor from the held-out z-scores: their spread about their mean, the shift they share
+    taken off (at least 1; with a single one, its size)."""
+    spread = float(np.std(z, ddof=1)) if len(z) > 1 else float(np.sqrt(np.mean(z**2))) if len(z) else 1.0
+    return max(1.0, spread)
 
 
 def _exponents_prior(alpha: Any, beta: Any) -> Any:
