@@ -145,3 +145,26 @@ def test_the_pick_replaces_the_base_only_when_clearly_better():
     assert kept and "cannot tell its pick from the base" in kept and "switch_sd" in kept
     neighbour = min((m for m in CANDIDATES if m != best.model), key=lambda m: abs(p.predict(m).loss - best.loss))
     assert no_better(p, neighbour, 2.0) is not None and no_better(p, neighbour, 0.0) is None
+
+
+def test_a_loose_pick_says_what_would_narrow_it():
+    """[target] max_2sd: a pick wider than it gets the paragraph. Where the fit itself is loose, a search about
+    as much longer as it needs to pin the fit (more than the seconds spent); where each run's own scatter
+    around the law is wider than max_2sd, that no longer search of the same runs narrows it, and the max_2sd
+    that would act (never a budget the search already had)."""
+    from dataclasses import replace
+
+    from mlxllm_search.plan_gates import too_loose
+
+    p = plan(unique=1e12)
+    best = p.pick(1.0)
+    assert too_loose(p, 2 * best.sd * 1.01, 360.0) is None
+    tight = replace(p, law=replace(p.law, sigma=0.2 * best.sd / p.law.scale))  # the floor: 0.4 of the 2 sd
+    loose = too_loose(tight, best.sd, 360.0)  # max_2sd: half the pick's 2 sd, above the floor
+    need = float(loose.split("A search of roughly ")[1].split(" s")[0].replace(",", ""))
+    assert need > 360.0 * 3 and f"{2 * tight.law.scale * tight.law.sigma:.2f} in 2 sd" in loose
+    wide = replace(p, law=replace(p.law, sigma=0.8 * best.sd / p.law.scale))  # the floor: 1.6 sd, above max_2sd
+    loose = too_loose(wide, best.sd, 360.0)
+    assert "would not narrow it" in loose and "A search of roughly" not in loose
+    floor = 2 * wide.law.scale * wide.law.sigma
+    assert f"a max_2sd above {floor:.2f}" in loose

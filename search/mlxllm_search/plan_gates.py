@@ -30,19 +30,39 @@ REACH = 10.0
 
 def too_loose(plan: Forecast, max_2sd: float, spent_s: float) -> str | None:
     """The paragraph in place of a number when the pick for T is more uncertain than `max_2sd`: what the
-    trials measured, how far the pick is from it, and about what search budget would measure closer."""
+    trials measured, how far the pick is from it, and what would narrow it: about what search budget would
+    (runs within REACH of the target's, a fit pinned closer), or, where each run's own scatter around the law
+    is wider than max_2sd, that more of the same search does not."""
     best, law = plan.pick(1.0), plan.law
     if best is None or law is None or 2 * best.sd <= max_2sd:
         return None
     lo, hi = law.n_range
-    need = spent_s * max(1.0, best.tokens / law.tokens_max / REACH)
-    return (
+    reach = best.tokens / law.tokens_max
+    head = (
         f"The fit is too loose to act on: the pick's predicted loss at T is {best.loss:.2f} +- {2 * best.sd:.2f} "
         f"(2 sd; [target] max_2sd = {max_2sd:g}). Its {law.trials} trials measured {lo / 1e6:.3g}M to "
         f"{hi / 1e6:.3g}M parameters without embeddings and runs of at most {law.tokens_max:,.0f} tokens, while "
-        f"the pick trains on {best.tokens:,.0f} at T ({best.tokens / law.tokens_max:.0f}x that). A search of "
-        f"roughly {need:,.0f} s (--search-seconds, against {spent_s:.0f} s here) would measure runs within "
-        f"{REACH:g}x of the target's; a shorter warm-up (train.warmup_steps) lets shorter runs count."
+        f"the pick trains on {best.tokens:,.0f} at T ({reach:.0f}x that). "
+    )
+    # The part of the sd that more trials like these leave as it is: one run's scatter around the law.
+    floor = 2 * law.scale * law.sigma
+    if floor >= max_2sd:
+        return head + (
+            f"Their runs scatter around the fitted law by {law.sigma:.3f} in loss (x{law.scale:.2f} from the "
+            f"held-out check), {floor:.2f} in 2 sd for any one run: wider than max_2sd, and more trials like these "
+            "would not narrow it. Longer trials (--search-seconds) measure runs further from the start of training "
+            f"and nearer the target's, which the law may fit closer; a max_2sd above {floor:.2f} acts on the plan "
+            "as it is."
+        )
+    # The rest shrinks about as 1 / (the search's seconds): more trials, each as long.
+    pinned = ((2 * best.sd) ** 2 - floor**2) / (max_2sd**2 - floor**2)
+    need = spent_s * max(1.0, reach / REACH, pinned)
+    return head + (
+        f"A search of roughly {need:,.0f} s (--search-seconds, against {spent_s:.0f} s here) would measure runs "
+        f"within {REACH:g}x of the target's and pin the law closer with more trials, though not below the scatter "
+        f"of its runs around it, {law.sigma:.3f} in loss here (x{law.scale:.2f} from the held-out check: {floor:.2f} "
+        "in 2 sd for any one run), which may differ for the runs it measures; a shorter warm-up "
+        "(train.warmup_steps) lets shorter runs count."
     )
 
 
