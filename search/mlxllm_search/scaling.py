@@ -25,9 +25,9 @@ Why each part is there:
   fit's residual scale, never below the points' own evaluation noise.
 - A difference of two runs' losses (is the pick better than the base?) is widened by the held-out misses'
   spread about their common shift (`diff_scale`), not by their size: a shift that every prediction shares
-  (each too high, say) cancels in a difference. The scatter of each run stays in it whole: on synthetic
-  studies whose points share a misfit (a plateau above the power law early in each run), a trial's own
-  offset alone made differences of runs of unequal length overconfident.
+  (each too high, say) cancels in a difference. The scatter of each run stays in it whole: a misfit that
+  the points share along a run (a plateau above the power law early in each) does not cancel between runs
+  of unequal length, so a trial's own offset alone would make such differences overconfident.
 - The checks of the fit's own extrapolation: each trial left out, its longest point predicted from the
   others (a new architecture); and every trial's longest point predicted from the runs of at most a quarter
   of its length (runs longer than any measured). Each held-out prediction has its own bootstrap, and the sd
@@ -324,8 +324,9 @@ def fit_law(
 def _diff_scale(z: np.ndarray) -> float:
     """A difference's factor from the held-out z-scores: their spread about their mean, the shift they share
     taken off (at least 1; with a single one, its size)."""
-    spread = float(np.std(z, ddof=1)) if len(z) > 1 else float(np.sqrt(np.mean(z**2))) if len(z) else 1.0
-    return max(1.0, spread)
+    if len(z) < 2:
+        return max(1.0, float(np.abs(z).max(initial=0.0)))
+    return max(1.0, float(np.std(z, ddof=1)))
 
 
 def _exponents_prior(alpha: Any, beta: Any) -> Any:
