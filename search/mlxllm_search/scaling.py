@@ -24,10 +24,9 @@ Why each part is there:
 - The scatter sigma of one finished run around the law (seed, shape at equal N, evaluation batches) is the
   fit's residual scale, never below the points' own evaluation noise.
 - A difference of two runs' losses (is the pick better than the base?) is widened by the held-out misses'
-  spread about their common shift (`diff_scale`), not by their size: a shift that every prediction shares
-  (each too high, say) cancels in a difference. The scatter of each run stays in it whole: a misfit that
-  the points share along a run (a plateau above the power law early in each) does not cancel between runs
-  of unequal length, so a trial's own offset alone would make such differences overconfident.
+  spread about their common shift (`diff_scale`), not by their size: a shift every prediction shares
+  cancels in it. Each run's scatter stays whole: a misfit the points share along a run (an early plateau)
+  does not cancel between runs of unequal length.
 - The checks of the fit's own extrapolation: each trial left out, its longest point predicted from the
   others (a new architecture); and every trial's longest point predicted from the runs of at most a quarter
   of its length (runs longer than any measured). Each held-out prediction has its own bootstrap, and the sd
