@@ -155,8 +155,8 @@ def test_json_round_trip_predicts_the_same():
 
 def test_differences_are_calibrated_where_predictions_share_a_shift():
     """Every trial starts on a plateau above the power law (a misfit they share), so the held-out predictions
-    of longer runs all miss the same way: that shift cancels in a difference, and the difference's sd is
-    widened by the misses' spread about it only. About 95% of measured differences between two new
+    of longer runs all miss the same way: that shift cancels in a difference, whose factor from the held-out
+    check is the misses' spread about it. About 95% of measured differences between two new
     architectures (3-10x longer runs, each with its own offset and noise) fall within 2 sd of it."""
     rng = np.random.default_rng(1)
     z, narrower = [], []
