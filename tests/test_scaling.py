@@ -56,6 +56,23 @@ def synthetic(
     return points
 
 
+def random_study(rng: np.random.Generator) -> tuple[dict[str, float], tuple[float, ...]]:
+    """A law drawn around TRUE and 4 to 6 trial sizes log-spaced over 0.2M-5M: one of many synthetic studies."""
+    law = {
+        "e": rng.uniform(0.8, 1.5),
+        "a": 75 * rng.uniform(0.5, 2),
+        "alpha": rng.uniform(0.25, 0.6),
+        "b": 50 * rng.uniform(0.5, 2),
+        "beta": rng.uniform(0.2, 0.45),
+    }
+    return law, tuple(np.geomspace(0.2e6, 5e6, int(rng.integers(4, 7))))
+
+
+def random_size(rng: np.random.Generator) -> float:
+    """A new architecture's N, log-uniform over the trials' sizes."""
+    return math.exp(rng.uniform(math.log(0.2e6), math.log(5e6)))
+
+
 def test_recovers_a_known_law_and_predicts_ten_times_longer():
     fit = fit_law(synthetic(np.random.default_rng(0), noise=0.003, trial_sd=0.003), unique_tokens=1e15)
     assert fit.alpha == pytest.approx(TRUE["alpha"], rel=0.25)
@@ -75,16 +92,9 @@ def test_calibrated_on_many_noisy_studies():
     rng = np.random.default_rng(1)
     z = []
     for s in range(80):
-        law = {
-            "e": rng.uniform(0.8, 1.5),
-            "a": 75 * rng.uniform(0.5, 2),
-            "alpha": rng.uniform(0.25, 0.6),
-            "b": 50 * rng.uniform(0.5, 2),
-            "beta": rng.uniform(0.2, 0.45),
-        }
-        sizes = tuple(np.geomspace(0.2e6, 5e6, int(rng.integers(4, 7))))
+        law, sizes = random_study(rng)
         fit = fit_law(synthetic(rng, law, sizes), unique_tokens=1e15, seed=s)
-        n = math.exp(rng.uniform(math.log(0.2e6), math.log(5e6)))
+        n = random_size(rng)
         d = rng.uniform(3, 10) * longest_run(n)
         measured = true_loss(n, d, law) + rng.normal(0, 0.01) + rng.normal(0, 0.01)
         mean, sd = fit.predict(n, d)
@@ -161,22 +171,14 @@ def test_differences_are_calibrated_where_predictions_share_a_shift():
     rng = np.random.default_rng(1)
     z, narrower = [], []
     for s in range(60):
-        law = {
-            "e": rng.uniform(0.8, 1.5),
-            "a": 75 * rng.uniform(0.5, 2),
-            "alpha": rng.uniform(0.25, 0.6),
-            "b": 50 * rng.uniform(0.5, 2),
-            "beta": rng.uniform(0.2, 0.45),
-        }
-        sizes = tuple(np.geomspace(0.2e6, 5e6, int(rng.integers(4, 7))))
+        law, sizes = random_study(rng)
         trial_sd, bump = rng.uniform(0.005, 0.03), rng.uniform(0.1, 0.4)
-
         points = [
             replace(p, loss=p.loss + bump * math.exp(-p.tokens / 3e6))
             for p in synthetic(rng, law, sizes, noise=0.005, trial_sd=trial_sd)
         ]
         fit = fit_law(points, unique_tokens=1e15, seed=s)
-        n1, n2 = (math.exp(rng.uniform(math.log(0.2e6), math.log(5e6))) for _ in range(2))
+        n1, n2 = random_size(rng), random_size(rng)
         f = rng.uniform(3, 10)
         d1, d2 = f * longest_run(n1), f * longest_run(n2)
         measured = [
