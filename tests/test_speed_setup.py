@@ -84,6 +84,10 @@ def test_mkl_loads_sequential_and_reproducible_unless_the_environment_says_other
     ).stdout.split()
     assert run(MLXLLM_BLAS=MKL) == ["AUTO", "SEQUENTIAL"]
     assert run(MLXLLM_BLAS=MKL, MKL_CBWR="COMPATIBLE") == ["COMPATIBLE", "SEQUENTIAL"]
+    # The choice between BLAS libraries measures MKL as it is loaded.
+    from mlxllm.cpu import blas, blas_choice
+
+    assert blas.MKL_ENV.items() <= blas_choice.PROBE_ENV.items()
 
 
 _WIDE_GRAPH = (
