@@ -12,7 +12,7 @@ import sys
 from mlxllm import step as step_mod
 from mlxllm.config import ModelConfig, TrainConfig
 from mlxllm.cpu import blas as _blas
-from mlxllm.cpu import fastexp
+from mlxllm.cpu import blas_choice, fastexp
 from mlxllm.cpu.startup import BFS_WIDTH
 from mlxllm.errors import MlxllmError
 from mlxllm.model import build_model
@@ -84,10 +84,7 @@ def test_mkl_loads_sequential_and_reproducible_unless_the_environment_says_other
     ).stdout.split()
     assert run(MLXLLM_BLAS=MKL) == ["AUTO", "SEQUENTIAL"]
     assert run(MLXLLM_BLAS=MKL, MKL_CBWR="COMPATIBLE") == ["COMPATIBLE", "SEQUENTIAL"]
-    # The choice between BLAS libraries measures MKL as it is loaded.
-    from mlxllm.cpu import blas, blas_choice
-
-    assert blas.MKL_ENV.items() <= blas_choice.PROBE_ENV.items()
+    assert _blas.MKL_ENV.items() <= blas_choice.PROBE_ENV.items()  # the BLAS choice measures MKL as it loads
 
 
 _WIDE_GRAPH = (
