@@ -11,7 +11,7 @@ from mlxllm import MlxllmError, ModelConfig
 import numpy as np
 import pytest
 from mlxllm_search.forecast import Forecast, make_forecast, predict_loss, predict_model, render
-from mlxllm_search.scaling import Point, effective_tokens, law_params
+from mlxllm_search.scaling import Point, effective_tokens, law_params, split_points
 from mlxllm_search.throughput import PRIOR_SD, RunLength, fit_throughput
 
 FLOP_RATE = 1e11  # this synthetic machine's FLOPs per second: 4 x 128 trains at about 17,000 tokens/s
@@ -116,6 +116,26 @@ def test_runs_inside_the_warmup_are_left_out_and_priced():
     assert p.law is None and "left out" in p.shortfall and "measured no finished loss" in p.shortfall
     budget = float(p.shortfall.split("search budget of about ")[1].split(" s")[0].replace(",", ""))
     assert budget > 30
+
+
+def test_runs_no_better_than_a_table_of_pairs_are_left_out_and_priced():
+    points = study(1e12)
+    past = split_points(points)[0]  # past the warm-up
+    floor = sorted(p.loss for p in past)[-2]  # the two highest of them are not below it
+    below = split_points(points, floor=floor)[0]
+    assert 0 < len(below) < len(past)
+    p = make_forecast(points, 1e12, CANDIDATES, measured_speed(), LENGTH, search_seconds=360, floor=floor)
+    assert p.law is not None and p.law.points == len(below)  # the rest is fitted
+    everything = make_forecast(points, 1e12, CANDIDATES, measured_speed(), LENGTH, search_seconds=360, floor=0.5)
+    assert everything.law is None and "table of token pairs" in everything.shortfall
+    assert "measured no finished loss" in everything.shortfall and "below 0.500" in everything.shortfall
+    # The budget it names grows with how far above the level the runs ended.
+    budgets = []
+    for level in (min(q.loss for q in points) - 0.05, min(q.loss for q in points) - 0.5):
+        text = make_forecast(points, 1e12, CANDIDATES, measured_speed(), LENGTH, search_seconds=360, floor=level)
+        assert text.law is None
+        budgets.append(float(text.shortfall.split("search budget of about ")[1].split(" s")[0].replace(",", "")))
+    assert 360 < budgets[0] < budgets[1]
 
 
 def test_json_record_predicts_any_architecture_the_same():

@@ -1,6 +1,7 @@
 """The scaling-law fit across trials (mlxllm_search.scaling): it recovers a known L(N, D), its sd is
-calibrated on many noisy synthetic studies, repeated data saturates, and it refuses warm-up points and
-too few points. Synthetic points only: no training, a few seconds."""
+calibrated on many noisy synthetic studies, repeated data saturates, and it refuses warm-up points, points
+no lower than a table of token pairs (mlxllm_search.pair_floor, checked on a Markov chain) and too few points.
+Synthetic points only: no training, a few seconds."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import math
 from dataclasses import replace
 
 from mlxllm import MlxllmError
+from mlxllm.data import TokenData
+from mlxllm.tokenizer import ByteTokenizer
 
 import numpy as np
 import pytest
+from mlxllm_search.pair_floor import pair_floor
 from mlxllm_search.scaling import (
     R_STAR,
     InadmissiblePoints,
@@ -129,6 +133,39 @@ def test_warmup_points_are_refused():
     with pytest.raises(InadmissiblePoints, match="warm-up"):
         fit_law([*points, inside], unique_tokens=1e15)
     assert split_points(points)[1] == []
+
+
+def test_points_above_the_pairs_level_are_refused(tmp_path):
+    high = Point(0, 1_000_000, 4096 * 200, 2.6, step=200, warmup_steps=20)  # past its warm-up, not below
+    low = Point(0, 1_000_000, 4096 * 400, 2.2, step=400, warmup_steps=20)
+    assert split_points([high, low], floor=2.5) == ([low], [high])
+    assert split_points([high, low]) == ([high, low], [])  # no level known: only the warm-up is checked
+    points = synthetic(np.random.default_rng(5))
+    with pytest.raises(InadmissiblePoints, match="table of token pairs"):
+        fit_law(points, unique_tokens=1e15, floor=min(p.loss for p in points) + 1e-9)
+
+
+def test_the_pairs_level_is_a_bigram_models_validation_loss(tmp_path):
+    # A first-order Markov chain over 8 bytes: the best a table of pairs can do is its entropy rate.
+    rng = np.random.default_rng(0)
+    k, n = 8, 400_000
+    trans = rng.dirichlet(np.full(k, 0.3), size=k)
+    states = np.empty(n, dtype=np.int64)
+    states[0] = 0
+    u = rng.random(n)
+    cum = np.cumsum(trans, axis=1)
+    for i in range(1, n):
+        states[i] = min(int(np.searchsorted(cum[states[i - 1]], u[i])), k - 1)
+    stationary = np.bincount(states, minlength=k) / n
+    rate = -float((stationary[:, None] * trans * np.log(trans)).sum())
+    tokens = (states + 97).astype(np.uint16)
+    cut = int(n * 0.9)
+    data = TokenData(tokens[:cut], tokens[cut:], n - cut, ByteTokenizer(), tmp_path)
+    assert pair_floor(data) == pytest.approx(rate, abs=0.02)
+    # The unigram level is higher, and a masked validation split counts its targets only.
+    assert pair_floor(data) < -float((stationary * np.log(stationary)).sum())
+    mask = np.zeros(n - cut, dtype=np.uint8)
+    assert pair_floor(replace(data, val_mask=mask)) is None
 
 
 def test_too_few_points_say_what_is_missing():

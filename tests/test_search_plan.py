@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -117,7 +118,7 @@ def test_every_designed_branch_finishes_past_the_warm_up() -> None:
 
 def test_the_design_spreads_sizes_over_log_n_base_first_within_the_budget(tmp_path: Path, text: Path) -> None:
     spec = load_spec(write_spec(tmp_path, text, "[target]\nseconds = 60\n[search]\nseconds = 20\n", warmup=10))
-    candidates = plan_candidates(spec, VOCAB)
+    candidates = [replace(m, vocab_size=VOCAB) for m in spec.space.grid(spec.base.model)]  # every shape
     base = architecture(spec, spec.base.model, VOCAB)
     assert base is not None and model_key(base) in {model_key(m) for m in candidates}
     speeds = Speeds(seq_len=32, tokens_per_step=128, eval_batches=2, peak_flops=2e10)
@@ -147,13 +148,29 @@ def test_the_design_spreads_sizes_over_log_n_base_first_within_the_budget(tmp_pa
     assert choose(candidates, [base], [], speeds, MIN_TRIALS * short * 0.99, unit, 0.2, warmup) == []
 
 
+def test_the_plan_leaves_out_one_layer_models_but_the_base(tmp_path: Path, text: Path) -> None:
+    spec = load_spec(write_spec(tmp_path, text, "[target]\nseconds = 60\n"))
+    base = architecture(spec, spec.base.model, VOCAB)
+    candidates = {model_key(m): m for m in plan_candidates(spec, VOCAB)}
+    assert base is not None and base.n_layers == 1 and model_key(base) in candidates  # the user's own stays
+    others = [m for k, m in candidates.items() if k != model_key(base)]
+    assert others and all(m.n_layers >= 2 for m in others)  # off the law's trend in N: neither tried nor picked
+    # A space of one-layer models only: the plan has nothing else, so it keeps them all.
+    flat = test_search_target.write_spec(
+        tmp_path, text, tables="[target]\nseconds = 60\n", space=SPACE.replace("[1, 2]", "[1]"), name="flat"
+    )
+    spec = load_spec(flat)
+    shapes = {(m.n_layers, m.d_model, m.n_heads) for m in spec.space.grid(spec.base.model)}
+    assert {(m.n_layers, m.d_model, m.n_heads) for m in plan_candidates(spec, VOCAB)} == shapes
+
+
 # --- searches --------------------------------------------------------------------------------------------
 
 
 def test_tiny_plan_search_end_to_end(tmp_path: Path, text: Path) -> None:
     # max_2sd, switch_sd: act on the pick of a fit this small, however loose (the fallbacks are checked after).
     spec = write_spec(tmp_path, text, "[target]\nseconds = 30\nmax_2sd = 100\nswitch_sd = 0\n")
-    out, budget = tmp_path / "s", 16.0
+    out, budget = tmp_path / "s", 24.0
     start = time.perf_counter()
     result = cli("search", "run", str(spec), "--out", str(out), "--search-seconds", str(budget))
     wall = time.perf_counter() - start
@@ -187,7 +204,11 @@ def test_tiny_plan_search_end_to_end(tmp_path: Path, text: Path) -> None:
         assert points and all(p["step"] >= need for p in points)
         assert t.value == min(points, key=lambda p: -p["step"])["loss"]  # its value: the longest finished run
         assert t.user_attrs["tokens_per_sec"] > 0
-    assert forecast.law.points == sum(len(t.user_attrs["law_points"]) for t in done)
+    # The fit took every finished run that ended below the level of a table of token pairs, and no other.
+    floor = forecast.floor
+    assert floor is not None and 0 < floor < math.log(VOCAB)
+    losses = [p["loss"] for t in done for p in t.user_attrs["law_points"]]
+    assert forecast.law.points == sum(loss < floor for loss in losses) > 0
     # The corpus is small for 30 s: the repetition trial, when the search had time for it, ran on a part of it
     # (its points say which) and the law fitted R* from it.
     parts = [t for t in done if t.user_attrs.get("unique_tokens")]

@@ -150,6 +150,7 @@ class Forecast:
     picks: tuple[Prediction, ...]  # the best candidate at each of MULTIPLES
     verdict: DataVerdict | None
     shortfall: str | None
+    floor: float | None = None  # pair_floor's level: a point had to end below it to count (None: not checked)
 
     def pick(self, multiple: float = 1.0) -> Prediction | None:
         return next((p for p in self.picks if math.isclose(p.multiple, multiple)), None)
@@ -170,6 +171,7 @@ class Forecast:
             "picks": [p.to_dict() for p in self.picks],
             "verdict": asdict(self.verdict) if self.verdict else None,
             "shortfall": self.shortfall,
+            "floor": self.floor,
         }
 
     @classmethod
@@ -183,6 +185,7 @@ class Forecast:
             picks=tuple(Prediction.from_dict(p) for p in d["picks"]),
             verdict=DataVerdict(**d["verdict"]) if d["verdict"] else None,
             shortfall=d["shortfall"],
+            floor=d.get("floor"),
         )
 
 
@@ -195,25 +198,27 @@ def make_forecast(
     search_seconds: float,
     min_steps_after_warmup: int = MIN_STEPS_AFTER_WARMUP,
     held: dict[str, float] | None = None,
+    floor: float | None = None,
 ) -> Forecast:
-    """The plan from the search's finished-loss points (those inside or just after their warm-up are left
-    out) for the candidate architectures; `search_seconds`: what the search spent to measure them; `held`: the
-    regularisers the space searches that the plan held, at these values (the data verdict names them)."""
+    """The plan from the search's finished-loss points (those inside or just after their warm-up, or not below
+    `floor`, pair_floor's level, are left out) for the candidate architectures; `search_seconds`: what the
+    search spent to measure them; `held`: the regularisers the space searches that the plan held, at these
+    values (the data verdict names them)."""
     if not candidates:
         raise MlxllmError("A forecast needs at least one candidate architecture.")
-    usable, refused = split_points(points, min_steps_after_warmup)
+    usable, refused = split_points(points, min_steps_after_warmup, floor)
     try:
-        law = fit_law(usable, unique_tokens, min_steps_after_warmup=min_steps_after_warmup)
+        law = fit_law(usable, unique_tokens, min_steps_after_warmup=min_steps_after_warmup, floor=floor)
     except NotEnoughPoints as e:
-        text = shortfall(e.coverage, usable, refused, search_seconds, length, min_steps_after_warmup)
-        return Forecast(length, float(unique_tokens), speed, None, (), (), None, text)
+        text = shortfall(e.coverage, usable, refused, search_seconds, length, min_steps_after_warmup, floor)
+        return Forecast(length, float(unique_tokens), speed, None, (), (), None, text, floor)
     at = {
         m: sorted((predict_model(law, speed, length, c, m) for c in candidates), key=lambda p: p.loss)
         for m in MULTIPLES
     }
     picks = tuple(min(at[m], key=lambda p: p.loss + PICK_SD * p.sd) for m in MULTIPLES)
     verdict = data_verdict(law, picks[MULTIPLES.index(1.0)], candidates, held)
-    return Forecast(length, float(unique_tokens), speed, law, tuple(at[1.0]), picks, verdict, None)
+    return Forecast(length, float(unique_tokens), speed, law, tuple(at[1.0]), picks, verdict, None, floor)
 
 
 def predict_loss(record: dict[str, Any], model: ModelConfig, multiple: float = 1.0) -> tuple[float, float]:
@@ -231,8 +236,23 @@ def _sizes(points: Sequence[Point]) -> str:
     return ", ".join(f"{n / 1e6:.3g}M" for n in sizes[:6]) + (" ..." if len(sizes) > 6 else "")
 
 
+def _longer_to_pass(points: Sequence[Point], floor: float) -> float:
+    """Roughly how many times longer the runs must be to end below `floor`: each trial's loss continued along
+    its last two points in log steps, the soonest of them (2 where no trial has two falling points)."""
+    out = []
+    for t in {p.trial for p in points}:
+        (s1, l1), (s2, l2) = sorted((p.step, p.loss) for p in points if p.trial == t)[-2:] or [(1, 0.0)] * 2
+        if s2 > s1 and l1 > l2:
+            out.append(math.exp((l2 - floor) / ((l1 - l2) / math.log(s2 / s1))))
+    return max(1.0, min(out)) if out else 2.0
+
+
 def _budget_factor(
-    coverage: Coverage, usable: Sequence[Point], refused: Sequence[Point], min_steps_after_warmup: int
+    coverage: Coverage,
+    usable: Sequence[Point],
+    refused: Sequence[Point],
+    min_steps_after_warmup: int,
+    floor: float | None = None,
 ) -> float | None:
     """Roughly how many times the spent search budget would measure what is missing (None: no idea)."""
     if usable:
@@ -243,7 +263,10 @@ def _budget_factor(
         need = max(first_step(p.warmup_steps, min_steps_after_warmup) for p in refused)
         longest = max(p.step for p in refused)
         trials = len({p.trial for p in refused})
-        return need / longest * max(1.0, MIN_TRIALS / trials) * SHORTFALL_MARGIN
+        longer = need / longest
+        if floor is not None and longest >= need:  # long enough, but not yet below the pairs' level
+            longer = _longer_to_pass(refused, floor)
+        return longer * max(1.0, MIN_TRIALS / trials) * SHORTFALL_MARGIN
     return None
 
 
@@ -254,27 +277,36 @@ def shortfall(
     search_seconds: float,
     length: RunLength,
     min_steps_after_warmup: int = MIN_STEPS_AFTER_WARMUP,
+    floor: float | None = None,
 ) -> str:
     """The paragraph printed instead of a prediction: what was measured (`coverage` of the `usable` points;
-    the `refused` ones), what is missing, and roughly what search budget would buy it (the spent
-    `search_seconds` scaled by the shortfall)."""
+    the `refused` ones, early or not below `floor`), what is missing, and roughly what search budget would
+    buy it (the spent `search_seconds` scaled by the shortfall)."""
     measured = (
         f"In {search_seconds:,.0f} s the search measured {_count(coverage.trials, 'trial')} ({_sizes(usable)} "
         f"parameters) with {_count(coverage.points, 'finished loss', 'finished losses')}"
         if usable
         else f"In {search_seconds:,.0f} s the search measured no finished loss the fit can use"
     )
-    if refused:
-        measured += f"; {_count(len(refused), 'run')} ended inside or just after the warm-up and were left out"
+    early = [p for p in refused if p.step < first_step(p.warmup_steps, min_steps_after_warmup)]
+    if early:
+        measured += f"; {_count(len(early), 'run')} ended inside or just after the warm-up and were left out"
+    if len(early) < len(refused):
+        measured += (
+            f"; {_count(len(refused) - len(early), 'run')} ended no lower than the {floor:.3f} that a table of "
+            "token pairs counted on the training text gives, so had not yet learned what the law describes, and "
+            "were left out"
+        )
     missing = "; ".join(coverage.missing())
     if not usable:
         need = max((first_step(p.warmup_steps, min_steps_after_warmup) for p in refused), default=0)
         missing = (
-            f"runs that end {need} steps or more in (twice the warm-up, and {min_steps_after_warmup} steps past it), "
+            f"runs that end {need} steps or more in (twice the warm-up, and {min_steps_after_warmup} steps past it)"
+            f"{f' at a loss below {floor:.3f}' if floor is not None else ''}, "
             if need
             else ""
         ) + f"from {MIN_TRIALS} trials or more of {MIN_SIZES} sizes, at {MIN_LENGTHS} lengths or more"
-    factor = _budget_factor(coverage, usable, refused, min_steps_after_warmup)
+    factor = _budget_factor(coverage, usable, refused, min_steps_after_warmup, floor)
     if factor is None:
         cost = "No trial finished a run: the search budget must be several times larger"
     else:

@@ -9,11 +9,21 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mlxllm.config import ModelConfig
 from mlxllm.errors import MlxllmError
 
 MIN_POINTS, MIN_TRIALS, MIN_SIZES, MIN_LENGTHS, MIN_LENGTH_RATIO = 6, 3, 3, 3, 2.0
 DISTINCT = 1.1  # sizes or lengths closer than this factor count as one
 MIN_STEPS_AFTER_WARMUP = 20  # a run shorter than this past its warm-up holds little but the unigram fall
+# Kaplan et al. (2020, fig. 6): counted without their embeddings, models of every depth fall on one trend in N,
+# except those of fewer than two layers, which lie well above it; the law describes the others, and a plan
+# that trusted it for one-layer models would pick them for their speed.
+MIN_LAW_LAYERS = 2
+
+
+def in_law(model: ModelConfig) -> bool:
+    """Whether the law's trend in N holds for `model`'s shape (at least MIN_LAW_LAYERS layers)."""
+    return model.n_layers >= MIN_LAW_LAYERS
 
 
 @dataclass(frozen=True)
@@ -46,24 +56,45 @@ def first_step(warmup_steps: int, min_steps_after_warmup: int = MIN_STEPS_AFTER_
     return max(2 * warmup_steps, warmup_steps + min_steps_after_warmup)
 
 
-def refusal(point: Point, min_steps_after_warmup: int = MIN_STEPS_AFTER_WARMUP) -> str | None:
+def refusal(
+    point: Point, min_steps_after_warmup: int = MIN_STEPS_AFTER_WARMUP, floor: float | None = None
+) -> str | None:
     """Why a point cannot enter the fit (None: it can): a run that ends inside its warm-up, or too soon
-    after it, has not started the fall the law describes, and extrapolating it predicts from nothing."""
+    after it, has not started the fall the law describes, and extrapolating it predicts from nothing; nor
+    has one whose loss is not below `floor` (pair_floor: what a table of token pairs gives; None: no check)."""
     need = first_step(point.warmup_steps, min_steps_after_warmup)
     if point.step < need:
         return (
             f"trial {point.trial}'s run of {point.step} steps ends within {need} steps "
             f"(twice its {point.warmup_steps}-step warm-up, and at least {min_steps_after_warmup} past it)"
         )
+    if floor is not None and point.loss >= floor:
+        return (
+            f"trial {point.trial}'s run of {point.step} steps ends at a loss of {point.loss:.3f}, not below the "
+            f"{floor:.3f} a table of token pairs gives"
+        )
     return None
 
 
 def split_points(
-    points: Sequence[Point], min_steps_after_warmup: int = MIN_STEPS_AFTER_WARMUP
+    points: Sequence[Point], min_steps_after_warmup: int = MIN_STEPS_AFTER_WARMUP, floor: float | None = None
 ) -> tuple[list[Point], list[Point]]:
     """(the points the fit may use, those it refuses)."""
-    ok = [p for p in points if refusal(p, min_steps_after_warmup) is None]
-    return ok, [p for p in points if refusal(p, min_steps_after_warmup) is not None]
+    ok = [p for p in points if refusal(p, min_steps_after_warmup, floor) is None]
+    return ok, [p for p in points if refusal(p, min_steps_after_warmup, floor) is not None]
+
+
+def admit(
+    points: Sequence[Point], min_steps_after_warmup: int = MIN_STEPS_AFTER_WARMUP, floor: float | None = None
+) -> None:
+    """Raise InadmissiblePoints, saying why, if any of `points` is refused (see refusal)."""
+    refused = [r for p in points if (r := refusal(p, min_steps_after_warmup, floor))]
+    if refused:
+        raise InadmissiblePoints(
+            "The scaling-law fit refuses runs that end inside or just after their warm-up, or no lower than a "
+            f"table of token pairs (a prediction from them would be from nothing): {'; '.join(refused[:3])}"
+            f"{' ...' if len(refused) > 3 else ''}. Leave them out (split_points) or train longer."
+        )
 
 
 class InadmissiblePoints(MlxllmError):

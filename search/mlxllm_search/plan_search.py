@@ -34,7 +34,8 @@ from mlxllm_search.branches import PlanTrial
 from mlxllm_search.deadlines import Deadlines
 from mlxllm_search.design import MAX_TRIALS, MIN_LEVELS, Choice, Ladder, Measured, Speeds, choose, first_unit
 from mlxllm_search.forecast import Forecast, make_forecast, render
-from mlxllm_search.law_points import MIN_TRIALS, Point, first_step
+from mlxllm_search.law_points import MIN_TRIALS, Point, first_step, in_law
+from mlxllm_search.pair_floor import pair_floor
 from mlxllm_search.plan_gates import no_better, shape, too_loose
 from mlxllm_search.records import TrialRecord, record_of
 from mlxllm_search.regularisers import held
@@ -61,15 +62,19 @@ def architecture(spec: SearchSpec, model: ModelConfig, vocab_size: int) -> Model
 
 
 def plan_candidates(spec: SearchSpec, vocab_size: int) -> list[ModelConfig]:
-    """Every architecture of the space's grid within the parameter cap, with the tokenizer's vocabulary (and
-    the plan's dropout)."""
+    """Every architecture of the space's grid within the parameter cap whose shape the law holds for
+    (law_points.in_law; all of them where none is, and the base architecture always), with the tokenizer's
+    vocabulary (and the plan's dropout): the trials' and the pick's."""
     cap = spec.settings.caps.params
     out: dict[str, ModelConfig] = {}
     for m in spec.space.grid(spec.base.model):
         m = replace(plan_sample(spec, m).model, vocab_size=vocab_size)
         if cap is None or m.num_params() <= cap:
             out.setdefault(model_key(m), m)
-    return list(out.values())
+    base = architecture(spec, spec.base.model, vocab_size)
+    keep = {model_key(base)} if base is not None else set()
+    shaped = [m for k, m in out.items() if in_law(m) or k in keep]
+    return shaped if any(in_law(m) for m in shaped) else list(out.values())
 
 
 def plan_learning_rate(spec: SearchSpec) -> float:
@@ -247,8 +252,11 @@ def run_trials(
             console.print(_trial_line(plan_trials(study)[-1]), highlight=False)
 
 
-def forecast(study: optuna.Study, spec: SearchSpec, data: TokenData, search_seconds: float) -> Forecast:
-    """The plan from every plan trial's points, for every candidate architecture."""
+def forecast(
+    study: optuna.Study, spec: SearchSpec, data: TokenData, search_seconds: float, floor: float | None = None
+) -> Forecast:
+    """The plan from every plan trial's points, for every candidate architecture (`floor`: pair_floor's level,
+    below which a point must end to count)."""
     vocab, train, target = data.tokenizer.vocab_size, spec.base.train, spec.target
     assert target is not None
     done = measured(study, vocab)
@@ -274,6 +282,7 @@ def forecast(study: optuna.Study, spec: SearchSpec, data: TokenData, search_seco
         length,
         search_seconds,
         held=held_regularisers(spec),
+        floor=floor,
     )
 
 
@@ -348,8 +357,9 @@ def plan_search(
             f"(warm-up {train.warmup_steps}), a branch from step {unit}.",
             highlight=False,
         )
+    floor = pair_floor(data)
     run_trials(study, spec, search_dir, data, deadlines, first, console)
-    plan = forecast(study, spec, data, time.time() - started)
+    plan = forecast(study, spec, data, time.time() - started, floor)
     assert spec.target is not None
     loose = too_loose(plan, spec.target.max_2sd, time.time() - started) or no_better(plan, base, spec.target.switch_sd)
     write_plan(study, spec, search_dir, plan, best_path, loose)

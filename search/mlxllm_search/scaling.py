@@ -59,8 +59,8 @@ from mlxllm_search.law_points import (
     InadmissiblePoints,
     NotEnoughPoints,
     Point,
+    admit,
     first_step,
-    refusal,
     split_points,
 )
 
@@ -265,18 +265,13 @@ def fit_law(
     r_star: float | None = None,
     min_steps_after_warmup: int = MIN_STEPS_AFTER_WARMUP,
     seed: int = 0,
+    floor: float | None = None,
 ) -> LawFit:
     """Fit the law to finished-loss points of a corpus of `unique_tokens` (see the module docstring); a point
     with its own unique_tokens trained on that part of it. `r_star` None: fitted when some points trained on a
-    part, else R_STAR. Raises InadmissiblePoints for points inside or just after their warm-up,
-    NotEnoughPoints when the rest cannot pin the law."""
-    refused = [r for p in points if (r := refusal(p, min_steps_after_warmup))]
-    if refused:
-        raise InadmissiblePoints(
-            "The scaling-law fit refuses runs that end inside or just after their warm-up (a prediction from "
-            f"them would be from nothing): {'; '.join(refused[:3])}{' ...' if len(refused) > 3 else ''}. "
-            "Leave them out (mlxllm_search.scaling.split_points) or train longer."
-        )
+    part, else R_STAR. Raises InadmissiblePoints for points inside or just after their warm-up, or not below
+    `floor` (pair_floor), NotEnoughPoints when the rest cannot pin the law."""
+    admit(points, min_steps_after_warmup, floor)
     if not unique_tokens > 0:
         raise MlxllmError(f"The corpus' unique tokens must be positive (got {unique_tokens!r}).")
     coverage = Coverage.of(points)
