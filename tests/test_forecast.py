@@ -136,6 +136,9 @@ def test_runs_no_better_than_a_table_of_pairs_are_left_out_and_priced():
         assert text.law is None
         budgets.append(float(text.shortfall.split("search budget of about ")[1].split(" s")[0].replace(",", "")))
     assert 360 < budgets[0] < budgets[1]
+    lone = [min(points, key=lambda q: q.loss)]  # one run in all: no trend to go on, a rough factor still
+    text = make_forecast(lone, 1e12, CANDIDATES, measured_speed(), LENGTH, search_seconds=60, floor=0.5).shortfall
+    assert text is not None and "search budget of about" in text
 
 
 def test_json_record_predicts_any_architecture_the_same():

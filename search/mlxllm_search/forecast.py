@@ -241,7 +241,8 @@ def _longer_to_pass(points: Sequence[Point], floor: float) -> float:
     its last two points in log steps, the soonest of them (2 where no trial has two falling points)."""
     out = []
     for t in {p.trial for p in points}:
-        (s1, l1), (s2, l2) = sorted((p.step, p.loss) for p in points if p.trial == t)[-2:] or [(1, 0.0)] * 2
+        runs = sorted((p.step, p.loss) for p in points if p.trial == t)
+        (s1, l1), (s2, l2) = runs[-2:] if len(runs) > 1 else ((1, 0.0), (1, 0.0))
         if s2 > s1 and l1 > l2:
             out.append(math.exp((l2 - floor) / ((l1 - l2) / math.log(s2 / s1))))
     return max(1.0, min(out)) if out else 2.0
