@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlxllm_search.forecast import Forecast, make_forecast, predict_loss, predict_model, render
 from mlxllm_search.scaling import Point, effective_tokens, law_params, split_points
-from mlxllm_search.throughput import PRIOR_SD, RunLength, fit_throughput
+from mlxllm_search.throughput import PRIOR_SD, SLOPE_RANGE, RunLength, fit_throughput
 
 FLOP_RATE = 1e11  # this synthetic machine's FLOPs per second: 4 x 128 trains at about 17,000 tokens/s
 SEQ = 256
@@ -73,6 +73,17 @@ def test_speed_is_measured_or_predicted_from_flops():
     )
     with pytest.raises(MlxllmError):
         RunLength("minutes", 10, 4096)
+
+
+def test_two_close_sizes_timed_flat_do_not_promise_a_big_model_their_speed():
+    # Two small sizes whose speeds came out equal (one on a busier machine): a line through them is flat, and
+    # would give a model with many times their FLOPs their speed. The slope is held at no flatter than -0.5.
+    small, bigger = TRAINED[0], TRAINED[1]
+    speed = fit_throughput([(small, 20_000.0), (bigger, 20_500.0)], SEQ)
+    assert speed.slope == SLOPE_RANGE[1]
+    big = max(CANDIDATES, key=lambda m: m.flops_per_token(SEQ))
+    ratio = big.flops_per_token(SEQ) / bigger.flops_per_token(SEQ)
+    assert ratio > 4 and speed.tokens_per_second(big)[0] <= 20_500.0 * ratio**-0.5 * 1.05
 
 
 def test_longer_runs_pick_bigger_models_and_mark_extrapolation():

@@ -7,6 +7,7 @@ Tiny models (1-2 layers, d_model 16-64) and targets of a few seconds: each searc
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 import time
 from pathlib import Path
@@ -55,6 +56,13 @@ def cli(*args: str):
 
 
 # --- the pieces ------------------------------------------------------------------------------------------
+
+
+def warm_seconds(output: str) -> float:
+    """The seconds of MLX's first compile on this machine that a search printed (the warm-up, outside its
+    budget), with a second for the rounding; 0 when it printed none (the kernels were there already)."""
+    found = re.search(r"compiled its kernels for this machine in (\d+) s", output)
+    return int(found.group(1)) + 1.0 if found else 0.0
 
 
 def test_curve_fit_recovers_a_known_curve() -> None:
@@ -205,7 +213,7 @@ def test_tiny_target_search_end_to_end_within_its_budget(tmp_path: Path, text: P
     result = cli("search", "run", str(spec), "--out", str(out), "--search-seconds", str(budget), "--seed", "0")
     wall = time.perf_counter() - start
     assert result.exit_code == 0, result.output
-    assert wall < budget + 4, (
+    assert wall < budget + 4 + warm_seconds(result.output), (
         f"the search ran {wall:.1f} s on a {budget:g} s budget"
     )  # +: the last evaluation, best.toml
     assert "pred@T" in result.output and "meas@T" in result.output and "Search cost" in result.output

@@ -72,9 +72,12 @@ def rms_norm(eps: float) -> Callable[[mx.array, mx.array], mx.array]:
         x, weight = primals
         f32 = mx.float32  # as the forward kernel computes (a no-op for fp32 training)
         x32, cot32 = x.astype(f32), cotangent.astype(f32)
-        r = mx.rsqrt(mx.mean(mx.square(x32), axis=-1, keepdims=True) + eps)
+        # 1 / d as a computed scalar, not mx.mean's constant: MLX's CPU compiler writes constants into a fused
+        # kernel's source, so each new width would compile its own kernels (seconds each) on first use.
+        inv_d = 1.0 / mx.sum(mx.ones_like(weight, dtype=f32))
+        r = mx.rsqrt(mx.sum(mx.square(x32), axis=-1, keepdims=True) * inv_d + eps)
         normed, g = x32 * r, cot32 * weight.astype(f32)
-        dx = r * (g - normed * mx.mean(g * normed, axis=-1, keepdims=True))
+        dx = r * (g - normed * (mx.sum(g * normed, axis=-1, keepdims=True) * inv_d))
         dw = (cot32 * normed).reshape(-1, x.shape[-1]).sum(axis=0)
         return dx.astype(x.dtype), dw.astype(weight.dtype)
 

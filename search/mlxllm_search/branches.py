@@ -81,6 +81,7 @@ class _Measures:
     evals: list[tuple[int, float, float]] = field(default_factory=list)
     overheads: list[float] = field(default_factory=list)
     points: list[Point] = field(default_factory=list)
+    compile_s: float = 0.0  # the main run's first call beyond its estimate: MLX compiling kernels new here
 
     def cost(self) -> Cost:
         """The trial's cost rates: measured where it has them, else the design's estimate."""
@@ -92,6 +93,21 @@ class _Measures:
         ]  # the wall between two evaluations, less its training: the evaluation and checkpoint
         eval_s = max(0.0, statistics.median(gaps)) if gaps else self.prior.eval_s
         return Cost(step_s, eval_s, statistics.median(self.overheads) if self.overheads else self.prior.call_s)
+
+
+@dataclass
+class _Deadline:
+    """When a trial stops going on (`at`, time.time()): its share of the search, moved later by what MLX's
+    first compile of a kernel took in its first call (a new shape on this machine), never past the search's."""
+
+    at: float
+    search_end: float
+
+    def __post_init__(self) -> None:
+        self.at = min(self.at, self.search_end)
+
+    def forgive(self, seconds: float) -> None:
+        self.at = min(self.at + max(0.0, seconds), self.search_end)
 
 
 class PlanTrial:
@@ -130,7 +146,7 @@ class PlanTrial:
             params=model.num_params(),
             run_dir=str(trial_dir),
         )
-        deadline = min(time.time() + record.share_s * SHARE_SLACK, time.time() + self.deadlines.left())
+        deadline = _Deadline(time.time() + record.share_s * SHARE_SLACK, time.time() + self.deadlines.left())
         measures = _Measures(self.spec.tokens_per_step, self.speeds().cost(model))
         data = self.data
         if record.unique_tokens is not None:  # the repetition trial: its runs repeat a part of the corpus
@@ -173,16 +189,21 @@ class PlanTrial:
         )
 
     def _train(
-        self, trial: optuna.Trial, run: RunConfig, steps: list[int], deadline: float, m: _Measures, data: TokenData
+        self, trial: optuna.Trial, run: RunConfig, steps: list[int], deadline: _Deadline, m: _Measures, data: TokenData
     ) -> None:
         """The main run, then its branches, longest first, while the trial's time lasts (trained on `data`)."""
         f = run.train.cooldown_fraction
+        began = time.perf_counter()
 
         def on_eval(metrics: dict[str, Any]) -> bool:
             m.evals.append((metrics["step"], metrics["elapsed"], metrics["tokens_per_sec"]))
             if self.on_eval:
                 self.on_eval()
             step = metrics["step"]
+            if len(m.evals) == 1:  # the set-up and first steps beyond their estimate were the compiler's
+                cost = m.cost()
+                m.compile_s = max(0.0, time.perf_counter() - began - m.prior.call_s - step * cost.step_s - cost.eval_s)
+                deadline.forgive(m.compile_s)
             if step >= steps[-1]:
                 return False  # the last cooldown is under way: finish it
             cost, nxt = m.cost(), next(s for s in steps if s > step)
@@ -190,13 +211,13 @@ class PlanTrial:
             if nxt == steps[-1]:
                 ahead += (run.train.max_steps - nxt) * (cost.step_s + cost.eval_s / steps[0])
             ahead += sum(cost.branch_s(s, f) for s in steps if s < nxt and s != steps[-1])
-            return time.time() + ahead > deadline
+            return time.time() + ahead > deadline.at
 
-        began = time.perf_counter()
         result = train_run(run, data, resume=False, callback=on_eval)
         cost = m.cost()
         evals = math.ceil(result.step / steps[0])
-        m.overheads.append(max(0.0, time.perf_counter() - began - result.step * cost.step_s - evals * cost.eval_s))
+        wall = time.perf_counter() - began - m.compile_s  # the set-up of a call, not the compiler's first pass
+        m.overheads.append(max(0.0, wall - result.step * cost.step_s - evals * cost.eval_s))
         if result.step >= run.train.max_steps:
             m.points.append(self._point(trial, run, result, data))
             todo = steps[:-1]
@@ -204,7 +225,7 @@ class PlanTrial:
             todo = sorted({s for s in steps if s <= result.step} | {result.step})
         main_dir = Path(run.train.out_dir)
         for s in sorted(todo, reverse=True):
-            if time.time() + m.cost().branch_s(s, f) > deadline:
+            if time.time() + m.cost().branch_s(s, f) > deadline.at:
                 continue
             b = branch(main_dir, s, main_dir.parent / f"branch-{s:06d}", overwrite=True)
             k = b.train.max_steps  # evaluated once, at its end

@@ -49,6 +49,7 @@ from mlxllm_search.target_search import (
     too_many_free,
     uncounted,
 )
+from mlxllm_search.warmup import SAY_AFTER_S, warm_up
 
 META_NAME = "search.json"
 
@@ -355,6 +356,11 @@ def search(
     prepared = data_mod.prepare(train.data, spec.base.tokenizer, quiet=not show, **split)
     data_mod.check_length(prepared, train.seq_len or spec.base.model.max_seq_len)
     fits = spec.check(prepared.tokenizer.vocab_size)  # caps no architecture can meet fail here, before any training
+    if spec.settings.seconds is not None:  # a time budget is for the trials, not the compiler's first pass
+        warm = warm_up(spec, prepared, search_dir)
+        started += warm
+        if show and warm > SAY_AFTER_S:
+            print(f"MLX compiled its kernels for this machine in {warm:.0f} s (once), outside the search's budget.")
     fit = spec.planner == "fit"  # the fit planner designs its own trials, the seed configs' first
     study, requeued = _set_up(spec, search_dir, storage, name, seed, [] if fit else _seed_params(spec, seed_configs))
     console = LiveTrials(spec.settings.objectives + tuple(k for k, _ in spec.settings.caps.items()), show)

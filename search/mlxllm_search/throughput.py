@@ -4,8 +4,9 @@ uncertainty; it turns a run length in seconds into the tokens each architecture 
 
 Why a line in log-log: the throughput of one machine is close to a constant FLOP rate (slope -1), but small
 models spend relatively more of each step outside the matrix products, so the slope is fitted when two or
-more sizes were measured; with one, it is -1 and the prediction's sd is PRIOR_SD. A measured architecture
-keeps its own speed, with MEASURED_SD for the machine's load varying between the search and the run.
+more sizes were measured (within SLOPE_RANGE); with one, it is -1 and the prediction's sd is PRIOR_SD. A
+measured architecture keeps its own speed, with MEASURED_SD for the machine's load varying between the
+search and the run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ import numpy as np
 MEASURED_SD = 0.05  # log sd of a measured speed when the run trains later, on a machine loaded differently
 PRIOR_SD = 0.3  # log sd of a speed predicted from one measured architecture
 LENGTH_KINDS = ("seconds", "steps", "tokens")
+# The line's slope is held between a constant FLOP rate (-1) and half of it: sizes measured close together
+# (or one timed on a busy machine) can fit a flat or rising line, which would promise a model ten times larger
+# at the small one's speed, and the trial designed on it would overrun the search.
+SLOPE_RANGE = (-1.0, -0.5)
 
 
 def model_key(model: ModelConfig) -> str:
@@ -113,6 +118,7 @@ def fit_throughput(samples: Sequence[tuple[ModelConfig, float]], seq_len: int) -
         slope, sd = -1.0, PRIOR_SD
     else:
         slope = float(((x - x.mean()) * (y - y.mean())).sum() / ss)
+        slope = min(max(slope, SLOPE_RANGE[0]), SLOPE_RANGE[1])
         rss = float(((y - y.mean() - slope * (x - x.mean())) ** 2).sum())
         sd = math.sqrt(rss / (len(keys) - 2)) if len(keys) > 2 else PRIOR_SD
     intercept = float(y.mean() - slope * x.mean())

@@ -1,0 +1,52 @@
+"""MLX's kernels compiled before the search's clock starts.
+
+On the CPU backend MLX compiles each fused kernel of a compiled step with the system's C++ compiler the first
+time it meets it, and keeps the library for later processes (per MLX version). On a machine that never trained
+before, the first training call spends tens of seconds there: inside the search's budget, the first trial's
+share would go to the compiler, and a short search would measure nothing. Training the base config for a few
+steps first, with one evaluation, compiles what every trial uses (the same step and evaluation at other sizes);
+when the kernels are already there it costs a second or two. The search does not count it in its seconds, and
+says so when it was long.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from mlxllm.data import TokenData
+from mlxllm.trainer import train
+
+import mlx.core as mx
+
+from mlxllm_search.space import Sample, SearchSpec, run_config
+
+WARM_STEPS = 3  # the warm-up step and one more compile the step; an evaluation after the last
+SAY_AFTER_S = 5.0  # a warm-up this long was the compiler's first pass on this machine: the search says so
+
+
+def needs_warm_up() -> bool:
+    """Whether MLX compiles its kernels with the C++ compiler here (its CPU backend); Metal's and CUDA's are
+    compiled at their first use too, but in well under a second."""
+    return mx.default_device() == mx.cpu
+
+
+def warm_up(spec: SearchSpec, data: TokenData, search_dir: Path) -> float:
+    """Train the base config for WARM_STEPS steps (WSD, as the fit planner's trials; one evaluation) in a
+    scratch folder under `search_dir`, removed after; returns the seconds it took (0.0 where not needed)."""
+    if not needs_warm_up():
+        return 0.0
+    began = time.perf_counter()
+    out = search_dir / "warm-up"
+    run = run_config(spec, Sample.of(spec.base), out)
+    settings = dict(max_steps=WARM_STEPS, max_tokens=None, max_seconds=None, eval_interval=WARM_STEPS)
+    run = replace(
+        run, train=replace(run.train, schedule="wsd", warmup_steps=1, keep_last=1, sample_tokens=0, **settings)
+    )
+    try:
+        train(run, overwrite=True, show_progress=False, data=data)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return time.perf_counter() - began
