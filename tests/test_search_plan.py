@@ -24,7 +24,17 @@ from mlxllm.schedule import length_for_stable  # noqa: E402
 
 import test_search  # noqa: E402
 import test_search_target  # noqa: E402
-from mlxllm_search.design import LADDER, Cost, Ladder, Speeds, choose, first_unit, longest_ladder  # noqa: E402
+from mlxllm_search.design import (  # noqa: E402
+    GOOD_LEVELS,
+    LADDER,
+    MIN_LEVELS,
+    Cost,
+    Ladder,
+    Speeds,
+    choose,
+    first_unit,
+    longest_ladder,
+)
 from mlxllm_search.forecast import Forecast, predict_loss  # noqa: E402
 from mlxllm_search.law_points import DISTINCT, MIN_TRIALS, first_step  # noqa: E402
 from mlxllm_search.plan_gates import too_loose  # noqa: E402
@@ -132,6 +142,15 @@ def test_the_design_spreads_sizes_over_log_n_base_first_within_the_budget(tmp_pa
         for c in choices:  # no branch ends inside or just after the warm-up
             assert c.ladder.steps[0] >= unit and min(c.ladder.lengths) >= first_step(warmup)
             assert c.ladder.levels >= 2 and c.cost_s <= c.share_s
+    # A base too slow for GOOD_LEVELS branch points in its share is still trial 0, at the fewest it affords,
+    # while the other sizes get theirs: a trial of the user's default beats one more size.
+    big = max(candidates, key=lambda m: m.flops_per_token(32))
+    slow = replace(speeds, peak_flops=2e8)  # the step, not the set-up of each call, is most of a trial's cost
+    cost = slow.cost(big)
+    two, four = (cost.seconds(Ladder(unit, n, 0.2)) for n in (MIN_LEVELS, GOOD_LEVELS))
+    choices = choose(candidates, [big], [], slow, MIN_TRIALS * (two + four) / 2, unit, 0.2, warmup)
+    assert model_key(choices[0].model) == model_key(big) and MIN_LEVELS <= choices[0].ladder.levels < GOOD_LEVELS
+    assert any(c.ladder.levels >= GOOD_LEVELS for c in choices[1:])
     # Measured trials: no architecture twice, the sizes chosen next away from those measured.
     first = choose(candidates, [base], [], speeds, 40.0, unit, 0.2, warmup)
     done = [c.model for c in first[:2]]
@@ -279,5 +298,6 @@ def test_the_warm_up_trains_the_base_outside_the_search_and_leaves_nothing(tmp_p
     out = tmp_path / "s"
     out.mkdir()
     assert needs_warm_up()  # this machine runs MLX on its CPU
-    seconds = warm_up(spec, data, out)
-    assert seconds > 0 and list(out.iterdir()) == []
+    warm = warm_up(spec, data, out)
+    assert warm.seconds > 0 and list(out.iterdir()) == []
+    assert warm.tokens_per_sec is not None and warm.tokens_per_sec > 0  # the base's speed, for the first design

@@ -105,12 +105,20 @@ def longest_ladder(
 
 @dataclass(frozen=True)
 class Measured:
-    """What a finished plan trial measured of its architecture's speed."""
+    """What a finished plan trial measured of its architecture's speed (or, `priced` False, the warm-up: its
+    tokens/s alone, with the evaluation and set-up as estimated)."""
 
     model: ModelConfig
     tokens_per_sec: float
     eval_s: float
     overhead_s: float
+    priced: bool = True
+
+    @classmethod
+    def timed(cls, model: ModelConfig, tokens_per_sec: float, tokens_per_step: int, eval_batches: int) -> Measured:
+        """An architecture whose training speed alone was measured."""
+        step_s = tokens_per_step / tokens_per_sec
+        return cls(model, tokens_per_sec, eval_batches * EVAL_FORWARD * step_s + CHECKPOINT_S, CALL_S, priced=False)
 
 
 @dataclass(frozen=True)
@@ -132,8 +140,9 @@ class Speeds:
             return Cost(step_s, self.eval_batches * EVAL_FORWARD * step_s + CHECKPOINT_S, CALL_S)
         line = fit_throughput([(m.model, m.tokens_per_sec) for m in self.measured], self.seq_len)
         step_s = self.tokens_per_step / line.tokens_per_second(model)[0]
-        eval_share = statistics.median(m.eval_s * m.tokens_per_sec / self.tokens_per_step for m in self.measured)
-        return Cost(step_s, eval_share * step_s, statistics.median(m.overhead_s for m in self.measured))
+        priced = [m for m in self.measured if m.priced] or self.measured
+        eval_share = statistics.median(m.eval_s * m.tokens_per_sec / self.tokens_per_step for m in priced)
+        return Cost(step_s, eval_share * step_s, statistics.median(m.overhead_s for m in priced))
 
 
 @dataclass(frozen=True)
@@ -208,13 +217,16 @@ def choose(
     pool = [m for m in candidates if model_key(m) not in done]
     costs = {model_key(m): speeds.cost(m) for m in pool}
     need = max(1, MIN_TRIALS - len(measured))
+    firsts = {model_key(m) for m in first}
     for levels in (GOOD_LEVELS, MIN_LEVELS):
         for n in range(MAX_TRIALS - len(measured), need - 1, -1):
             share = seconds / n
-            fits = [m for m in pool if longest_ladder(costs[model_key(m)], share, unit, fraction, levels)]
+            # The base (and the seed configs) at the fewest levels it affords: a trial of it beats one more size.
+            least = {k: MIN_LEVELS if k in firsts else levels for k in costs}
+            fits = [m for m in pool if longest_ladder(costs[model_key(m)], share, unit, fraction, least[model_key(m)])]
             picks = _spread(_representatives(fits, first), first, sizes, n)
             if len(picks) == n:
-                return [_choice(m, costs[model_key(m)], share, unit, fraction, levels) for m in picks]
+                return [_choice(m, costs[model_key(m)], share, unit, fraction, least[model_key(m)]) for m in picks]
     if len(measured) >= MIN_TRIALS or not pool:
         return []
     share = seconds / need  # nothing reaches a usable length: measure the shortfall on the cheapest sizes

@@ -45,6 +45,7 @@ from mlxllm_search.space import Choice as ChoiceDim
 from mlxllm_search.space import Sample, SearchSpec, Space, run_config
 from mlxllm_search.target_search import spent
 from mlxllm_search.throughput import RunLength, fit_throughput, model_key
+from mlxllm_search.warmup import WarmUp
 
 PLAN_NAME = "plan.json"
 FIT_RESERVE_S = 3.0  # of the search's seconds, kept for the fit, plan.json and best.toml after the trials
@@ -130,10 +131,15 @@ def measured(study: optuna.Study, vocab_size: int) -> list[tuple[ModelConfig, Tr
     return out
 
 
-def speeds(spec: SearchSpec, done: list[tuple[ModelConfig, TrialRecord]], peak: float) -> Speeds:
+def speeds(
+    spec: SearchSpec, done: list[tuple[ModelConfig, TrialRecord]], peak: float, timed: tuple[Measured, ...] = ()
+) -> Speeds:
+    """The design's speeds: the trials' measurements, and `timed` (the warm-up's speed of the base)."""
     train = spec.base.train
     seen = tuple(Measured(m, r.tokens_per_sec or 0.0, r.eval_s or 0.0, r.overhead_s or 0.0) for m, r in done)
-    return Speeds(train.seq_len or spec.base.model.max_seq_len, spec.tokens_per_step, train.eval_batches, peak, seen)
+    return Speeds(
+        train.seq_len or spec.base.model.max_seq_len, spec.tokens_per_step, train.eval_batches, peak, seen + timed
+    )
 
 
 def _describe(c: Choice) -> str:
@@ -145,15 +151,16 @@ def _describe(c: Choice) -> str:
     )
 
 
-def _unaffordable(m: ModelConfig, rates: Speeds, seconds: float, unit: int, fraction: float) -> str:
-    """Why the base architecture is not trial 0: its shortest usable trial against a trial's share."""
+def _unaffordable(m: ModelConfig, rates: Speeds, c: Choice, seconds: float, unit: int, fraction: float) -> str:
+    """Why the base architecture is not among the trials designed (`c` the first of them, `seconds` left):
+    its shortest usable trial against a trial's share."""
     ladder = Ladder(unit, MIN_LEVELS, fraction)
     need = rates.cost(m).seconds(ladder)
     return (
-        f"The base architecture ({shape(m)}, {m.num_params() / 1e6:.3g}M parameters) is not trained: its shortest "
-        f"usable trial (finished runs of {' and '.join(map(str, ladder.lengths))} steps) would take about "
-        f"{need:.0f} s at the speed estimated, more than a trial's share ({seconds / MIN_TRIALS:.0f} s of "
-        f"{seconds:.0f} s left for at least {MIN_TRIALS} trials). Its loss at the target is predicted by the fit."
+        f"The base architecture ({shape(m)}, {m.num_params() / 1e6:.3g}M parameters) is not among the trials "
+        f"designed: its shortest usable trial (finished runs of {' and '.join(map(str, ladder.lengths))} steps) "
+        f"would take about {need:.0f} s at the speed estimated, more than a trial's share ({c.share_s:.0f} s of "
+        f"{seconds:.0f} s left). Unless a later design affords it, its loss at the target is predicted by the fit."
     )
 
 
@@ -210,15 +217,16 @@ def run_trials(
     deadlines: Deadlines,
     first: list[ModelConfig],
     console: Console | None,
+    timed: tuple[Measured, ...] = (),
 ) -> None:
     """Design, enqueue and train plan trials one by one until the design has none left in the search's time:
     the sizes, then, when the plan is data-limited, the repetition trial (repetition.py) with the share kept
-    for it."""
+    for it. `timed`: speeds measured before the trials (the warm-up's of the base)."""
     vocab, train = data.tokenizer.vocab_size, spec.base.train
     candidates = plan_candidates(spec, vocab)
     unit = first_unit(train.warmup_steps, train.cooldown_fraction)
     peak = peak_flops(train.dtype)[0]
-    objective = PlanTrial(spec, search_dir, data, deadlines, lambda: speeds(spec, measured(study, vocab), peak))
+    objective = PlanTrial(spec, search_dir, data, deadlines, lambda: speeds(spec, measured(study, vocab), peak, timed))
     assert spec.target is not None
     length = RunLength(spec.target.kind, float(spec.target.amount), spec.tokens_per_step)
     while deadlines.left() > 0:
@@ -226,15 +234,16 @@ def run_trials(
         tried = [_model(r, vocab) for r in trials if r.model and r.unique_tokens is None]
         done = measured(study, vocab)
         sized = [m for m, r in done if r.unique_tokens is None]
-        rates, left = speeds(spec, done, peak), deadlines.left()
+        rates, left = speeds(spec, done, peak, timed), deadlines.left()
         epochs = None
         if not any(r.unique_tokens is not None for r in trials):
             epochs = target_epochs(candidates, rates, length, float(len(data.train)))
         choices, part = _next_trials(spec, candidates, first, sized, tried, rates, left, epochs, len(data.train))
         if not choices:
             return
-        if console is not None and first and not tried and model_key(choices[0].model) != model_key(first[0]):
-            console.print(_unaffordable(first[0], rates, left, unit, train.cooldown_fraction))
+        keys = {model_key(c.model) for c in choices}
+        if console is not None and first and not tried and model_key(first[0]) not in keys:
+            console.print(_unaffordable(first[0], rates, choices[0], left, unit, train.cooldown_fraction))
         if console is not None:
             what = f"next: {_describe(choices[0])}"
             if part is not None:
@@ -334,10 +343,11 @@ def plan_search(
     started: float,
     best_path: Path,
     show: bool,
+    warm: WarmUp | None = None,
 ) -> Forecast:
     """The whole fit planner after set-up (begun at `started`, time.time()): trials, fit, plan.json and best.toml
     at `best_path`, the plan printed (`show`). `seed_configs`: run configs whose architectures are trained first,
-    after the base's."""
+    after the base's; `warm`: the warm-up, whose speed of the base the first trial is designed on."""
     console = Console(width=160) if show else None
     deadlines = Deadlines.start(spec.settings.seconds, FIT_RESERVE_S, since=started)
     vocab = data.tokenizer.vocab_size
@@ -358,7 +368,10 @@ def plan_search(
             highlight=False,
         )
     floor = pair_floor(data)
-    run_trials(study, spec, search_dir, data, deadlines, first, console)
+    timed = ()
+    if warm is not None and warm.tokens_per_sec and base is not None:
+        timed = (Measured.timed(base, warm.tokens_per_sec, spec.tokens_per_step, spec.base.train.eval_batches),)
+    run_trials(study, spec, search_dir, data, deadlines, first, console, timed)
     plan = forecast(study, spec, data, time.time() - started, floor)
     assert spec.target is not None
     loose = too_loose(plan, spec.target.max_2sd, time.time() - started) or no_better(plan, base, spec.target.switch_sd)

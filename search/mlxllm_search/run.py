@@ -49,7 +49,7 @@ from mlxllm_search.target_search import (
     too_many_free,
     uncounted,
 )
-from mlxllm_search.warmup import SAY_AFTER_S, warm_up
+from mlxllm_search.warmup import SAY_AFTER_S, WarmUp, warm_up
 
 META_NAME = "search.json"
 
@@ -358,9 +358,12 @@ def search(
     fits = spec.check(prepared.tokenizer.vocab_size)  # caps no architecture can meet fail here, before any training
     if spec.settings.seconds is not None:  # a time budget is for the trials, not the compiler's first pass
         warm = warm_up(spec, prepared, search_dir)
-        started += warm
-        if show and warm > SAY_AFTER_S:
-            print(f"MLX compiled its kernels for this machine in {warm:.0f} s (once), outside the search's budget.")
+        started += warm.seconds
+        if show and warm.seconds > SAY_AFTER_S:
+            took = f"{warm.seconds:.0f} s (once)"
+            print(f"MLX compiled its kernels for this machine in {took}, outside the search's budget.")
+    else:
+        warm = WarmUp(0.0)
     fit = spec.planner == "fit"  # the fit planner designs its own trials, the seed configs' first
     study, requeued = _set_up(spec, search_dir, storage, name, seed, [] if fit else _seed_params(spec, seed_configs))
     console = LiveTrials(spec.settings.objectives + tuple(k for k, _ in spec.settings.caps.items()), show)
@@ -368,7 +371,7 @@ def search(
         if workers > 1 and show:  # each trial's speed is a point of the throughput fit: measured alone
             console.console.print("The fit planner trains its trials one at a time: --workers is not used.")
         best = search_dir / BEST_NAME
-        plan_search(study, spec, search_dir, prepared, list(map(Path, seed_configs)), started, best, show)
+        plan_search(study, spec, search_dir, prepared, list(map(Path, seed_configs)), started, best, show, warm)
         return SearchResult(study, search_dir, best, [], requeued, time.time() - started)
     if show:
         _announce(console, study, spec, storage, search_dir, total, workers, requeued, len(fits))

@@ -4,16 +4,17 @@ On the CPU backend MLX compiles each fused kernel of a compiled step with the sy
 time it meets it, and keeps the library for later processes (per MLX version). On a machine that never trained
 before, the first training call spends tens of seconds there: inside the search's budget, the first trial's
 share would go to the compiler, and a short search would measure nothing. Training the base config for a few
-steps first, with one evaluation, compiles what every trial uses (the same step and evaluation at other sizes);
-when the kernels are already there it costs a second or two. The search does not count it in its seconds, and
-says so when it was long.
+steps first, with one evaluation, compiles what every trial uses (the same step and evaluation; a new width or
+depth adds a kernel or two); when the kernels are already there it costs a second or two. The search does not
+count it in its seconds, and says so when it was long. Its last steps time the base architecture: the fit
+planner designs its first trial on that speed instead of a guess from FLOPs.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mlxllm.data import TokenData
@@ -23,8 +24,16 @@ import mlx.core as mx
 
 from mlxllm_search.space import Sample, SearchSpec, run_config
 
-WARM_STEPS = 3  # the warm-up step and one more compile the step; an evaluation after the last
+WARM_STEPS, WINDOW = 6, 2  # the first step compiles; the speed is the last window's, compiled and warm
 SAY_AFTER_S = 5.0  # a warm-up this long was the compiler's first pass on this machine: the search says so
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """What the warm-up took and measured."""
+
+    seconds: float  # 0.0 where none was needed
+    tokens_per_sec: float | None = None  # the base's training speed in its last steps (None: not measured)
 
 
 def needs_warm_up() -> bool:
@@ -33,20 +42,18 @@ def needs_warm_up() -> bool:
     return mx.default_device() == mx.cpu
 
 
-def warm_up(spec: SearchSpec, data: TokenData, search_dir: Path) -> float:
+def warm_up(spec: SearchSpec, data: TokenData, search_dir: Path) -> WarmUp:
     """Train the base config for WARM_STEPS steps (WSD, as the fit planner's trials; one evaluation) in a
-    scratch folder under `search_dir`, removed after; returns the seconds it took (0.0 where not needed)."""
+    scratch folder under `search_dir`, removed after: the seconds it took and the base's speed."""
     if not needs_warm_up():
-        return 0.0
+        return WarmUp(0.0)
     began = time.perf_counter()
     out = search_dir / "warm-up"
     run = run_config(spec, Sample.of(spec.base), out)
     settings = dict(max_steps=WARM_STEPS, max_tokens=None, max_seconds=None, eval_interval=WARM_STEPS)
-    run = replace(
-        run, train=replace(run.train, schedule="wsd", warmup_steps=1, keep_last=1, sample_tokens=0, **settings)
-    )
+    cfg = replace(run.train, schedule="wsd", warmup_steps=1, keep_last=1, sample_tokens=0, log_interval=WINDOW)
     try:
-        train(run, overwrite=True, show_progress=False, data=data)
+        result = train(replace(run, train=replace(cfg, **settings)), overwrite=True, show_progress=False, data=data)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    return time.perf_counter() - began
+    return WarmUp(time.perf_counter() - began, result.tokens_per_sec)
