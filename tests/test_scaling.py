@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from mlxllm_search.pair_floor import pair_floor
 from mlxllm_search.scaling import (
+    BEYOND_SHARE,
     R_STAR,
     InadmissiblePoints,
+    LawFit,
     NotEnoughPoints,
     Point,
     effective_tokens,
@@ -78,7 +80,9 @@ def random_size(rng: np.random.Generator) -> float:
 
 
 def test_recovers_a_known_law_and_predicts_ten_times_longer():
-    fit = fit_law(synthetic(np.random.default_rng(0), noise=0.003, trial_sd=0.003), unique_tokens=1e15)
+    # beyond_share 0: in a synthetic study the law holds past the runs, so only the fit's own uncertainty counts.
+    points = synthetic(np.random.default_rng(0), noise=0.003, trial_sd=0.003)
+    fit = fit_law(points, unique_tokens=1e15, beyond_share=0.0)
     assert fit.alpha == pytest.approx(TRUE["alpha"], rel=0.25)
     assert fit.beta == pytest.approx(TRUE["beta"], rel=0.25)
     assert fit.e == pytest.approx(TRUE["e"], abs=0.1)
@@ -90,6 +94,25 @@ def test_recovers_a_known_law_and_predicts_ten_times_longer():
     assert fit.extrapolation(20e6, 1e6) and fit.extrapolation(1e6, 100 * fit.tokens_max)
 
 
+def test_the_fall_credited_beyond_the_runs_widens_a_prediction_and_mostly_cancels_in_a_difference():
+    fit = fit_law(synthetic(np.random.default_rng(0), noise=0.003, trial_sd=0.003), unique_tokens=1e15)
+    exact = replace(fit, beyond_share=0.0)
+    assert fit.beyond_share == BEYOND_SHARE > 0
+    n = 1e6
+    inside, far = 0.5 * fit.tokens_max, 20 * fit.tokens_max
+    assert fit.beyond_credit(n, inside) == 0.0 and fit.predict(n, inside) == exact.predict(n, inside)
+    credit = fit.beyond_credit(n, far)
+    assert credit == pytest.approx(fit.loss(n, fit.tokens_max) - fit.loss(n, far)) and credit > 0
+    (mean, sd), (_, sd0) = fit.predict(n, far), exact.predict(n, far)
+    assert mean == exact.predict(n, far)[0] and sd == pytest.approx(math.hypot(sd0, BEYOND_SHARE * credit))
+    # Two sizes run to the same length: one shift for both, so the difference widens by the credits' difference.
+    a, b = (n, far), (2 * n, far)
+    (_, dsd), (_, dsd0) = fit.difference(a, b), exact.difference(a, b)
+    gap = BEYOND_SHARE * (fit.beyond_credit(*a) - fit.beyond_credit(*b))
+    assert dsd == pytest.approx(math.hypot(dsd0, gap)) and abs(gap) < BEYOND_SHARE * credit / 4
+    assert LawFit.from_dict(fit.to_dict()) == fit
+
+
 def test_calibrated_on_many_noisy_studies():
     """About 95% of held-out measurements (a new architecture, 3-10x longer than any trial of its size)
     fall within 2 sd; the laws vary from study to study."""
@@ -97,7 +120,7 @@ def test_calibrated_on_many_noisy_studies():
     z = []
     for s in range(80):
         law, sizes = random_study(rng)
-        fit = fit_law(synthetic(rng, law, sizes), unique_tokens=1e15, seed=s)
+        fit = fit_law(synthetic(rng, law, sizes), unique_tokens=1e15, seed=s, beyond_share=0.0)
         n = random_size(rng)
         d = rng.uniform(3, 10) * longest_run(n)
         measured = true_loss(n, d, law) + rng.normal(0, 0.01) + rng.normal(0, 0.01)

@@ -36,7 +36,7 @@ from mlxllm_search.design import (  # noqa: E402
     longest_ladder,
 )
 from mlxllm_search.forecast import Forecast, predict_loss  # noqa: E402
-from mlxllm_search.law_points import DISTINCT, MIN_TRIALS, first_step  # noqa: E402
+from mlxllm_search.law_points import DISTINCT, MIN_LAW_LAYERS, MIN_TRIALS, first_step  # noqa: E402
 from mlxllm_search.plan_gates import too_loose  # noqa: E402
 from mlxllm_search.plan_search import PLAN_NAME, architecture, plan_candidates, write_plan  # noqa: E402
 from mlxllm_search.scaling import law_params  # noqa: E402
@@ -167,18 +167,18 @@ def test_the_design_spreads_sizes_over_log_n_base_first_within_the_budget(tmp_pa
     assert choose(candidates, [base], [], speeds, MIN_TRIALS * short * 0.99, unit, 0.2, warmup) == []
 
 
-def test_the_plan_leaves_out_one_layer_models_but_the_base(tmp_path: Path, text: Path) -> None:
-    spec = load_spec(write_spec(tmp_path, text, "[target]\nseconds = 60\n"))
+def test_the_plan_leaves_out_shallow_models_but_the_base(tmp_path: Path, text: Path) -> None:
+    deep = SPACE.replace("[1, 2]", "[1, 2, 3]")
+    path = test_search_target.write_spec(tmp_path, text, tables="[target]\nseconds = 60\n", space=deep, name="deep")
+    spec = load_spec(path)
     base = architecture(spec, spec.base.model, VOCAB)
     candidates = {model_key(m): m for m in plan_candidates(spec, VOCAB)}
     assert base is not None and base.n_layers == 1 and model_key(base) in candidates  # the user's own stays
     others = [m for k, m in candidates.items() if k != model_key(base)]
-    assert others and all(m.n_layers >= 2 for m in others)  # off the law's trend in N: neither tried nor picked
-    # A space of one-layer models only: the plan has nothing else, so it keeps them all.
-    flat = test_search_target.write_spec(
-        tmp_path, text, tables="[target]\nseconds = 60\n", space=SPACE.replace("[1, 2]", "[1]"), name="flat"
-    )
-    spec = load_spec(flat)
+    # Shallower than MIN_LAW_LAYERS: off the law's trend in N, neither tried nor picked.
+    assert others and all(m.n_layers >= MIN_LAW_LAYERS == 3 for m in others)
+    # A space of shallow models only (one and two layers): the plan has nothing else, so it keeps them all.
+    spec = load_spec(write_spec(tmp_path, text, "[target]\nseconds = 60\n"))
     shapes = {(m.n_layers, m.d_model, m.n_heads) for m in spec.space.grid(spec.base.model)}
     assert {(m.n_layers, m.d_model, m.n_heads) for m in plan_candidates(spec, VOCAB)} == shapes
 

@@ -170,7 +170,7 @@ def test_a_tiny_search_samples_dropout_and_its_best_config_carries_it(tmp_path: 
 def test_the_fit_planner_holds_them_at_the_bases_values() -> None:
     spec = target_spec({"dropout": [0.0, 0.2], "weight_decay": [0.05, 0.1]})
     candidates = plan_candidates(spec, VOCAB)
-    assert len(candidates) == 4  # the grid's 6 less its one-layer shapes but the base's
+    assert len(candidates) == 6  # the grid's 6: none is deep enough for the law's trend, so all are kept
     for m in candidates:
         p = trial_params(spec, m)
         assert (p["dropout"], p["weight_decay"], m.dropout) == (0.0, 0.1, 0.0)  # the base's: 0 and TrainConfig's 0.1
