@@ -89,8 +89,9 @@ def _cached_measure(module) -> dict[str, float]:
     return cached[key]
 
 
-def _works(module) -> str | None:
-    """Why the extension gives wrong products here (or raises), else None."""
+def works(module) -> str | None:
+    """Why the extension gives wrong products here (or raises: oneDNN has no bfloat16 matmul for a CPU without
+    AVX-512, such as AMD Zen 3), else None."""
     a, b = mx.random.normal((5, 7), key=mx.random.key(0)), mx.random.normal((7, 3), key=mx.random.key(1))
     try:
         with mx.stream(mx.cpu):
@@ -108,7 +109,7 @@ def choose() -> tuple[bool, str]:
     if module is None:
         return False, reason
     module.set_threads(_threads)
-    reason = _works(module)
+    reason = works(module)
     if reason:
         return False, reason
     fast, figures = _verdict(_cached_measure(module))
