@@ -49,7 +49,7 @@ from mlxllm_search.target_search import (
     too_many_free,
     uncounted,
 )
-from mlxllm_search.warmup import SAY_AFTER_S, WarmUp, warm_up
+from mlxllm_search.warmup import before_the_clock
 
 META_NAME = "search.json"
 
@@ -356,14 +356,8 @@ def search(
     prepared = data_mod.prepare(train.data, spec.base.tokenizer, quiet=not show, **split)
     data_mod.check_length(prepared, train.seq_len or spec.base.model.max_seq_len)
     fits = spec.check(prepared.tokenizer.vocab_size)  # caps no architecture can meet fail here, before any training
-    if spec.settings.seconds is not None:  # a time budget is for the trials, not the compiler's first pass
-        warm = warm_up(spec, prepared, search_dir)
-        started += warm.seconds
-        if show and warm.seconds > SAY_AFTER_S:
-            took = f"{warm.seconds:.0f} s (once)"
-            print(f"MLX compiled its kernels for this machine in {took}, outside the search's budget.")
-    else:
-        warm = WarmUp(0.0)
+    warm = before_the_clock(spec, prepared, search_dir, show)
+    started += warm.seconds
     fit = spec.planner == "fit"  # the fit planner designs its own trials, the seed configs' first
     study, requeued = _set_up(spec, search_dir, storage, name, seed, [] if fit else _seed_params(spec, seed_configs))
     console = LiveTrials(spec.settings.objectives + tuple(k for k, _ in spec.settings.caps.items()), show)

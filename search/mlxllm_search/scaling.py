@@ -33,10 +33,8 @@ Why each part is there:
   is scaled by max(1, rms z) over the held-out z-scores, so that the law's misfit, which neither the
   bootstrap nor sigma sees, widens the sd instead of hiding. The spread of a bootstrap is its MAD: with few
   trials some resamples hold one or two sizes only, and their wild laws would swamp a plain variance.
-- The law's reach past its runs is not measured by them: the runs of a short search end early in training,
-  where the loss falls faster than it will later, and the fall the law credits beyond the longest run
-  (`beyond_credit`) is uncertain by BEYOND_SHARE of itself, one shift for every architecture (it widens a
-  prediction, and a difference only by how much the two credits differ).
+- A short search's runs end early, where the loss falls faster than later: the fall the law credits beyond
+  the longest run (`beyond_credit`) is uncertain by BEYOND_SHARE of itself, one shift for every architecture.
 - Not modelled: a loss that rises again after many passes over the text (overfitting); the law saturates.
   So what the law credits to passes beyond the most measured (and beyond REPEAT_FREE_EPOCHS) is counted
   as uncertain as its own size, in the sd; such predictions also say so (`extrapolation`).
@@ -93,11 +91,9 @@ REPS, LOO_REPS = 200, 40  # bootstrap resamples of the fit, and of each leave-on
 FAR_TOKENS = 10.0  # beyond this factor over the longest run measured the tokens exponent is unchecked
 FORWARD_RATIO = 4.0  # the check of the extrapolation in tokens predicts runs this many times longer
 REPEAT_FREE_EPOCHS = 4.0  # up to here repeated data is nearly as good as new (Muennighoff et al.)
-# 1 sd of the fall the law credits to tokens beyond the longest run measured, as a share of it. The early runs
-# a short search measures fall faster than the later stretch of a long run (and do not yet overfit): on Tiny
-# Shakespeare a law fitted to runs of at most 330,000 tokens, extrapolated 4-40x in tokens, was optimistic by
-# 0.16-0.28 at each of six architectures trained for real, 20-30% of the fall it credited them past its runs,
-# and in the same direction for all of them (so the share moves two runs' predictions together).
+# 1 sd of the fall the law credits beyond the longest run, as a share of it: a short search's runs fall faster
+# than a long run's later stretch (and do not yet overfit). On Tiny Shakespeare laws fitted to runs of at most
+# 330,000 tokens missed six real runs 4-40x longer, all too low, by a median quarter of that fall.
 BEYOND_SHARE = 0.25
 
 

@@ -57,3 +57,15 @@ def warm_up(spec: SearchSpec, data: TokenData, search_dir: Path) -> WarmUp:
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return WarmUp(time.perf_counter() - began, result.tokens_per_sec)
+
+
+def before_the_clock(spec: SearchSpec, data: TokenData, search_dir: Path, show: bool) -> WarmUp:
+    """The warm-up of a search with a time budget (the budget is the trials', not the compiler's first pass),
+    said when it was long (`show`); none for a search bounded by its trials alone."""
+    if spec.settings.seconds is None:
+        return WarmUp(0.0)
+    warm = warm_up(spec, data, search_dir)
+    if show and warm.seconds > SAY_AFTER_S:
+        took = f"{warm.seconds:.0f} s (once)"
+        print(f"MLX compiled its kernels for this machine in {took}, outside the search's budget.")
+    return warm
