@@ -219,10 +219,10 @@ def choose(
     need = max(1, MIN_TRIALS - len(measured))
     firsts = {model_key(m) for m in first}
     for levels in (GOOD_LEVELS, MIN_LEVELS):
+        # The base (and the seed configs) at the fewest levels it affords: a trial of it beats one more size.
+        least = {k: MIN_LEVELS if k in firsts else levels for k in costs}
         for n in range(MAX_TRIALS - len(measured), need - 1, -1):
             share = seconds / n
-            # The base (and the seed configs) at the fewest levels it affords: a trial of it beats one more size.
-            least = {k: MIN_LEVELS if k in firsts else levels for k in costs}
             fits = [m for m in pool if longest_ladder(costs[model_key(m)], share, unit, fraction, least[model_key(m)])]
             picks = _spread(_representatives(fits, first), first, sizes, n)
             if len(picks) == n:
