@@ -156,6 +156,13 @@ def test_the_design_spreads_sizes_over_log_n_base_first_within_the_budget(tmp_pa
     done = [c.model for c in first[:2]]
     rest = choose(candidates, [base], done, speeds, 40.0, unit, 0.2, warmup)
     assert rest and not {model_key(c.model) for c in rest} & {model_key(m) for m in done}
+    # Once the designed trials ran, none more; but a trial whose runs all ended above the pairs level is
+    # replaced while time is left, so that MIN_TRIALS trials can pin the law.
+    ran = [c.model for c in first]
+    assert len(ran) == MIN_TRIALS and choose(candidates, [base], ran, speeds, 40.0, unit, 0.2, warmup) == []
+    extra = choose(candidates, [base], ran, speeds, 40.0, unit, 0.2, warmup, unusable=1)
+    assert len(extra) == 1 and model_key(extra[0].model) not in {model_key(m) for m in ran}
+    assert len(choose(candidates, [base], ran, speeds, 40.0, unit, 0.2, warmup, unusable=2)) == 2
     # Too little time for a usable ladder on any size: the cheapest sizes measure how far short it falls, with
     # branches from past the warm-up (a branch needs its peak learning rate) that the fit will refuse.
     cheapest = min(candidates, key=lambda m: speeds.cost(m).step_s)

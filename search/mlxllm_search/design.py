@@ -205,23 +205,29 @@ def choose(
     fraction: float,
     warmup_steps: int,
     exclude: Sequence[ModelConfig] = (),
+    unusable: int = 0,
 ) -> list[Choice]:
     """The trials still to run in `seconds`: `first` (the base, seed configs) where affordable, then sizes
     spread over log N; as many as MAX_TRIALS allows at GOOD_LEVELS branch points each, else at MIN_LEVELS,
     else none (until MIN_TRIALS trials ran, the cheapest sizes with ladders below `unit`: their points are
     refused by the fit, and the shortfall it reports is measured). `measured`: the architectures trained;
     `unit`: the first usable branch step (first_unit), `fraction`: the cooldown's, `warmup_steps`: the trials';
-    `exclude`: architectures tried already (measured or not), not tried again."""
+    `exclude`: architectures tried already (measured or not), not tried again; `unusable`: how many of the
+    measured trials have no point the fit takes (all above the pairs level): once the design's trials ran,
+    as many more are designed in the time left, so that MIN_TRIALS trials can pin the law."""
     done = {model_key(m) for m in (*measured, *exclude)}
     sizes = [law_params(m) for m in measured]
     pool = [m for m in candidates if model_key(m) not in done]
     costs = {model_key(m): speeds.cost(m) for m in pool}
     need = max(1, MIN_TRIALS - len(measured))
+    slots = MAX_TRIALS - len(measured)
+    if slots <= 0:  # all designed trials ran; those without a usable point are replaced while time allows
+        slots, need = min(unusable, MIN_TRIALS - (len(measured) - unusable)), 1
     firsts = {model_key(m) for m in first}
     for levels in (GOOD_LEVELS, MIN_LEVELS):
         # The base (and the seed configs) at the fewest levels it affords: a trial of it beats one more size.
         least = {k: MIN_LEVELS if k in firsts else levels for k in costs}
-        for n in range(MAX_TRIALS - len(measured), need - 1, -1):
+        for n in range(slots, need - 1, -1):
             share = seconds / n
             fits = [m for m in pool if longest_ladder(costs[model_key(m)], share, unit, fraction, least[model_key(m)])]
             picks = _spread(_representatives(fits, first), first, sizes, n)

@@ -34,7 +34,7 @@ from mlxllm_search.branches import PlanTrial
 from mlxllm_search.deadlines import Deadlines
 from mlxllm_search.design import MAX_TRIALS, MIN_LEVELS, Choice, Ladder, Measured, Speeds, choose, first_unit
 from mlxllm_search.forecast import Forecast, make_forecast, render
-from mlxllm_search.law_points import MIN_TRIALS, Point, first_step, in_law
+from mlxllm_search.law_points import MIN_TRIALS, Point, first_step, in_law, refusal
 from mlxllm_search.pair_floor import pair_floor
 from mlxllm_search.plan_gates import no_better, shape, too_loose
 from mlxllm_search.records import TrialRecord, record_of
@@ -188,17 +188,18 @@ def _next_trials(
     left: float,
     epochs: float | None,
     unique_tokens: int,
+    unusable: int = 0,
 ) -> tuple[list[Choice], int | None]:
     """(the trials still to run, the first one next; the tokens of its part of the corpus when it is the
     repetition trial, else None). With `epochs` (the plan wants a repetition trial), the sizes are designed in
     the time left less a share for it, or in all of it when that leaves none affordable; once they ran, the
-    repetition trial gets what is left."""
+    repetition trial gets what is left. `unusable`: the sized trials with no point the fit takes (design.choose)."""
     train = spec.base.train
     unit = first_unit(train.warmup_steps, train.cooldown_fraction)
 
     def design(seconds: float) -> list[Choice]:
         return choose(
-            candidates, first, sized, rates, seconds, unit, train.cooldown_fraction, train.warmup_steps, tried
+            candidates, first, sized, rates, seconds, unit, train.cooldown_fraction, train.warmup_steps, tried, unusable
         )
 
     to_run = max(1, MAX_TRIALS - len(tried))
@@ -218,10 +219,12 @@ def run_trials(
     first: list[ModelConfig],
     console: Console | None,
     timed: tuple[Measured, ...] = (),
+    floor: float | None = None,
 ) -> None:
     """Design, enqueue and train plan trials one by one until the design has none left in the search's time:
     the sizes, then, when the plan is data-limited, the repetition trial (repetition.py) with the share kept
-    for it. `timed`: speeds measured before the trials (the warm-up's of the base)."""
+    for it. `timed`: speeds measured before the trials (the warm-up's of the base); `floor`: the pairs level a
+    point must end below for the fit to take it (a trial with none such is replaced while time allows)."""
     vocab, train = data.tokenizer.vocab_size, spec.base.train
     candidates = plan_candidates(spec, vocab)
     unit = first_unit(train.warmup_steps, train.cooldown_fraction)
@@ -234,11 +237,16 @@ def run_trials(
         tried = [_model(r, vocab) for r in trials if r.model and r.unique_tokens is None]
         done = measured(study, vocab)
         sized = [m for m, r in done if r.unique_tokens is None]
+        unusable = sum(
+            all(refusal(p, floor=floor) for p in r.law_points or ()) for _, r in done if r.unique_tokens is None
+        )
         rates, left = speeds(spec, done, peak, timed), deadlines.left()
         epochs = None
         if not any(r.unique_tokens is not None for r in trials):
             epochs = target_epochs(candidates, rates, length, float(len(data.train)))
-        choices, part = _next_trials(spec, candidates, first, sized, tried, rates, left, epochs, len(data.train))
+        choices, part = _next_trials(
+            spec, candidates, first, sized, tried, rates, left, epochs, len(data.train), unusable
+        )
         if not choices:
             return
         keys = {model_key(c.model) for c in choices}
@@ -371,7 +379,7 @@ def plan_search(
     timed = ()
     if warm is not None and warm.tokens_per_sec and base is not None:
         timed = (Measured.timed(base, warm.tokens_per_sec, spec.tokens_per_step, spec.base.train.eval_batches),)
-    run_trials(study, spec, search_dir, data, deadlines, first, console, timed)
+    run_trials(study, spec, search_dir, data, deadlines, first, console, timed, floor)
     plan = forecast(study, spec, data, time.time() - started, floor)
     assert spec.target is not None
     loose = too_loose(plan, spec.target.max_2sd, time.time() - started) or no_better(plan, base, spec.target.switch_sd)
