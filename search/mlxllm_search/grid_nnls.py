@@ -1,7 +1,9 @@
-"""Non-negative least squares of y on [1, xn^-alpha, xd^-beta] for every (alpha, beta) of a grid and many
-weight vectors at once, exactly: the optimum is the least-squares solution on one subset of the three
-coefficients, so all eight subsets are solved in closed form from the normal equations, vectorised over the
-grid, and the feasible one with the least residual is kept. numpy only (no scipy), no local minima.
+"""The law's form, y = E + A xn^-alpha + B xd^-beta, and its fit: non-negative least squares for every
+(alpha, beta) of a grid and many weight vectors at once, exactly: the optimum is the least-squares solution
+on one subset of the three coefficients, so all eight subsets are solved in closed form from the normal
+equations, vectorised over the grid, and the feasible one with the least residual is kept. numpy only (no
+scipy), no local minima. Weak log-normal priors pull the exponents toward typical values when few points
+leave them loose.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from typing import Any
 import numpy as np
 
 CHUNK = 48  # weight vectors fitted together (bounds the grid's memory)
+PRIOR_ALPHA, PRIOR_BETA = 0.35, 0.35  # typical exponents of fits with an irreducible term (Chinchilla: .34, .28)
+PRIOR_LOG_SD = 0.6  # weak: a factor 1.8 either way is one sd
+EXPONENT_RANGE, GRID = (0.05, 1.5), 40
 
 
 def _moments(w: np.ndarray, x1: np.ndarray, x2: np.ndarray, y: np.ndarray) -> tuple[dict[str, Any], Any]:
@@ -93,3 +98,26 @@ def fit_grid(
     m.update({"02": (w * b1).sum(1), "22": (w * b1**2).sum(1), "2": (w * b1 * y).sum(1), "12": (w * a1 * b1).sum(1)})
     c, _ = _nnls(m, (w * y * y).sum(1), coefs=True)
     return np.stack([c[0], c[1], alphas[ia], c[2], betas[ib]], 1)
+
+
+def law(p: np.ndarray, xn: Any, xd: Any) -> Any:
+    """The law with parameters p (..., 5) at reference-scaled (N, D_eff)."""
+    p = np.asarray(p)
+    return p[..., 0] + p[..., 1] * xn ** -p[..., 2] + p[..., 3] * xd ** -p[..., 4]
+
+
+def exponent_grid() -> np.ndarray:
+    """The log grid each exponent is searched on."""
+    return np.geomspace(*EXPONENT_RANGE, GRID)
+
+
+def exponents_prior(alpha: Any, beta: Any) -> Any:
+    """The exponents' weak log-normal priors, in -log density."""
+    return (np.log(alpha / PRIOR_ALPHA) ** 2 + np.log(beta / PRIOR_BETA) ** 2) / (2 * PRIOR_LOG_SD**2)
+
+
+def fit_rows(
+    w: np.ndarray, counts: np.ndarray, xn: np.ndarray, xd: np.ndarray, y: np.ndarray, alphas: Any, betas: Any
+) -> np.ndarray:
+    """The law's (E, A, alpha, B, beta) for each weight row of w (R, n), with the exponents' priors."""
+    return fit_grid(w, counts, xn, xd, y, alphas, betas, exponents_prior(alphas[:, None], betas[None, :]))

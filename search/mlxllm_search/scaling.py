@@ -13,26 +13,18 @@ Why each part is there:
   When some points are of runs on a part of the corpus (the planner's repetition trial: U small, R large),
   R* is fitted on a log grid by the same profile likelihood, with a weak log-normal prior at 15.4; small
   corpora and small models repeat far more than the models they fitted, and R* decides the plan there.
-- The exponents are found on a log grid and (E, A, B) >= 0 by non-negative least squares for each (exact:
-  every subset of the three is solved in closed form, vectorised over the grid), so no local minimum and
-  no scipy. Weak log-normal priors pull the exponents toward typical values when few points leave them
-  loose; the profile likelihood n/2 log(RSS/n) weighs them against the data without a known noise level.
-  Huber weights (iterated) keep one bad evaluation from bending the law.
-- Parameter uncertainty is a bootstrap over whole trials (a trial's points share its architecture and seed,
-  so they are not independent): each resample is only a weight vector on the same points, so all of them
-  are fitted at once.
+- The exponents are found on a log grid and (E, A, B) >= 0 by exact non-negative least squares for each
+  (`grid_nnls`); the profile likelihood n/2 log(RSS/n) weighs the exponents' weak priors against the data
+  without a known noise level. Huber weights (iterated) keep one bad evaluation from bending the law.
+- Parameter uncertainty is a bootstrap over whole trials, and the sd is scaled by max(1, rms z) over the
+  held-out checks of the law's own extrapolation (`law_checks`: a new architecture, runs longer than any
+  measured), so that the law's misfit, which neither the bootstrap nor sigma sees, widens the sd.
 - The scatter sigma of one finished run around the law (seed, shape at equal N, evaluation batches) is the
   fit's residual scale, never below the points' own evaluation noise.
 - A difference of two runs' losses (is the pick better than the base?) is widened by the held-out misses'
   spread about their common shift (`diff_scale`), not by their size: a shift every prediction shares
   cancels in it. Each run's scatter stays whole: a misfit the points share along a run (an early plateau)
   does not cancel between runs of unequal length.
-- The checks of the fit's own extrapolation: each trial left out, its longest point predicted from the
-  others (a new architecture); and every trial's longest point predicted from the runs of at most a quarter
-  of its length (runs longer than any measured). Each held-out prediction has its own bootstrap, and the sd
-  is scaled by max(1, rms z) over the held-out z-scores, so that the law's misfit, which neither the
-  bootstrap nor sigma sees, widens the sd instead of hiding. The spread of a bootstrap is its MAD: with few
-  trials some resamples hold one or two sizes only, and their wild laws would swamp a plain variance.
 - A short search's runs end early, where the loss falls faster than later: the fall the law credits beyond
   the longest run (`beyond_credit`) is uncertain by BEYOND_SHARE of itself, one shift for every architecture.
 - Not modelled: a loss that rises again after many passes over the text (overfitting); the law saturates.
@@ -53,7 +45,8 @@ from mlxllm.errors import MlxllmError
 
 import numpy as np
 
-from mlxllm_search.grid_nnls import fit_grid
+from mlxllm_search.grid_nnls import EXPONENT_RANGE, GRID, exponent_grid, exponents_prior, fit_rows, law
+from mlxllm_search.law_checks import bootstrap, diff_scale, forward_points, scatter, spread
 from mlxllm_search.law_points import (
     DISTINCT,
     MIN_STEPS_AFTER_WARMUP,
@@ -82,14 +75,9 @@ __all__ = [
 R_STAR = 15.4  # Muennighoff et al.'s fitted half-life of repeated data, in repetitions
 R_STAR_GRID = np.geomspace(0.5, 100.0, 24)  # where R* is fitted, when the points can pin it
 R_STAR_PRIOR_LOG_SD = 1.0  # weak: a factor 2.7 from 15.4 is one sd
-PRIOR_ALPHA, PRIOR_BETA = 0.35, 0.35  # typical exponents of fits with an irreducible term (Chinchilla: .34, .28)
-PRIOR_LOG_SD = 0.6  # weak: a factor 1.8 either way is one sd
-EXPONENT_RANGE, GRID = (0.05, 1.5), 40
 HUBER_K = 1.345  # 95% efficiency on Gaussian residuals
 IRLS_ROUNDS = 3
-REPS, LOO_REPS = 200, 40  # bootstrap resamples of the fit, and of each leave-one-trial-out fit
 FAR_TOKENS = 10.0  # beyond this factor over the longest run measured the tokens exponent is unchecked
-FORWARD_RATIO = 4.0  # the check of the extrapolation in tokens predicts runs this many times longer
 REPEAT_FREE_EPOCHS = 4.0  # up to here repeated data is nearly as good as new (Muennighoff et al.)
 # 1 sd of the fall the law credits beyond the longest run, as a share of it: a short search's runs fall faster
 # than a long run's later stretch (and do not yet overfit). On Tiny Shakespeare laws fitted to runs of at most
@@ -110,51 +98,19 @@ def effective_tokens(tokens: Any, unique_tokens: Any, r_star: float = R_STAR) ->
     return float(out) if out.ndim == 0 else out
 
 
-def _fit_rows(
-    w: np.ndarray, counts: np.ndarray, xn: np.ndarray, xd: np.ndarray, y: np.ndarray, alphas: Any, betas: Any
-) -> np.ndarray:
-    """The law's (E, A, alpha, B, beta) for each weight row of w (R, n), with the exponents' priors."""
-    return fit_grid(w, counts, xn, xd, y, alphas, betas, _exponents_prior(alphas[:, None], betas[None, :]))
-
-
-def _law(p: np.ndarray, xn: Any, xd: Any) -> Any:
-    """The law with parameters p (..., 5) at reference-scaled (N, D_eff)."""
-    p = np.asarray(p)
-    return p[..., 0] + p[..., 1] * xn ** -p[..., 2] + p[..., 3] * xd ** -p[..., 4]
-
-
-def _spread(draws: np.ndarray, center: float) -> float:
-    """Variance of the bootstrap's predictions around the fit's, robustly (the MAD): with few trials some
-    resamples hold one or two sizes only, and their wild laws would dominate a plain variance."""
-    return float((1.4826 * np.median(np.abs(draws - center))) ** 2)
-
-
-def _scatter(residuals: np.ndarray, weights: np.ndarray, floor: float) -> float:
-    """sd of a run around the law: the weighted residuals with the 5 fitted parameters taken off."""
-    dof = max(1.0, float((weights > 0).sum()) - 5.0)
-    return max(math.sqrt(float((weights * residuals**2).sum()) / dof), floor)
-
-
 def _robust_fit(xn: np.ndarray, xd: np.ndarray, y: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
     """The central fit (E, A, alpha, B, beta) with Huber weights, refined on a fine grid around the best
     exponents; returns (parameters, the final Huber weights)."""
-    alphas, betas = np.geomspace(*EXPONENT_RANGE, GRID), np.geomspace(*EXPONENT_RANGE, GRID)
+    alphas, betas = exponent_grid(), exponent_grid()
     h, n = np.ones_like(y), np.array([float(len(y))])
     for _ in range(IRLS_ROUNDS):
-        p = _fit_rows(h[None], n, xn, xd, y, alphas, betas)[0]
-        r = y - _law(p, xn, xd)
+        p = fit_rows(h[None], n, xn, xd, y, alphas, betas)[0]
+        r = y - law(p, xn, xd)
         scale = max(1.4826 * float(np.median(np.abs(r))), floor)
         h = np.minimum(1.0, HUBER_K * scale / np.maximum(np.abs(r), 1e-300))
     step = (EXPONENT_RANGE[1] / EXPONENT_RANGE[0]) ** (1 / (GRID - 1))
     fine = lambda x: np.geomspace(x / step, x * step, 9)  # noqa: E731
-    return _fit_rows(h[None], n, xn, xd, y, fine(p[2]), fine(p[4]))[0], h
-
-
-def _resamples(trial: np.ndarray, pool: np.ndarray, reps: int, rng: np.random.Generator) -> np.ndarray:
-    """Multiplicity of each point (R, n) when `reps` resamples of the trials in `pool` are drawn."""
-    picks = rng.choice(pool, size=(reps, len(pool)))
-    per_trial = np.stack([np.bincount(row, minlength=trial.max() + 1) for row in picks])
-    return per_trial[:, trial].astype(float)
+    return fit_rows(h[None], n, xn, xd, y, fine(p[2]), fine(p[4]))[0], h
 
 
 @dataclass(frozen=True)
@@ -191,12 +147,12 @@ class LawFit:
     def loss(self, n_params: float, tokens: float, unique_tokens: float | None = None) -> float:
         """The law's mean at (N, D); `unique_tokens` other than the corpus' asks "with this much text"."""
         return float(
-            _law(np.array([self.e, self.a, self.alpha, self.b, self.beta]), *self._x(n_params, tokens, unique_tokens))
+            law(np.array([self.e, self.a, self.alpha, self.b, self.beta]), *self._x(n_params, tokens, unique_tokens))
         )
 
     def draws_at(self, n_params: float, tokens: float, unique_tokens: float | None = None) -> np.ndarray:
         """The bootstrap fits' losses at (N, D): how the law's parameters are uncertain there."""
-        return _law(self._draws, *self._x(n_params, tokens, unique_tokens))
+        return law(self._draws, *self._x(n_params, tokens, unique_tokens))
 
     @cached_property
     def _draws(self) -> np.ndarray:
@@ -208,10 +164,10 @@ class LawFit:
         unmeasured repetition's credit (`repetition_credit`) and a share of the fall beyond the runs
         (`beyond_credit`)."""
         mean = self.loss(n_params, tokens, unique_tokens)
-        spread = _spread(self.draws_at(n_params, tokens, unique_tokens), mean)
+        var = spread(self.draws_at(n_params, tokens, unique_tokens), mean)
         credit = self.repetition_credit(n_params, tokens, unique_tokens)
         beyond = self.beyond_share * self.beyond_credit(n_params, tokens, unique_tokens)
-        return mean, math.sqrt(self.scale**2 * (spread + self.sigma**2) + credit**2 + beyond**2)
+        return mean, math.sqrt(self.scale**2 * (var + self.sigma**2) + credit**2 + beyond**2)
 
     def difference(self, a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
         """(mean, sd) of run a's finished loss less run b's, each (N, tokens) on the corpus: the bootstrap's
@@ -220,11 +176,11 @@ class LawFit:
         their common shift (`diff_scale`: the shift cancels); and the difference of their repetition credits
         (one R* for both)."""
         mean = self.loss(*a) - self.loss(*b)
-        spread = _spread(self.draws_at(*a) - self.draws_at(*b), mean)
+        var = spread(self.draws_at(*a) - self.draws_at(*b), mean)
         credit = self.repetition_credit(*a) - self.repetition_credit(*b)
         beyond = self.beyond_share * (self.beyond_credit(*a) - self.beyond_credit(*b))
         scale = self.scale if self.diff_scale is None else self.diff_scale
-        return mean, math.sqrt(scale**2 * (spread + 2 * self.sigma**2) + credit**2 + beyond**2)
+        return mean, math.sqrt(scale**2 * (var + 2 * self.sigma**2) + credit**2 + beyond**2)
 
     def repetition_credit(self, n_params: float, tokens: float, unique_tokens: float | None = None) -> float:
         """The loss the law credits to the passes over the text beyond both the most measured and
@@ -314,8 +270,8 @@ def fit_law(
     d_ref = float(np.exp(np.log(deff).mean()))
     xd = deff / d_ref
     central, h = _robust_fit(xn, xd, y, floor)
-    sigma = _scatter(y - _law(central, xn, xd), h, floor)
-    draws, z = _bootstrap(trial, _forward(points), (xn, xd, y), h, floor, np.random.default_rng(seed))
+    sigma = scatter(y - law(central, xn, xd), h, floor)
+    draws, z = bootstrap(trial, forward_points(points), (xn, xd, y), h, floor, np.random.default_rng(seed))
     return LawFit(
         *map(float, central),
         n_ref=n_ref,
@@ -332,22 +288,9 @@ def fit_law(
         points=len(points),
         trials=len(ids),
         r_star_fitted=fitted,
-        diff_scale=_diff_scale(z),
+        diff_scale=diff_scale(z),
         beyond_share=beyond_share,
     )
-
-
-def _diff_scale(z: np.ndarray) -> float:
-    """A difference's factor from the held-out z-scores: their spread about their mean, the shift they share
-    taken off (at least 1; with a single one, its size)."""
-    if len(z) < 2:
-        return max(1.0, float(np.abs(z).max(initial=0.0)))
-    return max(1.0, float(np.std(z, ddof=1)))
-
-
-def _exponents_prior(alpha: Any, beta: Any) -> Any:
-    """The exponents' weak log-normal priors, in -log density."""
-    return (np.log(alpha / PRIOR_ALPHA) ** 2 + np.log(beta / PRIOR_BETA) ** 2) / (2 * PRIOR_LOG_SD**2)
 
 
 def _fit_r_star(xn: np.ndarray, d: np.ndarray, u: np.ndarray, y: np.ndarray) -> float:
@@ -355,63 +298,16 @@ def _fit_r_star(xn: np.ndarray, d: np.ndarray, u: np.ndarray, y: np.ndarray) -> 
     the law fitted by plain least squares with the exponents profiled; the one of least n/2 log(RSS/n) with
     the exponents' priors and R*'s own. Huber weights are left out here: the runs on a part of the corpus
     are the only evidence on R*, and a robust fit would discount exactly them when they disagree."""
-    grid = np.geomspace(*EXPONENT_RANGE, GRID)
+    grid = exponent_grid()
     ones, count = np.ones((1, len(y))), np.array([float(len(y))])
     best, best_rs = math.inf, R_STAR
     for rs in R_STAR_GRID:
         deff = effective_tokens(d, u, float(rs))
         xd = deff / float(np.exp(np.log(deff).mean()))
-        p = _fit_rows(ones, count, xn, xd, y, grid, grid)[0]
-        rss = max(float(((y - _law(p, xn, xd)) ** 2).sum()), 1e-12)
-        obj = 0.5 * len(y) * math.log(rss / len(y)) + _exponents_prior(p[2], p[4])
+        p = fit_rows(ones, count, xn, xd, y, grid, grid)[0]
+        rss = max(float(((y - law(p, xn, xd)) ** 2).sum()), 1e-12)
+        obj = 0.5 * len(y) * math.log(rss / len(y)) + exponents_prior(p[2], p[4])
         obj += math.log(rs / R_STAR) ** 2 / (2 * R_STAR_PRIOR_LOG_SD**2)
         if obj < best:
             best, best_rs = obj, float(rs)
     return best_rs
-
-
-def _forward(points: Sequence[Point]) -> np.ndarray | None:
-    """The points the check of the extrapolation in tokens fits to: each trial's runs up to 1/FORWARD_RATIO
-    of its longest (else up to half of it), when those still pin the law; None: they do not."""
-    longest: dict[int, float] = {}
-    for p in points:
-        longest[p.trial] = max(longest.get(p.trial, 0.0), p.tokens)
-    for ratio in (FORWARD_RATIO, 2.0):
-        keep = np.array([p.tokens * ratio <= longest[p.trial] * 1.0001 for p in points])
-        if not Coverage.of([p for p, k in zip(points, keep) if k]).missing():
-            return keep
-    return None
-
-
-def _bootstrap(
-    trial: np.ndarray,
-    forward: np.ndarray | None,
-    xs: tuple[np.ndarray, np.ndarray, np.ndarray],
-    h: np.ndarray,
-    floor: float,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(the bootstrap's parameter draws, the held-out z-scores), all fits in one batch: REPS resamples of
-    the trials, then for each check (each trial left out; the shorter runs only) its fit and LOO_REPS
-    resamples of the trials it keeps. xs: (N, D_eff, loss) of the points, N and D_eff scaled."""
-    xn, xd, y = xs
-    k = int(trial.max()) + 1
-    longest = [int(np.flatnonzero(trial == t)[np.argmax(xd[trial == t])]) for t in range(k)]
-    checks = [(trial != t, [longest[t]]) for t in range(k)]
-    if forward is not None:
-        checks.append((forward, [i for i in longest if not forward[i]]))
-    mult = [_resamples(trial, np.arange(k), REPS, rng)]
-    for mask, _ in checks:
-        mult += [mask[None].astype(float), _resamples(trial, np.unique(trial[mask]), LOO_REPS, rng) * mask]
-    m = np.concatenate(mult)
-    alphas, betas = np.geomspace(*EXPONENT_RANGE, GRID), np.geomspace(*EXPONENT_RANGE, GRID)
-    params = _fit_rows(m * h, m.sum(1), xn, xd, y, alphas, betas)
-    z = []
-    for c, (mask, held) in enumerate(checks):
-        lo = REPS + c * (1 + LOO_REPS)
-        sigma = _scatter(y - _law(params[lo], xn, xd), mask * h, floor)
-        for i in held:
-            mean = _law(params[lo], xn[i], xd[i])
-            spread = _spread(_law(params[lo + 1 : lo + 1 + LOO_REPS], xn[i], xd[i]), mean)
-            z.append((y[i] - mean) / math.sqrt(spread + sigma**2))
-    return params[:REPS], np.array(z)
