@@ -20,7 +20,7 @@ optuna = pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
 
 from mlxllm import MlxllmError, load_config  # noqa: E402
-from mlxllm.schedule import length_for_stable  # noqa: E402
+from mlxllm.schedule import length_for_stable, stable_steps  # noqa: E402
 
 import test_search  # noqa: E402
 import test_search_target  # noqa: E402
@@ -33,10 +33,11 @@ from mlxllm_search.design import (  # noqa: E402
     Speeds,
     choose,
     first_unit,
+    floor_unit,
     longest_ladder,
 )
 from mlxllm_search.forecast import Forecast, predict_loss  # noqa: E402
-from mlxllm_search.law_points import DISTINCT, MIN_LAW_LAYERS, MIN_TRIALS, first_step  # noqa: E402
+from mlxllm_search.law_points import DISTINCT, MIN_LAW_LAYERS, MIN_TRIALS, Point, first_step  # noqa: E402
 from mlxllm_search.plan_gates import too_loose  # noqa: E402
 from mlxllm_search.plan_search import PLAN_NAME, architecture, plan_candidates, write_plan  # noqa: E402
 from mlxllm_search.scaling import law_params  # noqa: E402
@@ -172,6 +173,27 @@ def test_the_design_spreads_sizes_over_log_n_base_first_within_the_budget(tmp_pa
     assert tight and all(min(c.ladder.lengths) < first_step(warmup) <= c.ladder.unit * 1.25 * 2 for c in tight)
     assert all(warmup <= c.ladder.unit < unit for c in tight)
     assert choose(candidates, [base], [], speeds, MIN_TRIALS * short * 0.99, unit, 0.2, warmup) == []
+
+
+def test_later_trials_branch_from_where_the_runs_crossed_the_pairs_level(tmp_path: Path, text: Path) -> None:
+    unit, warmup, floor = first_unit(10, 0.2), 10, 2.5
+
+    def run(trial: int, losses: dict[int, float]) -> list[Point]:
+        return [Point(trial, 10**5, k * 128.0, loss, k, warmup) for k, loss in losses.items()]
+
+    early = run(0, {30: 2.4, 60: 2.1})  # below the level from its first branch on
+    late = run(1, {30: 2.9, 60: 2.6, 90: 2.45, 120: 2.3})  # above it until its third
+    assert floor_unit(unit, 0.2, [], floor) == floor_unit(unit, 0.2, [late], None) == unit
+    assert floor_unit(unit, 0.2, [early], floor) == unit
+    raised = floor_unit(unit, 0.2, [early, late], floor)  # the latest crossing of the trials
+    assert raised == stable_steps(90, 0.2) > unit and length_for_stable(raised, 0.2) == 90
+    assert floor_unit(unit, 0.2, [run(2, {30: 2.9, 60: 2.6})], floor) == 2 * stable_steps(60, 0.2)  # none crossed
+    # The next trials' ladders start there: none of their branches is spent on a run the fit would refuse.
+    spec = load_spec(write_spec(tmp_path, text, "[target]\nseconds = 60\n[search]\nseconds = 20\n", warmup=warmup))
+    candidates = [replace(m, vocab_size=VOCAB) for m in spec.space.grid(spec.base.model)]
+    speeds = Speeds(seq_len=32, tokens_per_step=128, eval_batches=2, peak_flops=2e10)
+    later = choose(candidates, [], candidates[:1], speeds, 200.0, raised, 0.2, warmup)
+    assert later and all(min(c.ladder.lengths) >= 90 for c in later)
 
 
 def test_the_plan_leaves_out_shallow_models_but_the_base(tmp_path: Path, text: Path) -> None:

@@ -67,13 +67,14 @@ def test_the_plan_wants_a_repetition_trial_only_when_data_limited(tmp_path: Path
     # The design: sizes first, with a share kept; the repetition trial once MIN_TRIALS sizes are measured.
     base = architecture(spec, spec.base.model, 257)
     assert base is not None
-    kept, _ = _next_trials(spec, candidates, [base], [], [], SPEEDS, 40.0, 20.0, 10**6)
-    whole, _ = _next_trials(spec, candidates, [base], [], [], SPEEDS, 40.0, None, 10**6)
+    su = first_unit(spec.base.train.warmup_steps, spec.base.train.cooldown_fraction)
+    kept, _ = _next_trials(spec, candidates, [base], [], [], SPEEDS, 40.0, 20.0, 10**6, su)
+    whole, _ = _next_trials(spec, candidates, [base], [], [], SPEEDS, 40.0, None, 10**6, su)
     assert kept and whole and kept[0].share_s < whole[0].share_s
     done = [c.model for c in whole[:MIN_TRIALS]]
-    rep, part = _next_trials(spec, candidates, [base], done, done, SPEEDS, 40.0, 20.0, 10**6)
+    rep, part = _next_trials(spec, candidates, [base], done, done, SPEEDS, 40.0, 20.0, 10**6, su)
     assert len(rep) == 1 and part is not None and model_key(rep[0].model) in {model_key(m) for m in done}
-    assert _next_trials(spec, candidates, [base], done, done, SPEEDS, 40.0, None, 10**6)[1] is None
+    assert _next_trials(spec, candidates, [base], done, done, SPEEDS, 40.0, None, 10**6, su)[1] is None
 
 
 def _loss(n: float, d: float, u: float, r_star: float) -> float:

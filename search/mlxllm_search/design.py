@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mlxllm.config import ModelConfig
-from mlxllm.schedule import length_for_stable
+from mlxllm.schedule import length_for_stable, stable_steps
 
-from mlxllm_search.law_points import DISTINCT, MIN_TRIALS, first_step
+from mlxllm_search.law_points import DISTINCT, MIN_TRIALS, Point, first_step
 from mlxllm_search.scaling import law_params
 from mlxllm_search.throughput import fit_throughput, model_key
 
@@ -42,6 +42,22 @@ def first_unit(warmup_steps: int, fraction: float) -> int:
     while length_for_stable(u, fraction) < first_step(warmup_steps):
         u += 1
     return u
+
+
+def floor_unit(unit: int, fraction: float, runs: Sequence[Sequence[Point]], floor: float | None) -> int:
+    """The first branch step of the trials still to design, given the points of the trials that ran (`runs`,
+    one sequence each) and the pairs level `floor` that a point must end below for the fit to take it:
+    `unit`, raised to the stable step of the shortest run that ended below `floor` (in each trial; the latest
+    of them), since a later trial's branch ending sooner would be refused and its seconds spent for nothing;
+    with no run below it yet, twice the longest measured. Sizes that cross the level later than the ones
+    measured then miss their first branch at worst; the short ones were missed by all."""
+    if floor is None:
+        return unit
+    crossed = [min(p.step for p in ps if p.loss < floor) for ps in runs if any(p.loss < floor for p in ps)]
+    if crossed:
+        return max(unit, stable_steps(max(crossed), fraction))
+    longest = max((p.step for ps in runs for p in ps), default=0)
+    return max(unit, 2 * stable_steps(longest, fraction)) if longest else unit
 
 
 @dataclass(frozen=True)

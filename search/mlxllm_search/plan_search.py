@@ -32,7 +32,17 @@ from rich.console import Console
 
 from mlxllm_search.branches import PlanTrial
 from mlxllm_search.deadlines import Deadlines
-from mlxllm_search.design import MAX_TRIALS, MIN_LEVELS, Choice, Ladder, Measured, Speeds, choose, first_unit
+from mlxllm_search.design import (
+    MAX_TRIALS,
+    MIN_LEVELS,
+    Choice,
+    Ladder,
+    Measured,
+    Speeds,
+    choose,
+    first_unit,
+    floor_unit,
+)
 from mlxllm_search.forecast import Forecast, make_forecast, render
 from mlxllm_search.law_points import MIN_TRIALS, Point, first_step, in_law, refusal
 from mlxllm_search.pair_floor import pair_floor
@@ -188,14 +198,15 @@ def _next_trials(
     left: float,
     epochs: float | None,
     unique_tokens: int,
+    unit: int,
     unusable: int = 0,
 ) -> tuple[list[Choice], int | None]:
     """(the trials still to run, the first one next; the tokens of its part of the corpus when it is the
     repetition trial, else None). With `epochs` (the plan wants a repetition trial), the sizes are designed in
     the time left less a share for it, or in all of it when that leaves none affordable; once they ran, the
-    repetition trial gets what is left. `unusable`: the sized trials with no point the fit takes (design.choose)."""
+    repetition trial gets what is left. `unit`: the first branch step (design.floor_unit); `unusable`: the sized
+    trials with no point the fit takes (design.choose)."""
     train = spec.base.train
-    unit = first_unit(train.warmup_steps, train.cooldown_fraction)
 
     def design(seconds: float) -> list[Choice]:
         return choose(
@@ -227,7 +238,6 @@ def run_trials(
     point must end below for the fit to take it (a trial with none such is replaced while time allows)."""
     vocab, train = data.tokenizer.vocab_size, spec.base.train
     candidates = plan_candidates(spec, vocab)
-    unit = first_unit(train.warmup_steps, train.cooldown_fraction)
     peak = peak_flops(train.dtype)[0]
     objective = PlanTrial(spec, search_dir, data, deadlines, lambda: speeds(spec, measured(study, vocab), peak, timed))
     assert spec.target is not None
@@ -237,15 +247,15 @@ def run_trials(
         tried = [_model(r, vocab) for r in trials if r.model and r.unique_tokens is None]
         done = measured(study, vocab)
         sized = [m for m, r in done if r.unique_tokens is None]
-        unusable = sum(
-            all(refusal(p, floor=floor) for p in r.law_points or ()) for _, r in done if r.unique_tokens is None
-        )
+        runs = [r.law_points or () for _, r in done if r.unique_tokens is None]
+        unusable = sum(all(refusal(p, floor=floor) for p in ps) for ps in runs)
+        unit = floor_unit(first_unit(train.warmup_steps, train.cooldown_fraction), train.cooldown_fraction, runs, floor)
         rates, left = speeds(spec, done, peak, timed), deadlines.left()
         epochs = None
         if not any(r.unique_tokens is not None for r in trials):
             epochs = target_epochs(candidates, rates, length, float(len(data.train)))
         choices, part = _next_trials(
-            spec, candidates, first, sized, tried, rates, left, epochs, len(data.train), unusable
+            spec, candidates, first, sized, tried, rates, left, epochs, len(data.train), unit, unusable
         )
         if not choices:
             return
