@@ -225,9 +225,10 @@ def choose(
 ) -> list[Choice]:
     """The trials still to run in `seconds`: `first` (the base, seed configs) where affordable, then sizes
     spread over log N; as many as MAX_TRIALS allows at GOOD_LEVELS branch points each, else at MIN_LEVELS,
-    else none (until MIN_TRIALS trials ran, the cheapest sizes with ladders below `unit`: their points are
-    refused by the fit, and the shortfall it reports is measured). `measured`: the architectures trained;
-    `unit`: the first usable branch step (first_unit), `fraction`: the cooldown's, `warmup_steps`: the trials';
+    else none (until MIN_TRIALS trials ran, the cheapest sizes with the longest ladders below `unit` they
+    afford: the fit is likely to refuse their points, and the shortfall it reports is measured). `measured`: the
+    architectures trained; `unit`: the first usable branch step (first_unit, or floor_unit's once trials ran),
+    `fraction`: the cooldown's, `warmup_steps`: the trials';
     `exclude`: architectures tried already (measured or not), not tried again; `unusable`: how many of the
     measured trials have no point the fit takes (all above the pairs level): once the design's trials ran,
     as many more are designed in the time left, so that MIN_TRIALS trials can pin the law."""
