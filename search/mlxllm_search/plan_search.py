@@ -238,7 +238,7 @@ def run_trials(
     point must end below for the fit to take it (a trial with none such is replaced while time allows)."""
     vocab, train = data.tokenizer.vocab_size, spec.base.train
     candidates = plan_candidates(spec, vocab)
-    peak = peak_flops(train.dtype)[0]
+    peak, shortest = peak_flops(train.dtype)[0], first_unit(train.warmup_steps, train.cooldown_fraction)
     objective = PlanTrial(spec, search_dir, data, deadlines, lambda: speeds(spec, measured(study, vocab), peak, timed))
     assert spec.target is not None
     length = RunLength(spec.target.kind, float(spec.target.amount), spec.tokens_per_step)
@@ -249,7 +249,7 @@ def run_trials(
         sized = [m for m, r in done if r.unique_tokens is None]
         runs = [r.law_points or () for _, r in done if r.unique_tokens is None]
         unusable = sum(all(refusal(p, floor=floor) for p in ps) for ps in runs)
-        unit = floor_unit(first_unit(train.warmup_steps, train.cooldown_fraction), train.cooldown_fraction, runs, floor)
+        unit = floor_unit(shortest, train.cooldown_fraction, runs, floor)
         rates, left = speeds(spec, done, peak, timed), deadlines.left()
         epochs = None
         if not any(r.unique_tokens is not None for r in trials):
