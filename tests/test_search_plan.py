@@ -116,15 +116,21 @@ def test_every_designed_branch_finishes_past_the_warm_up() -> None:
     for warmup in (0, 1, 2, 5, 17, 50, 333):
         for fraction in (0.1, 0.2, 0.5):
             u = first_unit(warmup, fraction)
-            assert length_for_stable(u, fraction) >= first_step(warmup) and u >= warmup
-            assert u == max(1, warmup) or length_for_stable(u - 1, fraction) < first_step(warmup)  # the first such
+            assert length_for_stable(u, fraction) >= first_step(warmup) and u >= warmup and u % 2 == 0
+            assert u <= max(2, warmup + 1) or length_for_stable(u - 2, fraction) < first_step(warmup)  # the first such
     cost = Cost(step_s=0.01, eval_s=0.02, call_s=0.5)
     ladder = longest_ladder(cost, 60.0, unit=80, fraction=0.2)
     assert ladder is not None and ladder.levels == len(LADDER) and ladder.unit > 80  # stretched to fill the share
-    assert cost.seconds(ladder) <= 60 < cost.seconds(Ladder(ladder.unit + 1, ladder.levels, 0.2))
+    assert cost.seconds(ladder) <= 60 < cost.seconds(Ladder(ladder.unit + 2, ladder.levels, 0.2))
+    # Fewer levels than LADDER: the unit is stretched too, so that the trial fills its share.
     short = longest_ladder(cost, cost.seconds(Ladder(80, 3, 0.2)) + 0.01, unit=80, fraction=0.2)
-    assert short == Ladder(80, 3, 0.2) and short.steps == (80, 160, 240) and short.lengths == (100, 200, 300)
-    assert longest_ladder(cost, cost.seconds(Ladder(80, 2, 0.2)) - 0.01, unit=80, fraction=0.2) is None
+    assert short == Ladder(80, 3, 0.2) and short.steps == (80, 120, 160) and short.lengths == (100, 150, 200)
+    assert short.interval == 40  # a checkpoint at every branch step
+    wide = longest_ladder(cost, cost.seconds(Ladder(80, 3, 0.2)) * 1.2, unit=80, fraction=0.2)
+    assert wide is not None and wide.levels == 3 and wide.unit > 80 and cost.seconds(wide) <= cost.seconds(short) * 1.2
+    assert longest_ladder(cost, cost.seconds(Ladder(80, MIN_LEVELS, 0.2)) - 0.01, unit=80, fraction=0.2) is None
+    with pytest.raises(ValueError, match="even step"):
+        Ladder(81, 3, 0.2)
 
 
 def test_the_design_spreads_sizes_over_log_n_base_first_within_the_budget(tmp_path: Path, text: Path) -> None:
@@ -134,7 +140,7 @@ def test_the_design_spreads_sizes_over_log_n_base_first_within_the_budget(tmp_pa
     assert base is not None and model_key(base) in {model_key(m) for m in candidates}
     speeds = Speeds(seq_len=32, tokens_per_step=128, eval_batches=2, peak_flops=2e10)
     unit, warmup = first_unit(10, 0.2), 10
-    for seconds in (15.0, 40.0, 200.0):
+    for seconds in (25.0, 40.0, 200.0):
         choices = choose(candidates, [base], [], speeds, seconds, unit, 0.2, warmup)
         assert len(choices) >= MIN_TRIALS and model_key(choices[0].model) == model_key(base)
         sizes = sorted(law_params(c.model) for c in choices)
@@ -142,7 +148,7 @@ def test_the_design_spreads_sizes_over_log_n_base_first_within_the_budget(tmp_pa
         assert sum(c.cost_s for c in choices) <= seconds * 1.001
         for c in choices:  # no branch ends inside or just after the warm-up
             assert c.ladder.steps[0] >= unit and min(c.ladder.lengths) >= first_step(warmup)
-            assert c.ladder.levels >= 2 and c.cost_s <= c.share_s
+            assert c.ladder.levels >= MIN_LEVELS and c.cost_s <= c.share_s
     # A base too slow for GOOD_LEVELS branch points in its share is still trial 0, at the fewest it affords,
     # while the other sizes get theirs: a trial of the user's default beats one more size.
     big = max(candidates, key=lambda m: m.flops_per_token(32))
@@ -157,17 +163,18 @@ def test_the_design_spreads_sizes_over_log_n_base_first_within_the_budget(tmp_pa
     done = [c.model for c in first[:2]]
     rest = choose(candidates, [base], done, speeds, 40.0, unit, 0.2, warmup)
     assert rest and not {model_key(c.model) for c in rest} & {model_key(m) for m in done}
-    # Once the designed trials ran, none more; but a trial whose runs all ended above the pairs level is
-    # replaced while time is left, so that MIN_TRIALS trials can pin the law.
+    # Once the designed trials ran, one more size where the time left affords it, none where it does not; a
+    # trial whose runs all ended above the pairs level is replaced, so that MIN_TRIALS trials can pin the law.
     ran = [c.model for c in first]
-    assert len(ran) == MIN_TRIALS and choose(candidates, [base], ran, speeds, 40.0, unit, 0.2, warmup) == []
+    assert len(ran) == MIN_TRIALS and len(choose(candidates, [base], ran, speeds, 40.0, unit, 0.2, warmup)) == 1
+    assert choose(candidates, [base], ran, speeds, 0.5, unit, 0.2, warmup) == []
     extra = choose(candidates, [base], ran, speeds, 40.0, unit, 0.2, warmup, unusable=1)
     assert len(extra) == 1 and model_key(extra[0].model) not in {model_key(m) for m in ran}
     assert len(choose(candidates, [base], ran, speeds, 40.0, unit, 0.2, warmup, unusable=2)) == 2
     # Too little time for a usable ladder on any size: the cheapest sizes measure how far short it falls, with
     # branches from past the warm-up (a branch needs its peak learning rate) that the fit will refuse.
     cheapest = min(candidates, key=lambda m: speeds.cost(m).step_s)
-    usable, short = (speeds.cost(cheapest).seconds(Ladder(u, 2, 0.2)) for u in (unit, warmup))
+    usable, short = (speeds.cost(cheapest).seconds(Ladder(u, MIN_LEVELS, 0.2)) for u in (unit, warmup))
     assert short < usable
     tight = choose(candidates, [base], [], speeds, MIN_TRIALS * (usable + short) / 2, unit, 0.2, warmup)
     assert tight and all(min(c.ladder.lengths) < first_step(warmup) <= c.ladder.unit * 1.25 * 2 for c in tight)

@@ -3,8 +3,9 @@ learning rate, with a checkpoint at each of its branch steps, and from each a co
 (mlxllm.branch) that finishes the WSD run whose stable phase ends there; every finished run is a point
 of the law L(N, D) (law_points.Point), measured at the cost of its cooldown alone.
 
-The main run's own cooldown is the last point; it evaluates (and checkpoints) every ladder unit and stops
-early, at one of those checkpoints, when the trial's share of the search would not cover going on and the
+The main run's own cooldown is the last point; it evaluates (and checkpoints) at every branch step, and evenly
+between them, and stops early, at one of those checkpoints, when the trial's share of the search would not
+cover going on and the
 branches still to train. Its steady training speed (windows without compilation), evaluation and set-up
 costs are kept on the trial for the throughput fit and the design of the next trials. Branch directories
 are removed once evaluated, the main run once its branches are.
@@ -30,7 +31,7 @@ from mlxllm.trainer import TrainResult, train
 import optuna
 
 from mlxllm_search.deadlines import Deadlines
-from mlxllm_search.design import Cost, Speeds
+from mlxllm_search.design import Cost, Speeds, checkpoint_interval
 from mlxllm_search.law_points import Point
 from mlxllm_search.records import record_of, store
 from mlxllm_search.repetition import part_of
@@ -55,9 +56,9 @@ def train_run(run: RunConfig, data: TokenData, resume: bool, callback: Callable[
 
 def main_run(spec: SearchSpec, sample: Sample, steps: list[int], out_dir: Path) -> RunConfig:
     """The trial's main run: WSD whose stable phase ends at the last branch step (its cooldown is the last
-    point), evaluated and checkpointed every `steps[0]` steps, every checkpoint kept until branched."""
+    point), evaluated and checkpointed at every branch step (and evenly between), each kept until branched."""
     run = run_config(spec, sample, out_dir)
-    unit, total = steps[0], length_for_stable(steps[-1], spec.base.train.cooldown_fraction)
+    unit, total = checkpoint_interval(steps), length_for_stable(steps[-1], spec.base.train.cooldown_fraction)
     train_cfg = replace(
         run.train,
         schedule="wsd",
@@ -192,7 +193,7 @@ class PlanTrial:
         self, trial: optuna.Trial, run: RunConfig, steps: list[int], deadline: _Deadline, m: _Measures, data: TokenData
     ) -> None:
         """The main run, then its branches, longest first, while the trial's time lasts (trained on `data`)."""
-        f = run.train.cooldown_fraction
+        f, every = run.train.cooldown_fraction, checkpoint_interval(steps)
         began = time.perf_counter()
 
         def on_eval(metrics: dict[str, Any]) -> bool:
@@ -207,15 +208,15 @@ class PlanTrial:
             if step >= steps[-1]:
                 return False  # the last cooldown is under way: finish it
             cost, nxt = m.cost(), next(s for s in steps if s > step)
-            ahead = (nxt - step) * cost.step_s + (nxt - step) / steps[0] * cost.eval_s
+            ahead = (nxt - step) * cost.step_s + (nxt - step) / every * cost.eval_s
             if nxt == steps[-1]:
-                ahead += (run.train.max_steps - nxt) * (cost.step_s + cost.eval_s / steps[0])
+                ahead += (run.train.max_steps - nxt) * (cost.step_s + cost.eval_s / every)
             ahead += sum(cost.branch_s(s, f) for s in steps if s < nxt and s != steps[-1])
             return time.time() + ahead > deadline.at
 
         result = train_run(run, data, resume=False, callback=on_eval)
         cost = m.cost()
-        evals = math.ceil(result.step / steps[0])
+        evals = math.ceil(result.step / every)
         wall = time.perf_counter() - began - m.compile_s  # the set-up of a call, not the compiler's first pass
         m.overheads.append(max(0.0, wall - result.step * cost.step_s - evals * cost.eval_s))
         if result.step >= run.train.max_steps:

@@ -23,9 +23,11 @@ from mlxllm_search.law_points import DISTINCT, MIN_TRIALS, Point, first_step
 from mlxllm_search.scaling import law_params
 from mlxllm_search.throughput import fit_throughput, model_key
 
-# Branch points as multiples of a trial's unit: finished lengths about 1.3-1.5x apart, up to 8x the first.
-LADDER = (1, 2, 3, 4, 6, 8)
-GOOD_LEVELS, MIN_LEVELS = 4, 2  # a trial is planned to 4 branch points (lengths 4x apart), at least 2
+# Branch points as multiples of a trial's unit (an even step, so that each is a whole step): finished lengths
+# 1.33-1.5x apart, up to 8x the first. A trial's first three already span the lengths the fit needs (three of
+# them, 2x apart: law_points), so that a search with time for three short trials can fit the law at all.
+LADDER = (1, 1.5, 2, 3, 4, 6, 8)
+GOOD_LEVELS, MIN_LEVELS = 4, 3  # a trial is planned to 4 branch points (lengths 3x apart), at least 3
 # At S = T/10 every trial is far shorter than the run it plans, and the extrapolation in tokens is the
 # larger one: each size more makes every trial shorter still, and a spare trial's points from early in
 # training loosen the fit more than its size pins it. So the fit's minimum, each trial as long as it can be.
@@ -36,11 +38,17 @@ ASSUMED_MFU, STEP_OVERHEAD_S, CHECKPOINT_S, CALL_S = 0.2, 0.002, 0.05, 1.5
 EVAL_FORWARD = 1 / 3  # an evaluation batch costs about a third of a training step (forward only)
 
 
+def even(step: int) -> int:
+    """`step`, or the next step up where it is odd (a ladder's unit)."""
+    return step + step % 2
+
+
 def first_unit(warmup_steps: int, fraction: float) -> int:
-    """The smallest stable-phase step whose cooldown branch (a WSD run of length_for_stable) the fit admits."""
-    u = max(1, warmup_steps)
+    """The smallest (even) stable-phase step whose cooldown branch (a WSD run of length_for_stable) the fit
+    admits."""
+    u = even(max(2, warmup_steps))
     while length_for_stable(u, fraction) < first_step(warmup_steps):
-        u += 1
+        u += 2
     return u
 
 
@@ -55,23 +63,36 @@ def floor_unit(unit: int, fraction: float, runs: Sequence[Sequence[Point]], floo
         return unit
     crossed = [min(p.step for p in ps if p.loss < floor) for ps in runs if any(p.loss < floor for p in ps)]
     if crossed:
-        return max(unit, stable_steps(max(crossed), fraction))
+        return max(unit, even(stable_steps(max(crossed), fraction)))
     longest = max((p.step for ps in runs for p in ps), default=0)
     return max(unit, 2 * stable_steps(longest, fraction)) if longest else unit
 
 
+def checkpoint_interval(steps: Sequence[int]) -> int:
+    """The main run's evaluation (and checkpoint) interval for branches at `steps`: each is a multiple of it."""
+    return math.gcd(*steps)
+
+
 @dataclass(frozen=True)
 class Ladder:
-    """A trial's branch points: `unit` times the first `levels` of LADDER; the last is the main run's own
-    cooldown, the others are branched from its checkpoints."""
+    """A trial's branch points: `unit` (even) times the first `levels` of LADDER; the last is the main run's
+    own cooldown, the others are branched from its checkpoints."""
 
     unit: int
     levels: int
     fraction: float  # the WSD cooldown fraction
 
+    def __post_init__(self) -> None:
+        if self.unit < 2 or self.unit % 2 or not 1 <= self.levels <= len(LADDER):
+            raise ValueError(f"a ladder's unit is an even step and its levels 1-{len(LADDER)} (got {self!r})")
+
     @property
     def steps(self) -> tuple[int, ...]:
-        return tuple(self.unit * m for m in LADDER[: self.levels])
+        return tuple(int(self.unit * m) for m in LADDER[: self.levels])
+
+    @property
+    def interval(self) -> int:
+        return checkpoint_interval(self.steps)
 
     @property
     def lengths(self) -> tuple[int, ...]:
@@ -92,31 +113,31 @@ class Cost:
         return self.call_s + (length_for_stable(step, fraction) - step) * self.step_s + self.eval_s
 
     def seconds(self, ladder: Ladder) -> float:
-        """The whole trial: the main run through its last cooldown (evaluating every unit), then the branches."""
+        """The whole trial: the main run through its last cooldown (evaluating every interval), then the branches."""
         end = ladder.lengths[-1]
-        main = self.call_s + end * self.step_s + math.ceil(end / ladder.unit) * self.eval_s
+        main = self.call_s + end * self.step_s + math.ceil(end / ladder.interval) * self.eval_s
         return main + sum(self.branch_s(s, ladder.fraction) for s in ladder.steps[:-1])
 
 
 def longest_ladder(
     cost: Cost, share_s: float, unit: int, fraction: float, min_levels: int = MIN_LEVELS
 ) -> Ladder | None:
-    """The ladder a trial can afford in `share_s`: the most levels (at least `min_levels`) from `unit`,
-    then, with all of LADDER affordable, the unit stretched so that the trial fills its share."""
+    """The ladder a trial can afford in `share_s`: the most levels (at least `min_levels`) from `unit` (made
+    even), then the unit stretched so that the trial fills its share: a trial's time is spent, and sizes of
+    different speeds end at different lengths, which the fit needs as much as sizes."""
+    unit = even(unit)
     for levels in range(len(LADDER), min_levels - 1, -1):
         if cost.seconds(Ladder(unit, levels, fraction)) <= share_s:
             break
     else:
         return None
-    if levels < len(LADDER):
-        return Ladder(unit, levels, fraction)
-    lo, hi = unit, unit * 2
-    while cost.seconds(Ladder(hi, levels, fraction)) <= share_s:
+    lo, hi = unit // 2, unit  # in halves of the unit, which is even
+    while cost.seconds(Ladder(2 * hi, levels, fraction)) <= share_s:
         lo, hi = hi, hi * 2
     while hi - lo > 1:  # the cost grows with the unit: the largest one that fits
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if cost.seconds(Ladder(mid, levels, fraction)) <= share_s else (lo, mid)
-    return Ladder(lo, levels, fraction)
+        lo, hi = (mid, hi) if cost.seconds(Ladder(2 * mid, levels, fraction)) <= share_s else (lo, mid)
+    return Ladder(2 * lo, levels, fraction)
 
 
 @dataclass(frozen=True)
@@ -231,15 +252,17 @@ def choose(
     `fraction`: the cooldown's, `warmup_steps`: the trials';
     `exclude`: architectures tried already (measured or not), not tried again; `unusable`: how many of the
     measured trials have no point the fit takes (all above the pairs level): once the design's trials ran,
-    as many more are designed in the time left, so that MIN_TRIALS trials can pin the law."""
+    as many more are designed in the time left, so that MIN_TRIALS trials can pin the law, or one more size
+    where the time left affords it."""
     done = {model_key(m) for m in (*measured, *exclude)}
     sizes = [law_params(m) for m in measured]
     pool = [m for m in candidates if model_key(m) not in done]
     costs = {model_key(m): speeds.cost(m) for m in pool}
     need = max(1, MIN_TRIALS - len(measured))
     slots = MAX_TRIALS - len(measured)
-    if slots <= 0:  # all designed trials ran; those without a usable point are replaced while time allows
-        slots, need = min(unusable, MIN_TRIALS - (len(measured) - unusable)), 1
+    if slots <= 0:  # all designed trials ran: those without a usable point are replaced while time allows, and
+        # time they left (finishing under their estimates, or a repetition trial unaffordable) buys one more size
+        slots, need = max(1, min(unusable, MIN_TRIALS - (len(measured) - unusable))), 1
     firsts = {model_key(m) for m in first}
     for levels in (GOOD_LEVELS, MIN_LEVELS):
         # The base (and the seed configs) at the fewest levels it affords: a trial of it beats one more size.
@@ -260,7 +283,7 @@ def choose(
         short = next(
             (
                 u
-                for u in range(unit - 1, max(1, warmup_steps) - 1, -1)
+                for u in range(even(unit) - 2, even(max(2, warmup_steps)) - 1, -2)
                 if c.seconds(Ladder(u, MIN_LEVELS, fraction)) <= share
             ),
             None,

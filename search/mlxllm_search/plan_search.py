@@ -203,9 +203,10 @@ def _next_trials(
 ) -> tuple[list[Choice], int | None]:
     """(the trials still to run, the first one next; the tokens of its part of the corpus when it is the
     repetition trial, else None). With `epochs` (the plan wants a repetition trial), the sizes are designed in
-    the time left less a share for it, or in all of it when that leaves none affordable; once they ran, the
-    repetition trial gets what is left. `unit`: the first branch step (design.floor_unit); `unusable`: the sized
-    trials with no point the fit takes (design.choose)."""
+    the time left less a share for it, or in all of it when that leaves none affordable or the share would not
+    afford it; once MIN_TRIALS of them have usable points, the repetition trial gets what is left, or where it
+    cannot, one more size. `unit`: the first branch step (design.floor_unit); `unusable`: the sized trials with
+    no point the fit takes (design.choose)."""
     train = spec.base.train
 
     def design(seconds: float) -> list[Choice]:
@@ -213,12 +214,15 @@ def _next_trials(
             candidates, first, sized, rates, seconds, unit, train.cooldown_fraction, train.warmup_steps, tried, unusable
         )
 
-    to_run = max(1, MAX_TRIALS - len(tried))
-    choices = (design(left * to_run / (to_run + 1)) if epochs else []) or design(left)
-    if choices or epochs is None or len(sized) < MIN_TRIALS:
-        return choices, None
-    rep = repetition_choice(sized, rates, left, unit, train.cooldown_fraction, epochs, unique_tokens)
-    return ([rep[0]], rep[1]) if rep else ([], None)
+    f, to_run = train.cooldown_fraction, max(1, MAX_TRIALS - len(tried))
+    if epochs is not None and len(sized) - unusable >= MIN_TRIALS:
+        rep = repetition_choice(sized, rates, left, unit, f, epochs, unique_tokens)
+        return ([rep[0]], rep[1]) if rep else (design(left), None)  # unaffordable: the time goes to the sizes
+    choices = design(left * to_run / (to_run + 1)) if epochs else []
+    rep_share = left / (to_run + 1)  # kept only where the repetition trial of the sizes designed affords it
+    if choices and not repetition_choice([c.model for c in choices], rates, rep_share, unit, f, epochs or 1, 1):
+        choices = []
+    return choices or design(left), None
 
 
 def run_trials(
