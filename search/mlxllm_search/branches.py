@@ -5,10 +5,9 @@ of the law L(N, D) (law_points.Point), measured at the cost of its cooldown alon
 
 The main run's own cooldown is the last point; it evaluates (and checkpoints) at every branch step, and evenly
 between them, and stops early, at one of those checkpoints, when the trial's share of the search would not
-cover going on and the
-branches still to train. Its steady training speed (windows without compilation), evaluation and set-up
-costs are kept on the trial for the throughput fit and the design of the next trials. Branch directories
-are removed once evaluated, the main run once its branches are.
+cover going on and the branches still to train. Its steady training speed (windows without compilation),
+evaluation and set-up costs are kept on the trial for the throughput fit and the design of the next trials.
+Branch directories are removed once evaluated, the main run once its branches are.
 """
 
 from __future__ import annotations
