@@ -18,7 +18,7 @@ optuna = pytest.importorskip("optuna")
 from mlxllm.data import TokenData  # noqa: E402
 
 import test_search_plan  # noqa: E402
-from mlxllm_search.design import Speeds, first_unit  # noqa: E402
+from mlxllm_search.design import GOOD_LEVELS, Speeds, first_unit  # noqa: E402
 from mlxllm_search.law_points import MIN_TRIALS  # noqa: E402
 from mlxllm_search.plan_search import _next_trials, architecture, plan_candidates  # noqa: E402
 from mlxllm_search.repetition import EPOCHS_RANGE, part_of, repetition_choice, target_epochs  # noqa: E402
@@ -71,6 +71,13 @@ def test_the_plan_wants_a_repetition_trial_only_when_data_limited(tmp_path: Path
     kept, _ = _next_trials(spec, candidates, [base], [], [], SPEEDS, 40.0, 20.0, 10**6, su)
     whole, _ = _next_trials(spec, candidates, [base], [], [], SPEEDS, 40.0, None, 10**6, su)
     assert kept and whole and kept[0].share_s < whole[0].share_s
+    assert min(c.ladder.levels for c in kept) >= GOOD_LEVELS
+    # A tight search keeps no share: beside it the sizes would get fewer than GOOD_LEVELS branch points.
+    tight, _ = _next_trials(spec, candidates, [base], [], [], SPEEDS, 20.0, 20.0, 10**6, su)
+    assert tight and min(c.ladder.levels for c in tight) < GOOD_LEVELS
+    assert [c.share_s for c in tight] == [
+        c.share_s for c in _next_trials(spec, candidates, [base], [], [], SPEEDS, 20.0, None, 10**6, su)[0]
+    ]
     done = [c.model for c in whole[:MIN_TRIALS]]
     rep, part = _next_trials(spec, candidates, [base], done, done, SPEEDS, 40.0, 20.0, 10**6, su)
     assert len(rep) == 1 and part is not None and model_key(rep[0].model) in {model_key(m) for m in done}

@@ -33,6 +33,7 @@ from rich.console import Console
 from mlxllm_search.branches import PlanTrial
 from mlxllm_search.deadlines import Deadlines
 from mlxllm_search.design import (
+    GOOD_LEVELS,
     MAX_TRIALS,
     MIN_LEVELS,
     Choice,
@@ -203,10 +204,10 @@ def _next_trials(
 ) -> tuple[list[Choice], int | None]:
     """(the trials still to run, the first one next; the tokens of its part of the corpus when it is the
     repetition trial, else None). With `epochs` (the plan wants a repetition trial), the sizes are designed in
-    the time left less a share for it, or in all of it when that leaves none affordable or the share would not
-    afford it; once MIN_TRIALS of them have usable points, the repetition trial gets what is left, or where it
-    cannot, one more size. `unit`: the first branch step (design.floor_unit); `unusable`: the sized trials with
-    no point the fit takes (design.choose)."""
+    the time left less a share for it, or in all of it when that leaves them fewer than GOOD_LEVELS branch
+    points (or none affordable) or the share would not afford it; once MIN_TRIALS of them have usable points,
+    the repetition trial gets what is left, or where it cannot, one more size. `unit`: the first branch step
+    (design.floor_unit); `unusable`: the sized trials with no point the fit takes (design.choose)."""
     train = spec.base.train
 
     def design(seconds: float) -> list[Choice]:
@@ -219,8 +220,13 @@ def _next_trials(
         rep = repetition_choice(sized, rates, left, unit, f, epochs, unique_tokens)
         return ([rep[0]], rep[1]) if rep else (design(left), None)  # unaffordable: the time goes to the sizes
     choices = design(left * to_run / (to_run + 1)) if epochs else []
-    rep_share = left / (to_run + 1)  # kept only where the repetition trial of the sizes designed affords it
-    if choices and not repetition_choice([c.model for c in choices], rates, rep_share, unit, f, epochs or 1, 1):
+    # The share is kept only where the sizes still get GOOD_LEVELS beside it (a tight search needs their
+    # points for any fit at all; without the trial R* is assumed) and the repetition trial of them affords it.
+    rep_share = left / (to_run + 1)
+    if choices and (
+        min(c.ladder.levels for c in choices) < GOOD_LEVELS
+        or not repetition_choice([c.model for c in choices], rates, rep_share, unit, f, epochs or 1, 1)
+    ):
         choices = []
     return choices or design(left), None
 
