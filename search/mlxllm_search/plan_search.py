@@ -35,9 +35,7 @@ from mlxllm_search.deadlines import Deadlines
 from mlxllm_search.design import (
     GOOD_LEVELS,
     MAX_TRIALS,
-    MIN_LEVELS,
     Choice,
-    Ladder,
     Measured,
     Speeds,
     choose,
@@ -47,11 +45,11 @@ from mlxllm_search.design import (
 from mlxllm_search.forecast import Forecast, make_forecast, render
 from mlxllm_search.law_points import MIN_TRIALS, Point, first_step, in_law, refusal
 from mlxllm_search.pair_floor import pair_floor
-from mlxllm_search.plan_gates import no_better, shape, too_loose
+from mlxllm_search.plan_gates import no_better, too_loose
+from mlxllm_search.plan_lines import trial_line, trial_plan, unaffordable
 from mlxllm_search.records import TrialRecord, record_of
 from mlxllm_search.regularisers import held
 from mlxllm_search.repetition import repetition_choice, target_epochs
-from mlxllm_search.scaling import law_params
 from mlxllm_search.space import Choice as ChoiceDim
 from mlxllm_search.space import Sample, SearchSpec, Space, run_config
 from mlxllm_search.target_search import spent
@@ -153,42 +151,6 @@ def speeds(
     )
 
 
-def _describe(c: Choice) -> str:
-    m = c.model
-    lengths = ", ".join(map(str, c.ladder.lengths))
-    return (
-        f"{shape(m)} ({law_params(m) / 1e6:.3g}M law parameters): finished runs of {lengths} steps, "
-        f"about {c.cost_s:.0f} s of its {c.share_s:.0f} s share"
-    )
-
-
-def _unaffordable(m: ModelConfig, rates: Speeds, c: Choice, seconds: float, unit: int, fraction: float) -> str:
-    """Why the base architecture is not among the trials designed (`c` the first of them, `seconds` left):
-    its shortest usable trial against a trial's share."""
-    ladder = Ladder(unit, MIN_LEVELS, fraction)
-    need = rates.cost(m).seconds(ladder)
-    return (
-        f"The base architecture ({shape(m)}, {m.num_params() / 1e6:.3g}M parameters) is not among the trials "
-        f"designed: its shortest usable trial (finished runs of {' and '.join(map(str, ladder.lengths))} steps) "
-        f"would take about {need:.0f} s at the speed estimated, more than a trial's share ({c.share_s:.0f} s of "
-        f"{seconds:.0f} s left). Unless a later design affords it, its loss at the target is predicted by the fit."
-    )
-
-
-def _trial_line(t: FrozenTrial) -> str:
-    r = record_of(t)
-    m = r.model or {}
-    pts = r.law_points or ()
-    losses = ", ".join(f"{p.step}: {p.loss:.4f}" for p in pts)
-    return (
-        f"trial {t.number} {t.state.name.lower()}: {shape(m) if m else '-'}, "
-        f"{len(pts)} finished runs ({losses or 'none'}), {r.tokens_per_sec or 0:,.0f} tokens/s, "
-        + (f"on {r.unique_tokens:,} tokens of the corpus, " if r.unique_tokens else "")
-        + f"{r.seconds or 0:.1f} s"
-        + (f" ({r.cut})" if r.cut else "")
-    )
-
-
 def _next_trials(
     spec: SearchSpec,
     candidates: list[ModelConfig],
@@ -271,14 +233,14 @@ def run_trials(
             return
         keys = {model_key(c.model) for c in choices}
         if console is not None and first and not tried and model_key(first[0]) not in keys:
-            console.print(_unaffordable(first[0], rates, choices[0], left, unit, train.cooldown_fraction))
+            console.print(unaffordable(first[0], rates, choices[0], left, unit, train.cooldown_fraction))
         if console is not None:
-            what = f"next: {_describe(choices[0])}"
+            what = f"next: {trial_plan(choices[0])}"
             if part is not None:
                 what = (
                     f"the repetition trial, on {part:,} tokens of the corpus' {len(data.train):,} (its longest run "
                     f"{choices[0].ladder.lengths[-1] * spec.tokens_per_step / part:.3g} passes over them, as the run "
-                    f"at T would make about {epochs:.3g} over the corpus): {_describe(choices[0])}"
+                    f"at T would make about {epochs:.3g} over the corpus): {trial_plan(choices[0])}"
                 )
             console.print(f"Plan: {len(choices)} more trial(s) in {left:.0f} s; {what}.", highlight=False)
         c = choices[0]
@@ -286,7 +248,7 @@ def run_trials(
         study.enqueue_trial(trial_params(spec, c.model), user_attrs=attrs)
         study.optimize(objective, n_trials=1, catch=(MlxllmError,), gc_after_trial=True)
         if console is not None:
-            console.print(_trial_line(plan_trials(study)[-1]), highlight=False)
+            console.print(trial_line(plan_trials(study)[-1]), highlight=False)
 
 
 def forecast(
