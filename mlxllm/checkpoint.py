@@ -53,10 +53,12 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary directories are ignored)."""
-    d = checkpoint_dir(run_dir)
-    if not d.is_dir():
+    try:  # a directory removed under the run lists as empty; the next save says it is gone
+        names = os.listdir(checkpoint_dir(run_dir))
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(p for p in d.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").exists())
+    d = checkpoint_dir(run_dir)
+    return sorted(d / n for n in names if n.startswith(PREFIX) and (d / n / "state.json").exists())
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
@@ -200,7 +202,10 @@ def save_checkpoint(
 def prune(run_dir: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` checkpoints and the best one."""
     cks = list_checkpoints(run_dir)
-    best = best_checkpoint(run_dir)
+    try:
+        best = best_checkpoint(run_dir)
+    except FileNotFoundError:  # removed under the run: nothing to prune, and the next save says so
+        return
     for p in cks[: max(0, len(cks) - keep_last)]:
         if p != best:
             shutil.rmtree(p, ignore_errors=True)

@@ -16,6 +16,7 @@ from mlxllm import RunConfig, TokenizerConfig, load_config, train
 from mlxllm import checkpoint as ckpt
 from mlxllm import data as data_mod
 from mlxllm.diskspace import checkpoint_bytes
+from mlxllm.errors import MlxllmError
 
 import pytest
 import small_disk
@@ -96,6 +97,25 @@ def test_a_run_directory_removed_under_the_run_ends_it_with_the_paragraph(corpus
     assert proc.returncode == 1 and "Traceback" not in err, err
     assert f"the run directory {out} is gone" in err and "earlier checkpoints went with it" in err, err
     assert not out.exists()  # not made again
+
+
+def test_a_run_directory_removed_while_old_checkpoints_are_pruned_ends_at_the_next_save(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    out = tmp_path / "run"
+    read_state = ckpt.read_state
+
+    def removed_first(path: Path) -> dict:  # the directory goes after the prune listed it
+        shutil.rmtree(out, ignore_errors=True)
+        return read_state(path)
+
+    monkeypatch.setattr(ckpt, "read_state", removed_first)
+    m, t, k = tiny_configs(corpus, out, **SETTINGS)
+    with pytest.raises(MlxllmError) as failed:
+        train(RunConfig(model=m, tokenizer=k, train=t), show_progress=False)
+    assert "Could not save the checkpoint of step 20" in str(failed.value), failed.value
+    assert f"the run directory {out} is gone" in str(failed.value), failed.value
+    assert not out.exists()
 
 
 def test_a_file_size_limit_ends_the_first_save_with_the_paragraph(corpus: Path, tmp_path: Path):
