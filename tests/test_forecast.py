@@ -202,3 +202,27 @@ def test_a_loose_pick_says_what_would_narrow_it():
     assert "would not narrow it" in loose and "A search of roughly" not in loose
     floor = 2 * wide.law.scale * wide.law.sigma
     assert f"a max_2sd above {floor:.2f}" in loose
+
+
+def test_a_loose_pick_names_the_budget_whose_longer_runs_narrow_it():
+    """The budget the paragraph names is the least whose trials' runs, that many times longer, leave the pick
+    AIM of max_2sd in 2 sd: at one time as long the sd is the prediction's own, and it falls as the runs near
+    the target's, toward the scatter of one run."""
+    from mlxllm_search.plan_gates import AIM, longer_runs, too_loose
+
+    p = plan(unique=1e12)
+    best, law = p.pick(1.0), p.law
+    _, sd = law.predict(best.params, best.tokens)
+    assert law.sd_with_longer_runs(best.params, best.tokens, 1.0) == pytest.approx(sd, rel=1e-12)
+    sds = [law.sd_with_longer_runs(best.params, best.tokens, k) for k in (1.0, 2.0, 4.0, 16.0, 1e4)]
+    assert all(a >= b for a, b in zip(sds, sds[1:])) and sds[0] > sds[-1]
+    assert sds[-1] >= law.scale * law.sigma
+    max_2sd = 1.5 * best.sd  # 0.75 of the pick's 2 sd, above the floor
+    factor = longer_runs(law, best, AIM * max_2sd)
+    assert factor > 1 and 2 * law.sd_with_longer_runs(best.params, best.tokens, factor) <= AIM * max_2sd * 1.001
+    assert 2 * law.sd_with_longer_runs(best.params, best.tokens, factor / 1.05) > AIM * max_2sd
+    loose = too_loose(p, max_2sd, 100.0)
+    need = float(loose.split("A search of roughly ")[1].split(" s")[0].replace(",", ""))
+    assert need == pytest.approx(100.0 * factor, abs=1.0) and f"about {AIM * max_2sd:.2f} in 2 sd" in loose
+    with pytest.raises(ValueError, match="at least 1"):
+        law.sd_with_longer_runs(best.params, best.tokens, 0.5)

@@ -7,12 +7,14 @@ shows to be better.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from typing import Any
 
 from mlxllm.config import ModelConfig
 
-from mlxllm_search.forecast import Forecast
+from mlxllm_search.forecast import Forecast, Prediction
+from mlxllm_search.scaling import LawFit
 from mlxllm_search.throughput import model_key
 
 
@@ -23,16 +25,38 @@ def shape(m: ModelConfig | dict[str, Any]) -> str:
     return f"{d.get('n_layers')} x {d.get('d_model')}, {heads}, mlp {d.get('mlp_ratio'):.3g}"
 
 
-# A fit reaches about this many times beyond its longest measured run before its sd stops it (a rough
-# rule for the budget a too-loose fit would need: its longest runs grow with the search's seconds).
-REACH = 10.0
+# One search's sd moves from run to run (its trials' lengths follow this machine's speed of the moment), so the
+# budget a loose fit names aims this share of max_2sd: the search it suggests acts, not one more on the edge.
+AIM = 0.8
+
+
+def longer_runs(law: LawFit, pick: Prediction, two_sd: float) -> float:
+    """How many times longer the trials' runs must be for the pick's prediction to reach `two_sd` in 2 sd
+    (LawFit.sd_with_longer_runs, which falls as the runs grow toward the scatter of one run; the speed's part
+    of the pick's sd stays); inf where what stays is wider."""
+    kept = max(0.0, pick.sd**2 - law.sd_with_longer_runs(pick.params, pick.tokens, 1.0) ** 2)
+
+    def wide(factor: float) -> bool:
+        return 2 * math.sqrt(law.sd_with_longer_runs(pick.params, pick.tokens, factor) ** 2 + kept) > two_sd
+
+    if not wide(1.0):
+        return 1.0
+    lo, hi = 1.0, 2.0
+    while wide(hi):
+        lo, hi = hi, 2 * hi
+        if hi > 1e9:
+            return math.inf
+    while hi / lo > 1.01:  # the sd falls as the factor grows: bisect on its log
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if wide(mid) else (lo, mid)
+    return hi
 
 
 def too_loose(plan: Forecast, max_2sd: float, spent_s: float) -> str | None:
     """The paragraph in place of a number when the pick for T is more uncertain than `max_2sd`: what the
-    trials measured, how far the pick is from it, and what would narrow it: about what search budget would
-    (runs within REACH of the target's, a fit pinned closer), or, where each run's own scatter around the law
-    is wider than max_2sd, that more of the same search does not."""
+    trials measured, how far the pick is from it, and what would narrow it: the search budget whose trials, as
+    many and each as much longer, would leave the pick AIM of max_2sd in 2 sd (longer_runs), or, where each
+    run's own scatter around the law is wider than max_2sd, that more of the same search does not."""
     best, law = plan.pick(1.0), plan.law
     if best is None or law is None or 2 * best.sd <= max_2sd:
         return None
@@ -46,7 +70,9 @@ def too_loose(plan: Forecast, max_2sd: float, spent_s: float) -> str | None:
     )
     # The part of the sd that more trials like these leave as it is: one run's scatter around the law.
     floor = 2 * law.scale * law.sigma
-    if floor >= max_2sd:
+    aim = max(AIM * max_2sd, (floor + max_2sd) / 2)
+    factor = longer_runs(law, best, aim)
+    if floor >= max_2sd or math.isinf(factor):
         return head + (
             f"Their runs scatter around the fitted law by {law.sigma:.3f} in loss (x{law.scale:.2f} from the "
             f"held-out check), {floor:.2f} in 2 sd for any one run: wider than max_2sd, and more trials like these "
@@ -54,15 +80,13 @@ def too_loose(plan: Forecast, max_2sd: float, spent_s: float) -> str | None:
             f"and nearer the target's, which the law may fit closer; a max_2sd above {floor:.2f} acts on the plan "
             "as it is."
         )
-    # The rest shrinks about as 1 / (the search's seconds): more trials, each as long.
-    pinned = ((2 * best.sd) ** 2 - floor**2) / (max_2sd**2 - floor**2)
-    need = spent_s * max(1.0, reach / REACH, pinned)
     return head + (
-        f"A search of roughly {need:,.0f} s (--search-seconds, against {spent_s:.0f} s here) would measure runs "
-        f"within {REACH:g}x of the target's and pin the law closer with more trials, though not below the scatter "
-        f"of its runs around it, {law.sigma:.3f} in loss here (x{law.scale:.2f} from the held-out check: {floor:.2f} "
-        "in 2 sd for any one run), which may differ for the runs it measures; a shorter warm-up "
-        "(train.warmup_steps) lets shorter runs count."
+        f"A search of roughly {spent_s * factor:,.0f} s (--search-seconds, against {spent_s:.0f} s here), its "
+        f"trials' runs about {factor:.2g}x as long (the longest {factor * law.tokens_max:,.0f} tokens), would leave "
+        f"the pick about {aim:.2f} in 2 sd: the law would credit less to tokens it did not measure and be "
+        f"pinned closer, though not below the scatter of its runs around it, {law.sigma:.3f} in loss here "
+        f"(x{law.scale:.2f} from the held-out check: {floor:.2f} in 2 sd for any one run), which may differ for the "
+        "runs it measures; a shorter warm-up (train.warmup_steps) lets shorter runs count."
     )
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -169,6 +169,21 @@ class LawFit:
         credit = self.repetition_credit(n_params, tokens, unique_tokens)
         beyond = self.beyond_share * self.beyond_credit(n_params, tokens, unique_tokens)
         return mean, math.sqrt(self.scale**2 * (var + self.sigma**2) + credit**2 + beyond**2)
+
+    def sd_with_longer_runs(self, n_params: float, tokens: float, factor: float) -> float:
+        """The sd `predict` would give at (N, tokens) on the corpus were every trial's runs `factor` (>= 1) times
+        as long, as a search `factor` times as long measures them: the law's reach beyond the longest run and the
+        passes beyond the most measured shrink as the runs grow (what the law credits there stays its own), and
+        the bootstrap's spread about as 1 / factor (each trial's points further along pin it); one run's
+        scatter around the law stays."""
+        if not factor >= 1:
+            raise ValueError(f"factor is how many times longer the runs are, at least 1 (got {factor!r})")
+        longer = replace(self, tokens_max=self.tokens_max * factor, epochs_max=self.epochs_max * factor)
+        mean = self.loss(n_params, tokens)
+        var = spread(self.draws_at(n_params, tokens), mean) / factor
+        credit = longer.repetition_credit(n_params, tokens)
+        beyond = self.beyond_share * longer.beyond_credit(n_params, tokens)
+        return math.sqrt(self.scale**2 * (var + self.sigma**2) + credit**2 + beyond**2)
 
     def difference(self, a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
         """(mean, sd) of run a's finished loss less run b's, each (N, tokens) on the corpus: the bootstrap's
