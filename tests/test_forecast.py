@@ -226,3 +226,18 @@ def test_a_loose_pick_names_the_budget_whose_longer_runs_narrow_it():
     assert need == pytest.approx(100.0 * factor, abs=1.0) and f"about {AIM * max_2sd:.2f} in 2 sd" in loose
     with pytest.raises(ValueError, match="at least 1"):
         law.sd_with_longer_runs(best.params, best.tokens, 0.5)
+
+
+def test_the_planners_paragraphs_reach_the_terminal_whole():
+    """The paragraphs name settings in TOML's table syntax; printed, "[target] max_2sd" stays, not " max_2sd"."""
+    import io
+
+    from mlxllm_search.plan_gates import too_loose
+    from mlxllm_search.plan_lines import say
+    from rich.console import Console
+
+    p = plan(unique=1e12)
+    loose = too_loose(p, p.pick(1.0).sd, 100.0)
+    out = io.StringIO()
+    say(Console(file=out, width=10_000), loose)
+    assert "[target] max_2sd" in loose and out.getvalue().strip() == loose

@@ -1,16 +1,23 @@
 """The fit planner's lines on the console as it goes: each trial designed, the base when it is not among
-them, and each trial trained."""
+them, and each trial trained; and how they are printed (`say`)."""
 
 from __future__ import annotations
 
 from mlxllm.config import ModelConfig
 
 from optuna.trial import FrozenTrial
+from rich.console import Console
 
 from mlxllm_search.design import MIN_LEVELS, Choice, Ladder, Speeds
 from mlxllm_search.plan_gates import shape
 from mlxllm_search.records import record_of
 from mlxllm_search.scaling import law_params
+
+
+def say(console: Console, text: str) -> None:
+    """Print one of the planner's lines as it is: its paragraphs name settings such as "[target] max_2sd",
+    which Rich's markup would take for a style and drop."""
+    console.print(text, highlight=False, markup=False)
 
 
 def trial_plan(c: Choice) -> str:

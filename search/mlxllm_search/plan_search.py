@@ -46,7 +46,7 @@ from mlxllm_search.forecast import Forecast, make_forecast, render
 from mlxllm_search.law_points import MIN_TRIALS, Point, first_step, in_law, refusal
 from mlxllm_search.pair_floor import pair_floor
 from mlxllm_search.plan_gates import no_better, too_loose
-from mlxllm_search.plan_lines import trial_line, trial_plan, unaffordable
+from mlxllm_search.plan_lines import say, trial_line, trial_plan, unaffordable
 from mlxllm_search.records import TrialRecord, record_of
 from mlxllm_search.regularisers import held
 from mlxllm_search.repetition import repetition_choice, target_epochs
@@ -233,7 +233,7 @@ def run_trials(
             return
         keys = {model_key(c.model) for c in choices}
         if console is not None and first and not tried and model_key(first[0]) not in keys:
-            console.print(unaffordable(first[0], rates, choices[0], left, unit, train.cooldown_fraction))
+            say(console, unaffordable(first[0], rates, choices[0], left, unit, train.cooldown_fraction))
         if console is not None:
             what = f"next: {trial_plan(choices[0])}"
             if part is not None:
@@ -242,13 +242,13 @@ def run_trials(
                     f"{choices[0].ladder.lengths[-1] * spec.tokens_per_step / part:.3g} passes over them, as the run "
                     f"at T would make about {epochs:.3g} over the corpus): {trial_plan(choices[0])}"
                 )
-            console.print(f"Plan: {len(choices)} more trial(s) in {left:.0f} s; {what}.", highlight=False)
+            say(console, f"Plan: {len(choices)} more trial(s) in {left:.0f} s; {what}.")
         c = choices[0]
         attrs = TrialRecord(share_s=c.share_s, branch_steps=list(c.ladder.steps), unique_tokens=part).to_attrs()
         study.enqueue_trial(trial_params(spec, c.model), user_attrs=attrs)
         study.optimize(objective, n_trials=1, catch=(MlxllmError,), gc_after_trial=True)
         if console is not None:
-            console.print(trial_line(plan_trials(study)[-1]), highlight=False)
+            say(console, trial_line(plan_trials(study)[-1]))
 
 
 def forecast(
@@ -347,15 +347,15 @@ def plan_search(
     if base is not None and (cap is None or base.num_params() <= cap):
         first.insert(0, base)
     elif console is not None:
-        console.print("The base architecture is not in the search space (or over its caps): it is not trial 0.")
+        say(console, "The base architecture is not in the search space (or over its caps): it is not trial 0.")
     if console is not None:
         train = spec.base.train
         unit = first_unit(train.warmup_steps, train.cooldown_fraction)
-        console.print(
+        say(
+            console,
             f"Planner: fit. Each trial is a WSD run (cooldown {train.cooldown_fraction:g}) with cooldown branches; "
             f"the shortest finished run the fit admits is {first_step(train.warmup_steps)} steps "
             f"(warm-up {train.warmup_steps}), a branch from step {unit}.",
-            highlight=False,
         )
     floor = pair_floor(data)
     timed = ()
@@ -367,9 +367,9 @@ def plan_search(
     loose = too_loose(plan, spec.target.max_2sd, time.time() - started) or no_better(plan, base, spec.target.switch_sd)
     write_plan(study, spec, search_dir, plan, best_path, loose)
     if console is not None:
-        console.print(render(plan), highlight=False)
+        say(console, render(plan))
         if loose:
-            console.print(loose + " best.toml is the base config.", highlight=False)
-        console.print(f"Best config: {best_path} (mlxllm train --config {best_path})", highlight=False)
-        console.print(spent(study, spec, time.time() - started), highlight=False)
+            say(console, loose + " best.toml is the base config.")
+        say(console, f"Best config: {best_path} (mlxllm train --config {best_path})")
+        say(console, spent(study, spec, time.time() - started))
     return plan
