@@ -264,6 +264,7 @@ def _announce(
         console.console.print(
             "The [base] config's architecture is not in the search space, so it does not seed the study.",
             highlight=False,
+            markup=False,  # "[base]" is the spec's table, not a style
         )
 
 
