@@ -53,11 +53,11 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary directories are ignored)."""
+    d = checkpoint_dir(run_dir)
     try:  # a directory removed under the run lists as empty; the next save says it is gone
-        names = os.listdir(checkpoint_dir(run_dir))
+        names = os.listdir(d)
     except (FileNotFoundError, NotADirectoryError):
         return []
-    d = checkpoint_dir(run_dir)
     return sorted(d / n for n in names if n.startswith(PREFIX) and (d / n / "state.json").exists())
 
 

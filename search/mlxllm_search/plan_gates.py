@@ -71,8 +71,8 @@ def too_loose(plan: Forecast, max_2sd: float, spent_s: float) -> str | None:
     # The part of the sd that more trials like these leave as it is: one run's scatter around the law.
     floor = 2 * law.scale * law.sigma
     aim = max(AIM * max_2sd, (floor + max_2sd) / 2)
-    factor = longer_runs(law, best, aim)
-    if floor >= max_2sd or math.isinf(factor):
+    factor = longer_runs(law, best, aim) if floor < max_2sd else math.inf
+    if math.isinf(factor):
         return head + (
             f"Their runs scatter around the fitted law by {law.sigma:.3f} in loss (x{law.scale:.2f} from the "
             f"held-out check), {floor:.2f} in 2 sd for any one run: wider than max_2sd, and more trials like these "

@@ -164,25 +164,27 @@ class LawFit:
         spread around the fit, with the scatter of a run, times the held-out check's factor; and the
         unmeasured repetition's credit (`repetition_credit`) and a share of the fall beyond the runs
         (`beyond_credit`)."""
-        mean = self.loss(n_params, tokens, unique_tokens)
-        var = spread(self.draws_at(n_params, tokens, unique_tokens), mean)
-        credit = self.repetition_credit(n_params, tokens, unique_tokens)
-        beyond = self.beyond_share * self.beyond_credit(n_params, tokens, unique_tokens)
-        return mean, math.sqrt(self.scale**2 * (var + self.sigma**2) + credit**2 + beyond**2)
+        return self.loss(n_params, tokens, unique_tokens), self.sd_with_longer_runs(
+            n_params, tokens, 1.0, unique_tokens
+        )
 
-    def sd_with_longer_runs(self, n_params: float, tokens: float, factor: float) -> float:
-        """The sd `predict` would give at (N, tokens) on the corpus were every trial's runs `factor` (>= 1) times
+    def sd_with_longer_runs(
+        self, n_params: float, tokens: float, factor: float, unique_tokens: float | None = None
+    ) -> float:
+        """The sd `predict` gives at (N, tokens) were every trial's runs `factor` (>= 1; 1: as measured) times
         as long, as a search `factor` times as long measures them: the law's reach beyond the longest run and the
         passes beyond the most measured shrink as the runs grow (what the law credits there stays its own), and
         the bootstrap's spread about as 1 / factor (each trial's points further along pin it); one run's
         scatter around the law stays."""
         if not factor >= 1:
             raise ValueError(f"factor is how many times longer the runs are, at least 1 (got {factor!r})")
-        longer = replace(self, tokens_max=self.tokens_max * factor, epochs_max=self.epochs_max * factor)
-        mean = self.loss(n_params, tokens)
-        var = spread(self.draws_at(n_params, tokens), mean) / factor
-        credit = longer.repetition_credit(n_params, tokens)
-        beyond = self.beyond_share * longer.beyond_credit(n_params, tokens)
+        longer = self
+        if factor > 1:
+            longer = replace(self, tokens_max=self.tokens_max * factor, epochs_max=self.epochs_max * factor)
+        mean = self.loss(n_params, tokens, unique_tokens)
+        var = spread(self.draws_at(n_params, tokens, unique_tokens), mean) / factor
+        credit = longer.repetition_credit(n_params, tokens, unique_tokens)
+        beyond = self.beyond_share * longer.beyond_credit(n_params, tokens, unique_tokens)
         return math.sqrt(self.scale**2 * (var + self.sigma**2) + credit**2 + beyond**2)
 
     def difference(self, a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
